@@ -1,0 +1,249 @@
+"""Class vocabularies, prompt templates, and the modality x class text-embedding table.
+
+A table holds one D-dimensional embedding per (modality, class) pair, `(M, K, D)` float32, made by
+encoding the prompt ``template.format(mod=<modality phrase>, cls=<class name>)`` with a frozen text
+encoder. The segmentation model selects row ``table.row(modality)`` `(K, D)` for each scan.
+
+Class names. ``"amos"`` uses correct anatomical names ("gallbladder", "aorta", "inferior vena cava").
+``"amos_reference"`` keeps the strings of the reference notebook (taken from AMOS's dataset.json):
+"gall bladder", the misspelling "arota", and "postcava"; use it to reproduce the reference embeddings
+(the spelling changes the tokens and so the embedding). ``"mmwhs"`` lists the 7 heart substructures in
+ascending order of their label values (205, 420, 500, 550, 600, 820, 850). Channel 0 is "background"
+in every set, and it is prompted like any other class, as in the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from string import Formatter
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .tokenizer import tokenize
+
+CLASS_SETS: Dict[str, Tuple[str, ...]] = {
+    "amos": (
+        "background", "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver",
+        "stomach", "aorta", "inferior vena cava", "pancreas", "right adrenal gland", "left adrenal gland",
+        "duodenum",
+    ),
+    "amos_reference": (
+        "background", "spleen", "right kidney", "left kidney", "gall bladder", "esophagus", "liver",
+        "stomach", "arota", "postcava", "pancreas", "right adrenal gland", "left adrenal gland", "duodenum",
+    ),
+    "mmwhs": (
+        "background", "left ventricle myocardium", "left atrium blood cavity", "left ventricle blood cavity",
+        "right atrium blood cavity", "right ventricle blood cavity", "ascending aorta", "pulmonary artery",
+    ),
+}  # fmt: skip
+
+# V1-V3 are the paper's templates; V2 is the wording active in the reference notebook, V3 the default.
+TEMPLATES: Dict[str, str] = {
+    "v1": "A photo of a {cls}.",
+    "v2": "There is a {cls} in this {mod}.",
+    "v3": "A {mod} of a {cls}.",
+}
+DEFAULT_TEMPLATE = "v3"
+
+MODALITY_PHRASES: Dict[str, str] = {
+    "CT": "computed tomography imaging",
+    "MR": "magnetic resonance imaging",
+}
+
+# Order of the reference's [2, K, 512] tensor (the notebook iterates {'MR': ..., 'CT': ...}).
+REFERENCE_MODALITIES = ("MR", "CT")
+TABLE_FORMAT = "mulmodseg.embedding_table"
+TABLE_VERSION = 1
+
+
+def resolve_classes(spec: Union[str, Path, Sequence[str]]) -> Tuple[str, ...]:
+    """Class names from a set name in CLASS_SETS, a file (JSON list, or one name per line; blank
+    lines and lines starting with '#' skipped), or a sequence of names. Channel order = list order."""
+    if isinstance(spec, (str, Path)):
+        if str(spec) in CLASS_SETS:
+            return CLASS_SETS[str(spec)]
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ValueError(f"unknown class set {str(spec)!r}: use one of {sorted(CLASS_SETS)} or a file of names")
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            names = json.loads(text)
+        else:
+            names = [line.strip() for line in text.splitlines()]
+            names = [n for n in names if n and not n.startswith("#")]
+    else:
+        names = list(spec)
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"class names must be a non-empty list of non-empty strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names repeat: {names}")
+    return tuple(n.strip() for n in names)
+
+
+def resolve_template(spec: str) -> str:
+    """A template from its key in TEMPLATES (case-insensitive) or a literal string using {cls} and
+    optionally {mod}, e.g. ``"A {mod} scan showing the {cls}."``."""
+    template = TEMPLATES.get(spec.lower(), spec)
+    fields = {name for _, name, _, _ in Formatter().parse(template) if name is not None}
+    if "cls" not in fields or not fields <= {"cls", "mod"}:
+        raise ValueError(
+            f"template {spec!r} must be one of {sorted(TEMPLATES)} or text with a {{cls}} field "
+            f"and optionally {{mod}}, and no other fields (found {sorted(fields)})"
+        )
+    return template
+
+
+def modality_phrase(modality: str, phrases: Optional[Mapping[str, str]] = None) -> str:
+    """The words a prompt uses for `modality`: from `phrases` (over MODALITY_PHRASES), matched exactly
+    then case-insensitively; an unknown modality (PET, T1, ...) is written as its own name."""
+    table = {**MODALITY_PHRASES, **(phrases or {})}
+    if modality in table:
+        return table[modality]
+    by_upper = {k.upper(): v for k, v in table.items()}
+    return by_upper.get(modality.upper(), modality)
+
+
+def make_prompts(
+    classes: Sequence[str], modalities: Sequence[str], template: str, phrases: Optional[Mapping[str, str]] = None
+) -> Tuple[Tuple[str, ...], ...]:
+    """Prompts `(M, K)`: row m, column k is the template filled with modality m and class k."""
+    template = resolve_template(template)
+    return tuple(
+        tuple(template.format(mod=modality_phrase(m, phrases), cls=c) for c in classes) for m in modalities
+    )
+
+
+@dataclass
+class EmbeddingTable:
+    """Text embeddings per modality and class.
+
+    embeddings: (M, K, D) float32, M = len(modalities), K = len(classes).
+    template: the prompt template used (None for one-hot or reference tables).
+    encoder: what produced the embeddings, e.g. "clip:ViT-B-32.pt", "onehot", "reference".
+    """
+
+    modalities: Tuple[str, ...]
+    classes: Tuple[str, ...]
+    embeddings: torch.Tensor
+    template: Optional[str] = None
+    encoder: str = ""
+
+    def __post_init__(self) -> None:
+        self.modalities = tuple(self.modalities)
+        self.classes = tuple(self.classes)
+        self.embeddings = self.embeddings.detach().to(device="cpu", dtype=torch.float32)
+        expected = (len(self.modalities), len(self.classes))
+        if self.embeddings.dim() != 3 or tuple(self.embeddings.shape[:2]) != expected:
+            raise ValueError(
+                f"embeddings of shape {tuple(self.embeddings.shape)} do not match "
+                f"{expected[0]} modalities x {expected[1]} classes"
+            )
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities repeat: {self.modalities}")
+
+    @property
+    def dim(self) -> int:
+        """D, the embedding size."""
+        return self.embeddings.shape[2]
+
+    def row(self, modality: str) -> torch.Tensor:
+        """Embeddings `(K, D)` of one modality."""
+        if modality not in self.modalities:
+            raise KeyError(f"modality {modality!r} is not in the embedding table {list(self.modalities)}")
+        return self.embeddings[self.modalities.index(modality)]
+
+    def to_dict(self) -> dict:
+        """Plain dict (lists, strings, one tensor) for torch.save or embedding in a checkpoint."""
+        return {
+            "format": TABLE_FORMAT,
+            "version": TABLE_VERSION,
+            "modalities": list(self.modalities),
+            "classes": list(self.classes),
+            "template": self.template,
+            "encoder": self.encoder,
+            "embeddings": self.embeddings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "EmbeddingTable":
+        """Inverse of `to_dict`."""
+        if data.get("format") != TABLE_FORMAT:
+            raise ValueError(f"not an embedding table (format {data.get('format')!r})")
+        if data.get("version", 0) > TABLE_VERSION:
+            raise ValueError(f"embedding table version {data['version']} is newer than this code ({TABLE_VERSION})")
+        return cls(data["modalities"], data["classes"], data["embeddings"], data["template"], data["encoder"])
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the table with torch.save, atomically (temporary file, then rename)."""
+        path = Path(path)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.to_dict(), f)
+            os.replace(tmp_name, path)
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], classes: Optional[Sequence[str]] = None) -> "EmbeddingTable":
+        """Read a table written by `save`, or the reference's raw tensor `(2, K, D)`.
+
+        A raw tensor's rows are MR (index 0) then CT (index 1), as the reference stores them; its class
+        names are `classes`, by default CLASS_SETS["amos_reference"] when K is 14.
+        """
+        data = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if isinstance(data, dict):
+            return cls.from_dict(data)
+        if not isinstance(data, torch.Tensor) or data.dim() != 3 or data.shape[0] != len(REFERENCE_MODALITIES):
+            raise ValueError(
+                f"{path} is neither an embedding table nor a reference tensor of shape (2, K, D) "
+                f"(found {type(data).__name__} {tuple(getattr(data, 'shape', ()))})"
+            )
+        if classes is None:
+            if data.shape[1] != len(CLASS_SETS["amos_reference"]):
+                raise ValueError(f"{path} holds {data.shape[1]} classes; pass their names as `classes`")
+            classes = CLASS_SETS["amos_reference"]
+        return cls(REFERENCE_MODALITIES, tuple(classes), data, None, "reference")
+
+    @classmethod
+    def onehot(cls, modalities: Sequence[str], classes: Sequence[str]) -> "EmbeddingTable":
+        """A table without text: entry (m, k) is one-hot(m) over M concatenated with one-hot(k) over K,
+        so `embeddings` is `(M, K, M + K)`; each (modality, class) pair gets its own code."""
+        m, k = len(modalities), len(classes)
+        embeddings = torch.cat(
+            [torch.eye(m)[:, None, :].expand(m, k, m), torch.eye(k)[None, :, :].expand(m, k, k)], dim=2
+        )
+        return cls(tuple(modalities), tuple(classes), embeddings, None, "onehot")
+
+
+@torch.no_grad()
+def build_embedding_table(
+    encoder: nn.Module,
+    classes: Union[str, Path, Sequence[str]],
+    modalities: Sequence[str],
+    template: str = DEFAULT_TEMPLATE,
+    *,
+    phrases: Optional[Mapping[str, str]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> EmbeddingTable:
+    """Encode all M x K prompts in one batch with `encoder` (ids `(N, 77)` -> `(N, D)`) into a table.
+
+    classes: a CLASS_SETS name, a file of names, or names. template: "v1"/"v2"/"v3" or a literal
+    template with {cls} and {mod}. device: moves the encoder there first (default: leave it). The result is
+    float32 on the CPU whatever the encoder's dtype.
+    """
+    classes = resolve_classes(classes)
+    template = resolve_template(template)
+    prompts = make_prompts(classes, modalities, template, phrases)
+    if device is not None:
+        encoder.to(device)
+    ids = tokenize([p for row in prompts for p in row]).to(next(encoder.parameters()).device)
+    flat = encoder(ids).float().cpu()
+    embeddings = flat.reshape(len(modalities), len(classes), -1)
+    return EmbeddingTable(tuple(modalities), classes, embeddings, template, getattr(encoder, "name", type(encoder).__name__))
