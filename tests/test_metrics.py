@@ -1,0 +1,142 @@
+"""Dice on hand-made label maps, summaries, CSV/Markdown output, parameter and FLOP counts."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mulmodseg.metrics as metrics
+from mulmodseg.metrics import (
+    count_flops,
+    count_parameters,
+    dice_per_class,
+    markdown_table,
+    summarise,
+    write_metrics_csv,
+    write_summary_csv,
+)
+
+
+def _volume():
+    label = np.zeros((6, 5, 4), dtype=np.uint8)
+    label[1:3, 1:3, 1:3] = 1  # 8 voxels
+    label[4:6, 0:2, 0:1] = 2  # 4 voxels
+    return label
+
+
+def test_perfect_disjoint_absent_and_one_sided():
+    label = _volume()
+    assert np.array_equal(dice_per_class(label, label, 3), [1.0, 1.0])
+
+    shifted = np.zeros_like(label)
+    shifted[3:5, 3:5, 2:4] = 1  # class 1 nowhere near the true class 1, class 2 missed
+    dice = dice_per_class(shifted, label, 4)
+    assert dice[0] == 0.0 and dice[1] == 0.0  # disjoint, and present in the label only
+    assert math.isnan(dice[2])  # class 3 in neither
+
+    only_pred = label.copy()
+    only_pred[0, 4, 3] = 3
+    assert dice_per_class(only_pred, label, 4)[2] == 0.0  # present in the prediction only
+
+
+def test_partial_overlap_value():
+    label = _volume()
+    pred = label.copy()
+    pred[1, 1:3, 1:3] = 0  # 4 of the 8 class-1 voxels lost
+    pred[0, 0, 0] = 2  # one false-positive class-2 voxel
+    dice = dice_per_class(pred, label, 3)
+    np.testing.assert_allclose(dice, [2 * 4 / (4 + 8), 2 * 4 / (5 + 4)])
+
+
+def test_chunked_bincount_equals_single_pass(monkeypatch):
+    rng = np.random.default_rng(0)
+    pred, label = rng.integers(0, 5, (2, 20, 20, 20))
+    whole = dice_per_class(pred, label, 5)
+    monkeypatch.setattr(metrics, "_CHUNK", 777)
+    np.testing.assert_array_equal(dice_per_class(pred, label, 5), whole)
+    for c in range(1, 5):
+        a, b = pred == c, label == c
+        assert whole[c - 1] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def test_rejects_out_of_range_and_shape():
+    with pytest.raises(ValueError):
+        dice_per_class(np.array([0, 3]), np.array([0, 1]), 3)
+    with pytest.raises(ValueError):
+        dice_per_class(np.zeros(3, int), np.zeros(4, int), 3)
+
+
+ROWS = [
+    {"case": "a", "modality": "CT", "dice": np.array([1.0, np.nan, 0.5])},
+    {"case": "b", "modality": "CT", "dice": np.array([0.5, np.nan, 0.0])},
+    {"case": "c", "modality": "MR", "dice": np.array([0.0, np.nan, np.nan])},
+]
+NAMES = ["liver", "pancreas", "spleen"]
+
+
+def test_summarise_ignores_absent():
+    summary = summarise(ROWS)
+    np.testing.assert_allclose(summary["per_class"], [0.5, np.nan, 0.25])
+    np.testing.assert_array_equal(summary["present"], [3, 0, 2])
+    assert summary["mean"] == pytest.approx(0.375) and summary["cases"] == 3
+
+
+def test_metrics_csv(tmp_path):
+    path = tmp_path / "metrics.csv"
+    write_metrics_csv(path, ROWS, NAMES)
+    lines = list(csv.reader(open(path)))
+    assert lines[0] == ["case", "modality", "liver", "pancreas", "spleen", "mean"]
+    assert lines[1] == ["a", "CT", "1.000000", "absent", "0.500000", "0.750000"]
+    assert lines[3] == ["c", "MR", "0.000000", "absent", "absent", "0.000000"]
+    assert "nan" not in path.read_text().lower()
+    with pytest.raises(ValueError):
+        write_metrics_csv(path, ROWS, ["background", *NAMES])
+
+
+def test_markdown_and_summary_csv(tmp_path):
+    settings = {"CT, ALT": summarise(ROWS[:2]), "MR, ALT": summarise(ROWS[2:])}
+    table = markdown_table(settings, NAMES)
+    assert table.splitlines() == [
+        "| Setting | liver | pancreas | spleen | Average |",
+        "|---|---:|---:|---:|---:|",
+        "| CT, ALT | 75.00 | absent | 25.00 | 50.00 |",
+        "| MR, ALT | 0.00 | absent | absent | 0.00 |",
+    ]
+    path = tmp_path / "summary.csv"
+    write_summary_csv(path, settings, NAMES)
+    assert list(csv.reader(open(path)))[1] == ["CT, ALT", "75.00", "absent", "25.00", "50.00"]
+
+
+def test_count_parameters():
+    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Linear(5, 6))
+    model[1].weight.requires_grad_(False)
+    assert count_parameters(model) == (2 * 4 * 27 + 4) + (5 * 6 + 6)
+    assert count_parameters(model, trainable_only=True) == (2 * 4 * 27 + 4) + 6
+
+
+def test_count_flops_conv3d_formula():
+    conv = nn.Conv3d(2, 4, 3, padding=1)
+    # 2 FLOPs per multiply-accumulate: output voxels x output channels x (in channels x kernel volume).
+    assert count_flops(conv, (1, 2, 8, 8, 8)) == 2 * (4 * 8**3) * (2 * 3**3)
+
+
+def test_count_flops_forwards_kwargs_and_restores_mode():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm3d(1)
+            self.heads = nn.ModuleDict({"CT": nn.Linear(4, 3), "MR": nn.Linear(4, 5)})
+
+        def forward(self, x, modality):
+            return self.heads[modality](self.norm(x))
+
+    net = Net().train()
+    assert count_flops(net, (1, 1, 2, 3, 4), modality="MR") == 2 * (2 * 3) * 4 * 5
+    assert net.training and int(net.norm.num_batches_tracked) == 0
+    assert count_flops(net, (1, 1, 2, 3, 4), modality="CT") == 2 * (2 * 3) * 4 * 3
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    flops = count_flops(attention, (1, 5, 8), key=torch.zeros(1, 5, 8), value=torch.zeros(1, 5, 8))
+    assert flops == 2 * 5 * 8 * 8 * 4 + 2 * 2 * 5 * 5 * 8  # q,k,v,out projections + QK^T and AV
