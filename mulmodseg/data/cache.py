@@ -1,0 +1,127 @@
+"""On-disk cache of preprocessed volumes (`.npy`, memory-mapped on load).
+
+An entry lives in `<cache_dir>/<key>/` with image.npy, label.npy (when labelled) and meta.json, where
+key = sha256 of (format version, modality, settings as sorted JSON, sha256 of the image file, sha256 of
+the label file). Changing a file's contents or any setting therefore gives a new entry; stale entries
+are never read (delete the folder to reclaim space). An entry is written in a temporary folder and
+renamed into place (atomic on POSIX), and meta.json records each array's byte size, shape and dtype,
+so an entry cut short by a crash or a truncated file is detected and recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .cases import Case
+from .labels import parse_label_map
+from .preprocess import default_settings, preprocess, resolve_settings
+
+CACHE_VERSION = 1
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's contents."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class VolumeCache:
+    """Preprocessed (image, label, meta) per (case files, settings), computed once and memory-mapped."""
+
+    def __init__(self, cache_dir: os.PathLike):
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def key(self, case: Case, settings: Dict[str, Any]) -> str:
+        """Content- and settings-derived entry name (64 hex characters)."""
+        # Resolved settings, so that {} and the spelled-out defaults share an entry.
+        resolved = resolve_settings(case.modality, dict(settings))
+        if resolved["label_map"] is not None:
+            resolved["label_map"] = sorted(parse_label_map(resolved["label_map"]).items())
+        parts = {
+            "version": CACHE_VERSION,
+            "modality": case.modality,
+            "settings": resolved,
+            "image": file_sha256(Path(case.image)),
+            "label": None if case.label is None else file_sha256(Path(case.label)),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def load(self, case: Case, settings: Dict[str, Any]) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
+        """(image float32 (X, Y, Z) memmap, label uint8 (X, Y, Z) memmap or None, meta), preprocessing
+        with `preprocess(case.image, case.label, case.modality, **settings)` on a miss."""
+        entry = self.cache_dir / self.key(case, settings)
+        cached = self._read(entry)
+        if cached is not None:
+            return cached
+        image, label, meta = preprocess(case.image, case.label, case.modality, **settings)
+        self._write(entry, image, label, meta)
+        cached = self._read(entry)
+        if cached is None:
+            raise OSError(f"{entry}: cache entry unreadable right after writing it")
+        return cached
+
+    @staticmethod
+    def _read(entry: Path):
+        try:
+            record = json.loads((entry / "meta.json").read_text())
+            arrays = {}
+            for name, spec in record["arrays"].items():
+                path = entry / f"{name}.npy"
+                if path.stat().st_size != spec["bytes"]:
+                    return None
+                array = np.load(path, mmap_mode="r")
+                if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+                    return None
+                arrays[name] = array
+            return arrays["image"], arrays.get("label"), record["meta"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write(self, entry: Path, image: np.ndarray, label: Optional[np.ndarray], meta: Dict[str, Any]) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name[:16]}-", dir=self.cache_dir))
+        try:
+            arrays = {}
+            for name, array in (("image", image), ("label", label)):
+                if array is None:
+                    continue
+                path = tmp / f"{name}.npy"
+                np.save(path, np.ascontiguousarray(array))
+                arrays[name] = {"bytes": path.stat().st_size, "shape": list(array.shape), "dtype": str(array.dtype)}
+            (tmp / "meta.json").write_text(json.dumps({"arrays": arrays, "meta": meta}))
+            if entry.exists():  # a broken entry; a valid one would have been read
+                shutil.rmtree(entry, ignore_errors=True)
+            try:
+                os.replace(tmp, entry)
+            except OSError:  # another process renamed its own copy first
+                if self._read(entry) is None:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_training_volumes(cases: Sequence[Case], settings: Optional[Dict[str, Any]] = None,
+                          cache: Optional[VolumeCache] = None) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """[(image, label)] in the training space for each case, through `cache` when given.
+
+    settings: applied to every case; None uses `default_settings(case.modality)` per case.
+    """
+    volumes = []
+    for case in cases:
+        case_settings = default_settings(case.modality) if settings is None else settings
+        if cache is not None:
+            image, label, _ = cache.load(case, case_settings)
+        else:
+            image, label, _ = preprocess(case.image, case.label, case.modality, **case_settings)
+        volumes.append((image, label))
+    return volumes

@@ -1,0 +1,171 @@
+"""Cases on disk: the `Case` record, `DataError`, and discovery of the common dataset layouts.
+
+Supported layouts (each file `.nii` or `.nii.gz`):
+- MSD / nnU-Net folders: `imagesTr/` + `labelsTr/` (label has the image's name, or the image carries
+  nnU-Net's `_0000` channel suffix), `imagesTs/` (+ optional `labelsTs/`) for split="test";
+- an MSD `dataset.json` datalist in the root (`training` / `validation` / `test` lists of
+  `{"image", "label"}` or plain image paths), paths relative to the root;
+- the reference layout: `<id>.nii.gz` next to `<id>_gt.nii.gz` in one folder;
+- a bare folder of images (split="test" only, no labels).
+Discovery never reads image data; a label or image that should exist but does not is returned with
+its expected path, so that `check_cases` reports it together with every other problem.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+PathLike = Union[str, Path]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_SPLIT_KEYS = {"train": "training", "val": "validation", "test": "test"}
+
+
+class DataError(Exception):
+    """One or more problems with the data; `problems` lists all of them, each naming its file."""
+
+    def __init__(self, problems: Union[str, Sequence[str]]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} data problem(s):\n{lines}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scan: image path, label path (None when unlabelled) and modality name (e.g. "CT", "MR")."""
+
+    id: str
+    image: Path
+    label: Optional[Path]
+    modality: str
+
+
+def nifti_stem(path: PathLike) -> Optional[str]:
+    """File name without `.nii`/`.nii.gz`, or None when the file is not NIfTI."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _nifti_files(folder: Path) -> Dict[str, Path]:
+    """Map stem -> path for the NIfTI files directly inside `folder` (hidden files skipped)."""
+    found = {}
+    for p in sorted(folder.iterdir()):
+        stem = nifti_stem(p)
+        if stem is not None and p.is_file() and not p.name.startswith("."):
+            found[stem] = p
+    return found
+
+
+def _from_datalist(root: Path, datalist: dict, modality: str, split: str) -> List[Case]:
+    key = _SPLIT_KEYS[split]
+    cases = []
+    for entry in datalist.get(key) or []:
+        image = entry if isinstance(entry, str) else entry["image"]
+        label = None if isinstance(entry, str) else entry.get("label")
+        image_path = root / image
+        label_path = root / label if label else None
+        case_id = nifti_stem(image_path) or image_path.name
+        cases.append(Case(_strip_channel(case_id), image_path, label_path, modality))
+    return cases
+
+
+def _strip_channel(stem: str) -> str:
+    return stem[:-5] if re.search(r"_\d{4}$", stem) else stem
+
+
+def _from_folders(images_dir: Path, labels_dir: Optional[Path], modality: str, labels_required: bool) -> List[Case]:
+    images = _nifti_files(images_dir)
+    extra_channels = [p.name for s, p in images.items() if re.search(r"_\d{4}$", s) and not s.endswith("_0000")]
+    if extra_channels:
+        raise DataError([f"{images_dir / n}: multi-channel input (nnU-Net channel > 0) is not supported"
+                         for n in extra_channels])
+    by_id = {_strip_channel(s): p for s, p in images.items()}
+    labels = _nifti_files(labels_dir) if labels_dir is not None and labels_dir.is_dir() else {}
+    suffix = ".nii.gz"
+    cases = []
+    for case_id in sorted(set(by_id) | set(labels)):
+        image = by_id.get(case_id, images_dir / f"{case_id}{suffix}")
+        label = labels.get(case_id)
+        if label is None and labels_required:
+            label = (labels_dir or images_dir) / f"{case_id}{suffix}"
+        cases.append(Case(case_id, image, label, modality))
+    return cases
+
+
+def _from_reference(root: Path, modality: str, labels_required: bool) -> List[Case]:
+    files = _nifti_files(root)
+    labels = {s[:-3]: p for s, p in files.items() if s.endswith("_gt")}
+    images = {s: p for s, p in files.items() if not s.endswith("_gt")}
+    cases = []
+    for case_id in sorted(set(images) | set(labels)):
+        label = labels.get(case_id)
+        if label is None and labels_required:
+            label = root / f"{case_id}_gt.nii.gz"
+        cases.append(Case(case_id, images.get(case_id, root / f"{case_id}.nii.gz"), label, modality))
+    return cases
+
+
+def discover_cases(root: PathLike, modality: str, split: str = "train") -> List[Case]:
+    """All cases of one modality under `root`, sorted by id.
+
+    split: "train" (labels required), "val" (datalist `validation` list only) or "test" (labels optional).
+    Detection order: `dataset.json` with a list for the split, `imagesTr`/`imagesTs` folders, then the
+    reference `<id>` + `<id>_gt` layout (or bare images for "test"). The datalist does not filter by
+    modality; use `discover_amos` for AMOS, where CT and MR share one datalist.
+    Raises DataError when the folder is missing or holds no case.
+    """
+    if split not in _SPLIT_KEYS:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_KEYS)}, got {split!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist")
+    labels_required = split != "test"
+    datalist_file = root / "dataset.json"
+    cases: List[Case] = []
+    datalist = _read_datalist(datalist_file)
+    if datalist is not None and isinstance(datalist.get(_SPLIT_KEYS[split]), list):
+        cases = _from_datalist(root, datalist, modality, split)
+    elif split == "train" and (root / "imagesTr").is_dir():
+        cases = _from_folders(root / "imagesTr", root / "labelsTr", modality, True)
+    elif split == "test" and (root / "imagesTs").is_dir():
+        cases = _from_folders(root / "imagesTs", root / "labelsTs", modality, False)
+    elif split != "val":
+        cases = _from_reference(root, modality, labels_required)
+    if not cases:
+        raise DataError(f"{root}: no {split} cases found (looked for dataset.json, imagesTr/imagesTs, "
+                        f"<id>.nii.gz + <id>_gt.nii.gz)")
+    return sorted(cases, key=lambda c: c.id)
+
+
+def _read_datalist(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable dataset.json ({e})") from e
+    return data if isinstance(data, dict) else None
+
+
+def amos_modality(case_id: str) -> str:
+    """AMOS convention: scans numbered above 500 are MR, the others CT."""
+    match = re.search(r"(\d+)$", case_id)
+    if match is None:
+        raise DataError(f"{case_id}: not an AMOS case id (expected a trailing number, e.g. amos_0507)")
+    return "MR" if int(match.group(1)) > 500 else "CT"
+
+
+def discover_amos(root: PathLike, split: str = "train") -> Dict[str, List[Case]]:
+    """AMOS (`dataset.json` in `root`, CT and MR in one folder) -> {"CT": [...], "MR": [...]}."""
+    cases = discover_cases(root, "CT", split)
+    by_modality: Dict[str, List[Case]] = {"CT": [], "MR": []}
+    for case in cases:
+        modality = amos_modality(case.id)
+        by_modality[modality].append(Case(case.id, case.image, case.label, modality))
+    return by_modality

@@ -1,0 +1,132 @@
+"""Dataset integrity check before training (in the spirit of nnU-Net's dataset check).
+
+Every file is opened once; all problems of all cases are gathered and raised together as one DataError,
+each message naming its file. Affine drift between image and label is only a warning (the image's
+affine is used for both).
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Mapping, Optional, Sequence, Tuple
+
+import nibabel as nib
+import numpy as np
+
+from .cases import Case, DataError
+from .labels import LabelMapSpec, label_map_problems, parse_label_map
+
+
+def _read(path: Path, what: str, problems: List[str]):
+    """(nibabel image, data) or (None, None) after recording why not."""
+    if not path.is_file():
+        problems.append(f"{path}: missing {what} file")
+        return None, None
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for a bad header
+        problems.append(f"{path}: unreadable {what} ({type(e).__name__}: {e})")
+        return None, None
+    shape = tuple(img.shape)
+    if len(shape) < 3 or (len(shape) == 3 and min(shape) == 1):
+        problems.append(f"{path}: {what} is 2D (shape {shape}); a 3D volume is required")
+        return None, None
+    if len(shape) > 3:
+        problems.append(f"{path}: {what} is {len(shape)}D (shape {shape}); a 3D volume is required")
+        return None, None
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # truncated gzip -> EOFError, zlib.error, OSError, ValueError
+        problems.append(f"{path}: unreadable or truncated {what} data ({type(e).__name__}: {e})")
+        return None, None
+    return img, data
+
+
+def _label_values(data: np.ndarray) -> np.ndarray:
+    if np.issubdtype(data.dtype, np.integer) and data.size and data.min() >= 0 and data.max() < 65536:
+        return np.flatnonzero(np.bincount(data.ravel()))
+    return np.unique(data)
+
+
+def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: Optional[int],
+                affine_tol: float) -> Tuple[List[str], List[str]]:
+    problems: List[str] = []
+    warnings: List[str] = []
+    img, data = _read(Path(case.image), "image", problems)
+    if data is not None and np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            problems.append(f"{case.image}: {bad} NaN/Inf voxels in the image")
+    if case.label is None:
+        return problems, warnings
+    lab, values = _read(Path(case.label), "label", problems)
+    if values is None:
+        return problems, warnings
+    if img is not None and tuple(lab.shape) != tuple(img.shape):
+        problems.append(f"{case.label}: label shape {tuple(lab.shape)} differs from image shape "
+                        f"{tuple(img.shape)} ({case.image})")
+    if img is not None:
+        drift = float(np.abs(np.asarray(lab.affine) - np.asarray(img.affine)).max())
+        if drift > affine_tol:
+            warnings.append(f"{case.label}: affine differs from the image's by up to {drift:.4g} "
+                            f"(> {affine_tol}); the image affine ({case.image}) is used")
+    if not np.issubdtype(values.dtype, np.integer):
+        if not np.all(np.isfinite(values)):
+            problems.append(f"{case.label}: NaN/Inf voxels in the label")
+            return problems, warnings
+        if not np.array_equal(values, np.round(values)):
+            problems.append(f"{case.label}: label values are not integers")
+            return problems, warnings
+    present = [int(v) for v in _label_values(values)]
+    if mapping is not None:
+        unmapped = label_map_problems(present, mapping)
+        if unmapped:
+            problems.append(f"{case.label}: label values {unmapped} are not in the label map")
+        classes = sorted({mapping.get(v, 0) for v in present})
+    else:
+        classes = present
+        out_of_range = [v for v in present if v < 0 or v > 255]
+        if out_of_range:
+            problems.append(f"{case.label}: label values {out_of_range} outside 0..255; give a label map")
+    if num_classes is not None:
+        too_big = [v for v in classes if v >= num_classes]
+        if too_big:
+            problems.append(f"{case.label}: class values {too_big} >= num_classes={num_classes}")
+    return problems, warnings
+
+
+def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
+                num_classes: Optional[int] = None, affine_tol: float = 1e-3,
+                modalities: Optional[Sequence[str]] = None, require_labels: bool = False,
+                num_workers: Optional[int] = None) -> List[str]:
+    """Read every image and label once and check: missing file, unreadable/truncated file, 2D or 4D
+    volume, NaN/Inf voxels, image/label shape mismatch, non-integer labels, label values outside
+    `label_map` or >= `num_classes`, unknown modality (not in `modalities`), duplicate ids, a case
+    without a label when `require_labels`.
+
+    Returns the warnings (affine drift > `affine_tol`); raises one DataError listing every problem.
+    """
+    if not cases:
+        raise DataError("no cases to check")
+    mapping = None if label_map is None else parse_label_map(label_map)
+    problems: List[str] = []
+    counts = Counter((c.modality, c.id) for c in cases)
+    problems += [f"{c.image}: duplicate case id {c.id!r} for modality {c.modality}"
+                 for c in cases if counts[(c.modality, c.id)] > 1]
+    if modalities is not None:
+        problems += [f"{c.image}: unknown modality {c.modality!r} (known: {list(modalities)})"
+                     for c in cases if c.modality not in modalities]
+    if require_labels:
+        problems += [f"{c.image}: no label file" for c in cases if c.label is None]
+    workers = num_workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda c: _check_case(c, mapping, num_classes, affine_tol), cases))
+    warnings: List[str] = []
+    for case_problems, case_warnings in results:
+        problems += case_problems
+        warnings += case_warnings
+    if problems:
+        raise DataError(problems)
+    return warnings

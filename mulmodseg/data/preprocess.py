@@ -1,0 +1,231 @@
+"""Preprocessing into the training space and its exact inverse.
+
+Order (per modality, settings from `default_settings`):
+1. reorient to RAS (closest canonical; axis 0 = R/L, 1 = A/P, 2 = S/I). The reference resamples first and
+   reorients after; reorienting first means the spacing applies to the anatomical axes, and a flip or
+   transpose loses nothing, so the two orders agree up to which voxel the grid is anchored on;
+2. resample to `spacing` (mm): linear for the image, nearest for the label. Output voxel j samples the
+   RAS grid at (j + 0.5) * new / old - 0.5: the outer corner of voxel 0 is shared, the spacing is exact,
+   the extent is round(n * old / new) voxels, and the last fraction of a voxel replicates the edge;
+3. intensity: CT clip to `window` (HU) and scale to [0, 1]; MR (and any other modality) clip to the
+   `percentiles` of the volume and min-max scale to [0, 1];
+4. crop to the bounding box of the foreground, image > 0 after step 3 (for CT the air below the window
+   becomes 0, so this is the body box, couch included), joined with the labelled voxels' box so that
+   no annotation is ever cut off (the reference's CropForeground can drop labels at the box edge).
+   An all-zero image keeps the whole volume;
+5. pad symmetrically with zeros to at least `min_size` (the ROI), extra voxel after.
+
+`restore` maps an array of the training space back onto the original voxel grid with the exact inverse
+of each step: the original voxel i of a resampled axis sits at resampled coordinate
+(i + 0.5) * old / new - 0.5 (then - crop start + pad), sampled nearest (labels) or linearly (probabilities); voxels whose nearest
+training voxel lies outside the crop box get `fill`. A nearest-neighbour round trip of a label is exact
+wherever the training grid is finer than the original.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import nibabel as nib
+import numpy as np
+
+from .cases import DataError
+from .geometry import from_ras, inverse_grid, ras_affine, ras_orientation, resample, separable_grid, to_ras
+from .labels import apply_label_map, parse_label_map
+
+ImageLike = Union[str, Path, "nib.spatialimages.SpatialImage"]
+
+META_VERSION = 1
+SETTING_KEYS = ("spacing", "window", "percentiles", "label_map", "crop_foreground", "min_size")
+
+
+def default_settings(modality: str) -> Dict[str, Any]:
+    """Preprocessing defaults (method.md): 1.5 x 1.5 x 2.0 mm; CT window [-125, 275] HU -> [0, 1];
+    MR and other modalities: clip to the 0.5 / 99.5 percentiles, min-max -> [0, 1]; crop to the
+    foreground; pad to 96^3. A fresh JSON-friendly dict each call."""
+    settings: Dict[str, Any] = {
+        "spacing": [1.5, 1.5, 2.0],
+        "window": None,
+        "percentiles": [0.5, 99.5],
+        "label_map": None,
+        "crop_foreground": True,
+        "min_size": [96, 96, 96],
+    }
+    if modality.upper() == "CT":
+        settings.update(window=[-125.0, 275.0], percentiles=None)
+    return settings
+
+
+def resolve_settings(modality: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """`default_settings(modality)` overridden by `settings`; unknown keys raise TypeError.
+    A `window` that is not None takes precedence over `percentiles`."""
+    unknown = set(settings) - set(SETTING_KEYS)
+    if unknown:
+        raise TypeError(f"unknown preprocessing settings {sorted(unknown)}; known: {list(SETTING_KEYS)}")
+    resolved = default_settings(modality)
+    resolved.update(settings)
+    return resolved
+
+
+def _load(image: ImageLike):
+    return nib.load(str(image)) if isinstance(image, (str, Path)) else image
+
+
+def _name(image: ImageLike, loaded) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return loaded.get_filename() or "<in-memory image>"
+
+
+def _read_label(label, name: str, shape: Tuple[int, ...], label_map) -> np.ndarray:
+    data = np.asanyarray(label.dataobj)
+    if data.shape != shape:
+        raise DataError(f"{name}: label shape {data.shape} differs from image shape {shape}")
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise DataError(f"{name}: label values are not integers")
+        data = data.astype(np.int64)
+    if label_map is not None:
+        try:
+            return apply_label_map(data, parse_label_map(label_map))
+        except ValueError as e:
+            raise DataError(f"{name}: {e}") from e
+    if data.min() < 0 or data.max() > 255:
+        raise DataError(f"{name}: label values outside 0..255 ({data.min()}..{data.max()}); give a label_map")
+    return data.astype(np.uint8)
+
+
+def normalise_intensity(image: np.ndarray, window=None, percentiles=None) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Clip to `window` (absolute values) or to the `percentiles` of `image`, then scale to [0, 1].
+    With neither, the image passes unchanged. Returns (float32 image, {"clip": [low, high], ...})."""
+    if window is None and percentiles is None:
+        return image.astype(np.float32, copy=False), {"clip": None}
+    if window is not None:
+        low, high = float(window[0]), float(window[1])
+    else:
+        low, high = (float(v) for v in np.percentile(image, [float(percentiles[0]), float(percentiles[1])]))
+    out = np.clip(image, low, high).astype(np.float32, copy=False)
+    out -= np.float32(low)
+    if high > low:
+        out *= np.float32(1.0 / (high - low))
+    else:
+        out[...] = 0.0
+    return out, {"clip": [low, high], "window": window is not None}
+
+
+def foreground_box(*masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """[start, end) of the smallest box holding every True voxel of the masks (whole grid if none)."""
+    shape = np.array(masks[0].shape)
+    start, end = shape.copy(), np.zeros(3, dtype=int)
+    for mask in masks:
+        for axis in range(3):
+            hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+            if hits.size:
+                start[axis] = min(start[axis], hits[0])
+                end[axis] = max(end[axis], hits[-1] + 1)
+    if np.any(end <= start):
+        return np.zeros(3, dtype=int), shape
+    return start, end
+
+
+def preprocess(image: ImageLike, label: Optional[ImageLike] = None, modality: str = "CT",
+               **settings: Any) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
+    """NIfTI (path or nibabel image) -> training space.
+
+    Returns image: float32 (X, Y, Z) in RAS array order, label: uint8 (X, Y, Z) of class indices (None
+    without a label), meta: JSON-serialisable dict for `restore` (also "affine": the training-space
+    affine, "spacing", "intensity"). Settings: see `default_settings`; label_map as `parse_label_map`.
+    Raises DataError (naming the file) for non-3D images, shape mismatch or bad label values.
+    """
+    cfg = resolve_settings(modality, settings)
+    img = _load(image)
+    name = _name(image, img)
+    if len(img.shape) != 3:
+        raise DataError(f"{name}: expected a 3D volume, got shape {tuple(img.shape)}")
+    original_shape = tuple(int(n) for n in img.shape)
+    data = img.get_fdata(dtype=np.float32)
+    lab = None
+    if label is not None:
+        label_img = _load(label)
+        lab = _read_label(label_img, _name(label, label_img), original_shape, cfg["label_map"])
+
+    ornt = ras_orientation(img.affine)
+    data = to_ras(data, ornt)
+    lab = None if lab is None else to_ras(lab, ornt)
+    ras_shape = data.shape
+    affine_ras = ras_affine(img.affine, original_shape, ornt)
+    old_spacing = np.sqrt((affine_ras[:3, :3] ** 2).sum(axis=0))
+    step = np.ones(3) if cfg["spacing"] is None else np.asarray(cfg["spacing"], dtype=np.float64) / old_spacing
+    resampled_shape = [max(1, int(np.floor(n / s + 0.5))) for n, s in zip(ras_shape, step)]
+    grid = separable_grid(resampled_shape, step, ras_shape)
+    data = np.ascontiguousarray(resample(data, grid, order=1))
+    lab = None if lab is None else np.ascontiguousarray(resample(lab, grid, order=0))
+
+    data, intensity = normalise_intensity(data, cfg["window"], cfg["percentiles"])
+
+    if cfg["crop_foreground"]:
+        masks = [data > 0] + ([] if lab is None else [lab > 0])
+        start, end = foreground_box(*masks)
+    else:
+        start, end = np.zeros(3, dtype=int), np.array(resampled_shape)
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(start, end))
+    cropped = np.array(end) - np.array(start)
+    min_size = np.zeros(3, dtype=int) if cfg["min_size"] is None else np.asarray(cfg["min_size"], dtype=int)
+    pad_total = np.maximum(min_size - cropped, 0)
+    pad_before, pad_after = pad_total // 2, pad_total - pad_total // 2
+    padding = list(zip(pad_before.tolist(), pad_after.tolist()))
+    data = np.pad(data[crop], padding)
+    lab = None if lab is None else np.pad(lab[crop], padding)
+
+    # training index t -> resampled index t - pad + crop_start -> RAS index (... + 0.5) * step - 0.5
+    to_ras_index = np.diag(list(step) + [1.0])
+    to_ras_index[:3, 3] = (np.array(start) - pad_before + 0.5) * step - 0.5
+    meta = {
+        "version": META_VERSION,
+        "modality": modality,
+        "original_shape": list(original_shape),
+        "original_affine": np.asarray(img.affine, dtype=np.float64).tolist(),
+        "ornt": ornt.tolist(),
+        "ras_shape": [int(n) for n in ras_shape],
+        "step": [float(s) for s in step],
+        "resampled_shape": resampled_shape,
+        "crop_start": [int(v) for v in start],
+        "crop_end": [int(v) for v in end],
+        "pad_before": pad_before.tolist(),
+        "pad_after": pad_after.tolist(),
+        "shape": [int(n) for n in data.shape],
+        "affine": (affine_ras @ to_ras_index).tolist(),
+        "spacing": (old_spacing * step).tolist(),
+        "intensity": intensity,
+        "label_map": None if cfg["label_map"] is None else sorted(map(list, parse_label_map(cfg["label_map"]).items())),
+    }
+    return data, lab, meta
+
+
+def restore(array: np.ndarray, meta: Dict[str, Any], interpolation: str = "nearest",
+            fill: float = 0) -> np.ndarray:
+    """Training-space array (X, Y, Z) or (C, X, Y, Z) -> the original voxel grid, shape
+    (*C, *meta["original_shape"]), to be written with the original affine/header.
+
+    interpolation: "nearest" (labels; dtype kept) or "linear" (probabilities/logits; float).
+    Voxels outside the foreground crop get `fill` (0: background for labels and probabilities).
+    """
+    if interpolation not in ("nearest", "linear"):
+        raise ValueError(f"interpolation must be 'nearest' or 'linear', got {interpolation!r}")
+    array = np.asarray(array)
+    lead = array.ndim - 3
+    if lead not in (0, 1) or list(array.shape[lead:]) != list(meta["shape"]):
+        raise ValueError(f"expected shape (C,) + {tuple(meta['shape'])} or {tuple(meta['shape'])}, "
+                         f"got {array.shape}")
+    positions, valid = [], []
+    for axis, q in enumerate(inverse_grid(meta["ras_shape"], meta["step"])):
+        q = np.clip(q, 0, meta["resampled_shape"][axis] - 1)
+        start, end = meta["crop_start"][axis], meta["crop_end"][axis]
+        nearest = np.floor(q + 0.5)
+        valid.append((nearest >= start) & (nearest < end))
+        positions.append(np.clip(q, start, end - 1) - start + meta["pad_before"][axis])
+    out = resample(array, positions, order=0 if interpolation == "nearest" else 1, lead=lead)
+    inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
+    if not inside.all():
+        out = np.where(inside, out, np.asarray(fill, dtype=out.dtype))
+    return np.ascontiguousarray(from_ras(out, np.asarray(meta["ornt"], dtype=int), lead=lead))

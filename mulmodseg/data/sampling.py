@@ -1,0 +1,171 @@
+"""Random ROI crops and augmentation for training (a `torch.utils.data.Dataset`).
+
+Each item is `num_samples` crops from one volume. A crop is centred on a labelled voxel (positive) with
+probability `pos_fraction`, otherwise on an unlabelled foreground voxel (image > 0, label == 0; negative),
+like the reference's RandCropByPosNegLabel(pos=1, neg=1, image_threshold=0); when one kind has no voxel
+the other is used, and the centre is shifted so that the crop stays inside the volume.
+
+Augmentation, applied per crop in this order:
+- optional spatial warp (off by default; on when `rotate_degrees` or `scale_range` > 0), with probability
+  `aug_prob`: rotation by U(-rotate_degrees, rotate_degrees) about the S/I axis (in the axial plane, as the
+  reference's RandAffine rotate_range=(0, 0, pi/30)) and per-axis sampling scale 1 + U(-scale_range,
+  scale_range) about the crop centre; linear for the image, nearest for the label, reflected borders;
+- optional flips (off by default): `flip=True` flips each axis with probability 0.5, or give the axes,
+  e.g. (1, 2). Flipping axis 0 (left/right) swaps sides, which is wrong for labels such as
+  "left kidney" / "right kidney": leave it off for such label sets;
+- intensity scale v * (1 + U(-intensity_scale, intensity_scale)) with probability `aug_prob`, then
+  intensity shift v + U(-intensity_shift, intensity_shift) with probability `aug_prob`.
+
+Determinism: every item draws from `numpy.random.default_rng([seed, epoch, index])`, so the crops depend
+only on (seed, epoch, index): not on DataLoader workers, their number, or the iteration order, and a
+resumed run replays them. Call `set_epoch(epoch)` before iterating each epoch; with
+`persistent_workers=True` the workers keep the epoch they were created with, so do not combine the two.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+class CropDataset(Dataset):
+    """volumes: [(image float (X, Y, Z), label int (X, Y, Z))] in the training space (e.g. memmaps from
+    `VolumeCache`), ideally padded to >= roi_size (smaller volumes are zero-padded per crop).
+
+    Item i: {"image": float32 (num_samples, 1, *roi), "label": int64 (num_samples, 1, *roi)} and
+    "modality": str when `modality` is given.
+    """
+
+    def __init__(self, volumes: Sequence[Tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int] = (96, 96, 96),
+                 num_samples: int = 2, pos_fraction: float = 0.5, intensity_shift: float = 0.1,
+                 intensity_scale: float = 0.1, aug_prob: float = 0.5, rotate_degrees: float = 0.0,
+                 scale_range: float = 0.0, flip: Union[bool, Sequence[int]] = False, seed: int = 0,
+                 modality: Optional[str] = None):
+        if any(label is None for _, label in volumes):
+            raise ValueError("CropDataset needs a label for every volume")
+        if not 0.0 <= pos_fraction <= 1.0:
+            raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+        self.volumes = list(volumes)
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.num_samples = int(num_samples)
+        self.pos_fraction = float(pos_fraction)
+        self.intensity_shift = float(intensity_shift)
+        self.intensity_scale = float(intensity_scale)
+        self.aug_prob = float(aug_prob)
+        self.rotate_degrees = float(rotate_degrees)
+        self.scale_range = float(scale_range)
+        self.flip_axes = (0, 1, 2) if flip is True else tuple(flip or ())
+        self.seed = int(seed)
+        self.modality = modality
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose crops `__getitem__` returns."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def generator(self, index: int) -> np.random.Generator:
+        """The random stream of item `index` in the current epoch."""
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def draw_centres(self, index: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+        """(centres (num_samples, 3) int, positive (num_samples,) bool) for volume `index`."""
+        image, label = self.volumes[index]
+        positive = rng.random(self.num_samples) < self.pos_fraction
+        pools: Dict[bool, np.ndarray] = {}
+        centres = np.zeros((self.num_samples, 3), dtype=np.int64)
+        for k, want_positive in enumerate(positive):
+            pool = self._pool(pools, want_positive, image, label)
+            if pool.size == 0:
+                want_positive = not want_positive
+                pool = self._pool(pools, want_positive, image, label)
+            positive[k] = want_positive
+            flat = rng.integers(pool.size) if pool.size else rng.integers(label.size)
+            centres[k] = np.unravel_index(pool[flat] if pool.size else flat, label.shape)
+        return centres, positive
+
+    @staticmethod
+    def _pool(pools: Dict[bool, np.ndarray], positive: bool, image: np.ndarray, label: np.ndarray) -> np.ndarray:
+        if positive not in pools:
+            mask = label > 0 if positive else (image > 0) & (label == 0)
+            pools[positive] = np.flatnonzero(mask)
+        return pools[positive]
+
+    def __getitem__(self, index: int) -> Dict[str, object]:
+        rng = self.generator(index)
+        image, label = self.volumes[index]
+        centres, _ = self.draw_centres(index, rng)
+        images, labels = [], []
+        for centre in centres:
+            img, lab = self._crop(image, centre), self._crop(label, centre)
+            img, lab = self._augment(np.asarray(img, dtype=np.float32), np.asarray(lab, dtype=np.int64), rng)
+            images.append(img)
+            labels.append(lab)
+        item: Dict[str, object] = {
+            "image": torch.from_numpy(np.stack(images)[:, None]),
+            "label": torch.from_numpy(np.stack(labels)[:, None]),
+        }
+        if self.modality is not None:
+            item["modality"] = self.modality
+        return item
+
+    def _crop(self, volume: np.ndarray, centre: np.ndarray) -> np.ndarray:
+        roi = np.array(self.roi_size)
+        shape = np.array(volume.shape)
+        start = np.clip(centre - roi // 2, 0, np.maximum(shape - roi, 0))
+        crop = np.array(volume[tuple(slice(int(s), int(s + r)) for s, r in zip(start, roi))])
+        short = roi - np.array(crop.shape)
+        if short.any():
+            crop = np.pad(crop, [(int(s) // 2, int(s) - int(s) // 2) for s in short])
+        return crop
+
+    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+        if (self.rotate_degrees > 0 or self.scale_range > 0) and rng.random() < self.aug_prob:
+            angle = np.deg2rad(rng.uniform(-self.rotate_degrees, self.rotate_degrees))
+            scales = 1.0 + rng.uniform(-self.scale_range, self.scale_range, size=3)
+            image, label = warp(image, label, angle, scales)
+        for axis in self.flip_axes:
+            if rng.random() < 0.5:
+                image, label = np.flip(image, axis), np.flip(label, axis)
+        if rng.random() < self.aug_prob:
+            image = image * np.float32(1.0 + rng.uniform(-self.intensity_scale, self.intensity_scale))
+        if rng.random() < self.aug_prob:
+            image = image + np.float32(rng.uniform(-self.intensity_shift, self.intensity_shift))
+        return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
+
+
+def warp(image: np.ndarray, label: np.ndarray, angle: float, scales: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """Rotate by `angle` (radians) in the plane of axes 0 and 1 and scale the sampling positions by
+    `scales` about the centre. image (X, Y, Z) linear, label (X, Y, Z) nearest; reflected borders."""
+    shape = image.shape
+    cos, sin = np.cos(angle), np.sin(angle)
+    matrix = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]]) @ np.diag(scales)
+    centre = (np.array(shape) - 1) / 2.0
+    axes = [torch.arange(n, dtype=torch.float64) - c for n, c in zip(shape, centre)]
+    offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    source = offsets @ torch.from_numpy(matrix).T + torch.from_numpy(centre)
+    # grid_sample wants (x, y, z) = (last, middle, first) array axis, normalised to [-1, 1].
+    grid = (2.0 * source / torch.tensor([max(n - 1, 1) for n in shape], dtype=torch.float64) - 1.0)
+    grid = grid.flip(-1).float()[None]
+    img = F.grid_sample(torch.from_numpy(np.ascontiguousarray(image))[None, None], grid, mode="bilinear",
+                        padding_mode="reflection", align_corners=True)
+    lab = F.grid_sample(torch.from_numpy(np.ascontiguousarray(label)).float()[None, None], grid, mode="nearest",
+                        padding_mode="reflection", align_corners=True)
+    return img[0, 0].numpy(), lab[0, 0].round().to(torch.int64).numpy()
+
+
+def collate_crops(batch: List[Dict[str, object]]) -> Dict[str, object]:
+    """Items of `CropDataset` -> {"image": (B * num_samples, 1, *roi), "label": same, int64} and, when the
+    items carry one, "modality": a list with one entry per row."""
+    out: Dict[str, object] = {
+        "image": torch.cat([item["image"] for item in batch]),
+        "label": torch.cat([item["label"] for item in batch]),
+    }
+    if all("modality" in item for item in batch) and batch:
+        out["modality"] = [item["modality"] for item in batch for _ in range(item["image"].shape[0])]
+    return out
