@@ -16,11 +16,11 @@ from .tokenizer import decode, tokenize
 
 __all__ = [
     "CLASS_SETS",
+    "MODALITY_PHRASES",
+    "TEMPLATES",
     "CLIPTextEncoder",
     "CheckpointError",
     "EmbeddingTable",
-    "MODALITY_PHRASES",
-    "TEMPLATES",
     "WeightsUnavailableError",
     "build_embedding_table",
     "decode",

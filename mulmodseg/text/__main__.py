@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
 import torch
 
 from .clip import DEFAULT_CACHE_DIR, CheckpointError, WeightsUnavailableError, load_text_encoder
-from .prompts import CLASS_SETS, DEFAULT_TEMPLATE, MODALITY_PHRASES, TEMPLATES, build_embedding_table, make_prompts, resolve_classes
+from .prompts import (
+    CLASS_SETS,
+    DEFAULT_TEMPLATE,
+    MODALITY_PHRASES,
+    TEMPLATES,
+    build_embedding_table,
+    make_prompts,
+    resolve_classes,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     phrases = {}
@@ -94,7 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     table.save(args.out)
     prompts = make_prompts(classes, args.modalities, args.template, phrases)
-    print(f"wrote {args.out}: {len(table.modalities)} modalities x {len(table.classes)} classes x {table.dim} ({table.encoder})")
+    shape = f"{len(table.modalities)} modalities x {len(table.classes)} classes x {table.dim}"
+    print(f"wrote {args.out}: {shape} ({table.encoder})")
     for modality, row in zip(args.modalities, prompts):
         print(f"  {modality}: {row[0]!r} ... {row[-1]!r}")
     return 0

@@ -27,7 +27,6 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +64,7 @@ class TextConfig:
     embed_dim: int = 512
 
     @classmethod
-    def from_state_dict(cls, state_dict: Dict[str, torch.Tensor]) -> "TextConfig":
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> TextConfig:
         """Read the shape off an OpenAI-layout text state dict (heads = width // 64, as CLIP does)."""
         width = state_dict["ln_final.weight"].shape[0]
         layers = {k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")}
@@ -221,7 +220,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file: an 8-byte little-endian header size, a JSON header
     ``{name: {dtype, shape, data_offsets}}``, then raw little-endian data.
 
@@ -247,7 +246,9 @@ def read_safetensors(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         count = math.prod(info["shape"])
         if end > len(buffer) or end - begin != count * dtype.itemsize:
             raise ValueError(f"tensor {name!r} does not fit the file (truncated?)")
-        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
+        flat = (
+            torch.frombuffer(buffer, dtype=dtype, count=count, offset=begin) if count else torch.empty(0, dtype=dtype)
+        )
         tensors[name] = flat.reshape(info["shape"])
     return tensors
 
@@ -257,7 +258,7 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
-def _tensors_only(obj: object) -> Dict[str, torch.Tensor]:
+def _tensors_only(obj: object) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint (open_clip training files nest it under "state_dict")."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -266,7 +267,7 @@ def _tensors_only(obj: object) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
-def read_weights(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint (file or Hugging Face directory), whatever its format.
 
     Raises CheckpointError naming the file when it cannot be read (truncated, wrong format).
@@ -279,23 +280,37 @@ def read_weights(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"CLIP weights not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    is_zip = head[:4] == b"PK\x03\x04"
+    is_safetensors = path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+    if not (is_zip or is_safetensors or head[:1] == b"\x80"):  # \x80 opens a (legacy torch.save) pickle
+        raise CheckpointError(
+            f"cannot read CLIP weights from {path}: "
+            + ("the file is empty" if not head else "not a PyTorch, TorchScript or safetensors file")
+        )
     try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-        if head[:4] == b"PK\x03\x04" and _is_torchscript(path):
+        if is_zip and _is_torchscript(path):
             # Loading a TorchScript archive only deserialises it; its CUDA code paths would run on forward.
             return _tensors_only(torch.jit.load(str(path), map_location="cpu").state_dict())
-        if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
+        if is_safetensors:
             return read_safetensors(path)
-        return _tensors_only(torch.load(path, map_location="cpu", weights_only=True, mmap=head[:4] == b"PK\x03\x04"))
+        return _tensors_only(torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip))
     except Exception as error:
+        reason = str(error).strip().split("\n")[0][:200]
         raise CheckpointError(
-            f"cannot read CLIP weights from {path}: {type(error).__name__}: {error}. "
-            "The file may be truncated or in a format that is not supported."
+            f"cannot read CLIP weights from {path} ({type(error).__name__}: {reason}); "
+            "the file may be truncated or in an unsupported format"
         ) from error
 
 
-_OPENAI_TEXT_SINGLE = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection")
+_OPENAI_TEXT_SINGLE = (
+    "token_embedding.weight",
+    "positional_embedding",
+    "ln_final.weight",
+    "ln_final.bias",
+    "text_projection",
+)
 _HF_TO_OPENAI_BLOCK = {
     "self_attn.out_proj": "attn.out_proj",
     "layer_norm1": "ln_1",
@@ -305,13 +320,13 @@ _HF_TO_OPENAI_BLOCK = {
 }
 
 
-def _common_prefix(state_dict: Dict[str, torch.Tensor], suffix: str) -> Optional[str]:
+def _common_prefix(state_dict: dict[str, torch.Tensor], suffix: str) -> str | None:
     """Shortest prefix p with p + suffix a key (prefixes such as "module." or "text." vary by trainer)."""
     prefixes = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
     return min(prefixes, key=len) if prefixes else None
 
 
-def _from_hf(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+def _from_hf(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """OpenAI-layout text tower from Hugging Face keys: q/k/v packed, text_projection transposed back."""
     t = prefix + "text_model."
     out = {
@@ -335,7 +350,7 @@ def _from_hf(state_dict: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torc
     return out
 
 
-def text_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def text_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The text tower of any supported layout, in OpenAI key names; everything else is dropped.
 
     Raises CheckpointError when no text tower is found or a key is missing.
@@ -364,12 +379,12 @@ def text_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
 
 
 def load_text_encoder(
-    path: Optional[Union[str, Path]] = None,
+    path: str | Path | None = None,
     *,
     download: bool = False,
-    cache_dir: Optional[Union[str, Path]] = None,
+    cache_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     normalize: bool = False,
 ) -> CLIPTextEncoder:
     """A frozen CLIP text tower (eval mode, no grad) from `path`, in `dtype` on `device`.
@@ -387,8 +402,9 @@ def load_text_encoder(
         else:
             raise WeightsUnavailableError(f"no CLIP weights given and none in {cached}: {_HOW_TO_FIX}")
     path = Path(path).expanduser()
+    weights = read_weights(path)
     try:
-        text = text_state_dict(read_weights(path))
+        text = text_state_dict(weights)
         encoder = CLIPTextEncoder(TextConfig.from_state_dict(text), normalize=normalize, name=f"clip:{path.name}")
         encoder.load_state_dict(text)
     except CheckpointError as error:
@@ -411,7 +427,7 @@ def _sha256(path: Path) -> str:
 
 
 def download_weights(
-    url: str = OPENAI_VIT_B_32_URL, cache_dir: Optional[Union[str, Path]] = None, timeout: float = 15.0
+    url: str = OPENAI_VIT_B_32_URL, cache_dir: str | Path | None = None, timeout: float = 15.0
 ) -> Path:
     """Path of the file at `url` in `cache_dir` (default ``~/.cache/mulmodseg``), downloaded if needed.
 

@@ -17,17 +17,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .tokenizer import tokenize
 
-CLASS_SETS: Dict[str, Tuple[str, ...]] = {
+CLASS_SETS: dict[str, tuple[str, ...]] = {
     "amos": (
         "background", "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver",
         "stomach", "aorta", "inferior vena cava", "pancreas", "right adrenal gland", "left adrenal gland",
@@ -44,14 +44,14 @@ CLASS_SETS: Dict[str, Tuple[str, ...]] = {
 }  # fmt: skip
 
 # V1-V3 are the paper's templates; V2 is the wording active in the reference notebook, V3 the default.
-TEMPLATES: Dict[str, str] = {
+TEMPLATES: dict[str, str] = {
     "v1": "A photo of a {cls}.",
     "v2": "There is a {cls} in this {mod}.",
     "v3": "A {mod} of a {cls}.",
 }
 DEFAULT_TEMPLATE = "v3"
 
-MODALITY_PHRASES: Dict[str, str] = {
+MODALITY_PHRASES: dict[str, str] = {
     "CT": "computed tomography imaging",
     "MR": "magnetic resonance imaging",
 }
@@ -62,7 +62,7 @@ TABLE_FORMAT = "mulmodseg.embedding_table"
 TABLE_VERSION = 1
 
 
-def resolve_classes(spec: Union[str, Path, Sequence[str]]) -> Tuple[str, ...]:
+def resolve_classes(spec: str | Path | Sequence[str]) -> tuple[str, ...]:
     """Class names from a set name in CLASS_SETS, a file (JSON list, or one name per line; blank
     lines and lines starting with '#' skipped), or a sequence of names. Channel order = list order."""
     if isinstance(spec, (str, Path)):
@@ -99,7 +99,7 @@ def resolve_template(spec: str) -> str:
     return template
 
 
-def modality_phrase(modality: str, phrases: Optional[Mapping[str, str]] = None) -> str:
+def modality_phrase(modality: str, phrases: Mapping[str, str] | None = None) -> str:
     """The words a prompt uses for `modality`: from `phrases` (over MODALITY_PHRASES), matched exactly
     then case-insensitively; an unknown modality (PET, T1, ...) is written as its own name."""
     table = {**MODALITY_PHRASES, **(phrases or {})}
@@ -110,16 +110,14 @@ def modality_phrase(modality: str, phrases: Optional[Mapping[str, str]] = None) 
 
 
 def make_prompts(
-    classes: Sequence[str], modalities: Sequence[str], template: str, phrases: Optional[Mapping[str, str]] = None
-) -> Tuple[Tuple[str, ...], ...]:
+    classes: Sequence[str], modalities: Sequence[str], template: str, phrases: Mapping[str, str] | None = None
+) -> tuple[tuple[str, ...], ...]:
     """Prompts `(M, K)`: row m, column k is the template filled with modality m and class k."""
     template = resolve_template(template)
-    return tuple(
-        tuple(template.format(mod=modality_phrase(m, phrases), cls=c) for c in classes) for m in modalities
-    )
+    return tuple(tuple(template.format(mod=modality_phrase(m, phrases), cls=c) for c in classes) for m in modalities)
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no single truth value, so no field-wise ==
 class EmbeddingTable:
     """Text embeddings per modality and class.
 
@@ -128,10 +126,10 @@ class EmbeddingTable:
     encoder: what produced the embeddings, e.g. "clip:ViT-B-32.pt", "onehot", "reference".
     """
 
-    modalities: Tuple[str, ...]
-    classes: Tuple[str, ...]
+    modalities: tuple[str, ...]
+    classes: tuple[str, ...]
     embeddings: torch.Tensor
-    template: Optional[str] = None
+    template: str | None = None
     encoder: str = ""
 
     def __post_init__(self) -> None:
@@ -171,7 +169,7 @@ class EmbeddingTable:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "EmbeddingTable":
+    def from_dict(cls, data: Mapping) -> EmbeddingTable:
         """Inverse of `to_dict`."""
         if data.get("format") != TABLE_FORMAT:
             raise ValueError(f"not an embedding table (format {data.get('format')!r})")
@@ -179,7 +177,7 @@ class EmbeddingTable:
             raise ValueError(f"embedding table version {data['version']} is newer than this code ({TABLE_VERSION})")
         return cls(data["modalities"], data["classes"], data["embeddings"], data["template"], data["encoder"])
 
-    def save(self, path: Union[str, Path]) -> None:
+    def save(self, path: str | Path) -> None:
         """Write the table with torch.save, atomically (temporary file, then rename)."""
         path = Path(path)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -191,7 +189,7 @@ class EmbeddingTable:
             Path(tmp_name).unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, path: Union[str, Path], classes: Optional[Sequence[str]] = None) -> "EmbeddingTable":
+    def load(cls, path: str | Path, classes: Sequence[str] | None = None) -> EmbeddingTable:
         """Read a table written by `save`, or the reference's raw tensor `(2, K, D)`.
 
         A raw tensor's rows are MR (index 0) then CT (index 1), as the reference stores them; its class
@@ -212,7 +210,7 @@ class EmbeddingTable:
         return cls(REFERENCE_MODALITIES, tuple(classes), data, None, "reference")
 
     @classmethod
-    def onehot(cls, modalities: Sequence[str], classes: Sequence[str]) -> "EmbeddingTable":
+    def onehot(cls, modalities: Sequence[str], classes: Sequence[str]) -> EmbeddingTable:
         """A table without text: entry (m, k) is one-hot(m) over M concatenated with one-hot(k) over K,
         so `embeddings` is `(M, K, M + K)`; each (modality, class) pair gets its own code."""
         m, k = len(modalities), len(classes)
@@ -225,12 +223,12 @@ class EmbeddingTable:
 @torch.no_grad()
 def build_embedding_table(
     encoder: nn.Module,
-    classes: Union[str, Path, Sequence[str]],
+    classes: str | Path | Sequence[str],
     modalities: Sequence[str],
     template: str = DEFAULT_TEMPLATE,
     *,
-    phrases: Optional[Mapping[str, str]] = None,
-    device: Optional[Union[str, torch.device]] = None,
+    phrases: Mapping[str, str] | None = None,
+    device: str | torch.device | None = None,
 ) -> EmbeddingTable:
     """Encode all M x K prompts in one batch with `encoder` (ids `(N, 77)` -> `(N, D)`) into a table.
 
@@ -246,4 +244,6 @@ def build_embedding_table(
     ids = tokenize([p for row in prompts for p in row]).to(next(encoder.parameters()).device)
     flat = encoder(ids).float().cpu()
     embeddings = flat.reshape(len(modalities), len(classes), -1)
-    return EmbeddingTable(tuple(modalities), classes, embeddings, template, getattr(encoder, "name", type(encoder).__name__))
+    return EmbeddingTable(
+        tuple(modalities), classes, embeddings, template, getattr(encoder, "name", type(encoder).__name__)
+    )

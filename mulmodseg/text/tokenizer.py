@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
 
 import ftfy
 import regex
@@ -43,7 +43,7 @@ _PIECE_PATTERN = regex.compile(
 _WHITESPACE = regex.compile(r"\s+")
 
 
-def bytes_to_unicode() -> Dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """Map every byte value to a printable character, so that BPE never sees whitespace or controls.
 
     Printable Latin-1 bytes map to themselves; the other 68 bytes map to chr(256), chr(257), ... in
@@ -74,12 +74,12 @@ def clean_text(text: str) -> str:
 class Tokenizer:
     """CLIP BPE tokenizer. The vocabulary is read on first use, once per instance."""
 
-    def __init__(self, vocab_path: Union[str, Path] = VOCAB_PATH) -> None:
+    def __init__(self, vocab_path: str | Path = VOCAB_PATH) -> None:
         self.vocab_path = Path(vocab_path)
-        self._cache: Dict[str, Tuple[str, ...]] = {SOT_TOKEN: (SOT_TOKEN,), EOT_TOKEN: (EOT_TOKEN,)}
+        self._cache: dict[str, tuple[str, ...]] = {SOT_TOKEN: (SOT_TOKEN,), EOT_TOKEN: (EOT_TOKEN,)}
 
     @functools.cached_property
-    def merges(self) -> List[Tuple[str, str]]:
+    def merges(self) -> list[tuple[str, str]]:
         """The 48,894 merges in rank order, as pairs of symbols."""
         with gzip.open(self.vocab_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -90,7 +90,7 @@ class Tokenizer:
         return pairs  # type: ignore[return-value]
 
     @functools.cached_property
-    def encoder(self) -> Dict[str, int]:
+    def encoder(self) -> dict[str, int]:
         """Symbol -> id, 49,408 entries."""
         byte_symbols = list(bytes_to_unicode().values())
         symbols = byte_symbols + [s + WORD_END for s in byte_symbols]
@@ -98,22 +98,22 @@ class Tokenizer:
         return {s: i for i, s in enumerate(symbols)}
 
     @functools.cached_property
-    def _decoder(self) -> Dict[int, str]:
+    def _decoder(self) -> dict[int, str]:
         return {i: s for s, i in self.encoder.items()}
 
     @functools.cached_property
-    def _ranks(self) -> Dict[Tuple[str, str], int]:
+    def _ranks(self) -> dict[tuple[str, str], int]:
         return {pair: rank for rank, pair in enumerate(self.merges)}
 
     @functools.cached_property
-    def _byte_encoder(self) -> Dict[int, str]:
+    def _byte_encoder(self) -> dict[int, str]:
         return bytes_to_unicode()
 
     @functools.cached_property
-    def _byte_decoder(self) -> Dict[str, int]:
+    def _byte_decoder(self) -> dict[str, int]:
         return {c: b for b, c in bytes_to_unicode().items()}
 
-    def _bpe(self, piece: str) -> Tuple[str, ...]:
+    def _bpe(self, piece: str) -> tuple[str, ...]:
         """Merge the byte symbols of one piece, lowest rank first, until no known pair is left."""
         if piece in self._cache:
             return self._cache[piece]
@@ -123,7 +123,7 @@ class Tokenizer:
             best = min(zip(word, word[1:]), key=lambda pair: ranks.get(pair, NUM_MERGES))
             if best not in ranks:
                 break
-            merged: List[str] = []
+            merged: list[str] = []
             i = 0
             while i < len(word):
                 if i + 1 < len(word) and (word[i], word[i + 1]) == best:
@@ -136,10 +136,10 @@ class Tokenizer:
         self._cache[piece] = tuple(word)
         return self._cache[piece]
 
-    def encode(self, text: str) -> List[int]:
+    def encode(self, text: str) -> list[int]:
         """Ids of `text` without the start and end tokens."""
         byte_encoder, encoder = self._byte_encoder, self.encoder
-        ids: List[int] = []
+        ids: list[int] = []
         for piece in _PIECE_PATTERN.findall(clean_text(text)):
             if piece not in (SOT_TOKEN, EOT_TOKEN):
                 piece = "".join(byte_encoder[b] for b in piece.encode("utf-8"))
@@ -147,7 +147,7 @@ class Tokenizer:
         return ids
 
     def tokenize(
-        self, texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LENGTH, truncate: bool = False
+        self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False
     ) -> torch.Tensor:
         """Token ids `(N, context_length)` int64: SOT, ids, EOT, then zeros.
 
@@ -170,7 +170,7 @@ class Tokenizer:
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
-    def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> Union[str, List[str]]:
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str | list[str]:
         """Text of one id sequence, or a list of texts for a 2-D tensor `(N, L)`.
 
         A row that starts with SOT is read up to its first EOT (what follows is padding), without the
@@ -197,20 +197,17 @@ class Tokenizer:
         return data.decode("utf-8", errors="replace").rstrip(" ")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_tokenizer() -> Tokenizer:
     """The shared tokenizer on the bundled vocabulary (built on first call)."""
     return Tokenizer()
 
 
-def tokenize(
-    texts: Union[str, Sequence[str]], context_length: int = CONTEXT_LENGTH, truncate: bool = False
-) -> torch.Tensor:
+def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False) -> torch.Tensor:
     """Token ids `(N, context_length)` int64 with the bundled vocabulary; see `Tokenizer.tokenize`."""
     return default_tokenizer().tokenize(texts, context_length=context_length, truncate=truncate)
 
 
-def decode(ids: Union[Sequence[int], torch.Tensor]) -> Union[str, List[str]]:
+def decode(ids: Sequence[int] | torch.Tensor) -> str | list[str]:
     """Text of token ids with the bundled vocabulary; see `Tokenizer.decode`."""
     return default_tokenizer().decode(ids)
-
