@@ -185,3 +185,10 @@ def test_special_tokens_in_text_and_cache():
     assert tok.encode("a <|endoftext|> b") == [tok.encoder["a</w>"], EOT_ID, tok.encoder["b</w>"]] == [320, EOT_ID, 321]
     assert tok.encode("spleen spleen") == [588, 15940, 588, 15940]
     assert tok._bpe("spleen") == ("sp", "leen</w>")
+
+
+def test_vocabulary_is_read_lazily(tmp_path):
+    tok = Tokenizer(tmp_path / "absent.txt.gz")  # constructing reads nothing
+    with pytest.raises(FileNotFoundError):
+        tok.encode("liver")
+    assert default_tokenizer() is default_tokenizer()
