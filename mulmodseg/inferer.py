@@ -19,7 +19,8 @@ import itertools
 import math
 import sys
 import time
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -195,7 +196,8 @@ def _progress_reporter(progress: Progress, total: int) -> Callable[[int], None]:
         elapsed = time.monotonic() - started
         eta = elapsed / done * (total - done)
         end = "\n" if done == total else ""
-        sys.stderr.write(f"\rsliding window {done}/{total} ({100 * done // total}%), {elapsed:.0f} s, ETA {eta:.0f} s{end}")
+        percent = 100 * done // total
+        sys.stderr.write(f"\rsliding window {done}/{total} ({percent}%), {elapsed:.0f} s, ETA {eta:.0f} s{end}")
         sys.stderr.flush()
 
     return report

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -93,7 +93,8 @@ def write_metrics_csv(path: str | os.PathLike, rows: Sequence[dict], class_names
     """
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["case", "modality", *_check_names(class_names, len(rows[0]["dice"]) if rows else None), "mean"])
+        names = _check_names(class_names, len(rows[0]["dice"]) if rows else None)
+        writer.writerow(["case", "modality", *names, "mean"])
         for row in rows:
             dice = np.asarray(row["dice"], dtype=np.float64)
             present = dice[~np.isnan(dice)]

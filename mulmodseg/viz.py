@@ -11,7 +11,7 @@ import math
 import os
 import struct
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

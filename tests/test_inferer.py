@@ -25,9 +25,12 @@ class Predictor(nn.Module):
         self.net = nn.Sequential(conv(in_channels, 4, 3, padding=1), nn.Tanh(), conv(4, out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-        ramp = sum(torch.linspace(0, 1, n).reshape([n if d == axis else 1 for d in range(x.dim() - 2)])
-                   for axis, n in enumerate(x.shape[2:]))
-        return (self.net(x) + ramp * torch.arange(1, self.net[-1].out_channels + 1).reshape(1, -1, *[1] * (x.dim() - 2))) * scale + shift
+        y = self.net(x)
+        channel_factor = torch.arange(1.0, y.shape[1] + 1).reshape(1, -1, *[1] * (x.dim() - 2))
+        for axis in range(2, x.dim()):  # + (c + 1) * in-window coordinate in [0, 1], for every axis
+            n = x.shape[axis]
+            y = y + channel_factor * torch.linspace(0, 1, n).reshape([n if d == axis else 1 for d in range(x.dim())])
+        return y * scale + shift
 
 
 CASES = [  # (batch, spatial, roi, overlap, mode, sw_batch_size)
