@@ -22,6 +22,7 @@ PathLike = Union[str, Path]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _SPLIT_KEYS = {"train": "training", "val": "validation", "test": "test"}
+_CHANNEL = re.compile(r"_\d{4}$")
 
 
 class DataError(Exception):
@@ -63,37 +64,42 @@ def _nifti_files(folder: Path) -> Dict[str, Path]:
 
 
 def _from_datalist(root: Path, datalist: dict, modality: str, split: str) -> List[Case]:
-    key = _SPLIT_KEYS[split]
     cases = []
-    for entry in datalist.get(key) or []:
-        image = entry if isinstance(entry, str) else entry["image"]
-        label = None if isinstance(entry, str) else entry.get("label")
-        image_path = root / image
-        label_path = root / label if label else None
-        case_id = nifti_stem(image_path) or image_path.name
-        cases.append(Case(_strip_channel(case_id), image_path, label_path, modality))
+    for entry in datalist.get(_SPLIT_KEYS[split]) or []:
+        image = root / (entry if isinstance(entry, str) else entry["image"])
+        label = None if isinstance(entry, str) or not entry.get("label") else root / entry["label"]
+        case_id = nifti_stem(image) or image.name
+        # nnU-Net v1 datalists name the case; the file on disk carries the _0000 channel suffix.
+        channel_file = image.with_name(f"{case_id}_0000{image.name[len(case_id):]}")
+        if not image.exists() and channel_file.exists():
+            image = channel_file
+        cases.append(Case(case_id, image, label, modality))
     return cases
-
-
-def _strip_channel(stem: str) -> str:
-    return stem[:-5] if re.search(r"_\d{4}$", stem) else stem
 
 
 def _from_folders(images_dir: Path, labels_dir: Optional[Path], modality: str, labels_required: bool) -> List[Case]:
     images = _nifti_files(images_dir)
-    extra_channels = [p.name for s, p in images.items() if re.search(r"_\d{4}$", s) and not s.endswith("_0000")]
-    if extra_channels:
-        raise DataError([f"{images_dir / n}: multi-channel input (nnU-Net channel > 0) is not supported"
-                         for n in extra_channels])
-    by_id = {_strip_channel(s): p for s, p in images.items()}
     labels = _nifti_files(labels_dir) if labels_dir is not None and labels_dir.is_dir() else {}
-    suffix = ".nii.gz"
+    # "_0000" is nnU-Net's channel suffix when every image has it or when the label lacks it: AMOS ids
+    # such as amos_0001 end in four digits too.
+    all_suffixed = all(s.endswith("_0000") for s in images)
+    by_id: Dict[str, Path] = {}
+    problems = []
+    for stem, path in images.items():
+        base = stem[:-5] if _CHANNEL.search(stem) else None
+        if base is not None and f"{base}_0000" in images and not stem.endswith("_0000") and stem not in labels:
+            problems.append(f"{path}: multi-channel input (nnU-Net channel {stem[-4:]}) is not supported")
+            continue
+        nnunet = stem.endswith("_0000") and stem not in labels and (base in labels or all_suffixed)
+        by_id[base if nnunet else stem] = path
+    if problems:
+        raise DataError(problems)
     cases = []
     for case_id in sorted(set(by_id) | set(labels)):
-        image = by_id.get(case_id, images_dir / f"{case_id}{suffix}")
+        image = by_id.get(case_id, images_dir / f"{case_id}.nii.gz")
         label = labels.get(case_id)
         if label is None and labels_required:
-            label = (labels_dir or images_dir) / f"{case_id}{suffix}"
+            label = (labels_dir or images_dir) / f"{case_id}.nii.gz"
         cases.append(Case(case_id, image, label, modality))
     return cases
 

@@ -27,7 +27,7 @@ def _read(path: Path, what: str, problems: List[str]):
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for a bad header
-        problems.append(f"{path}: unreadable {what} ({type(e).__name__}: {e})")
+        problems.append(f"{path}: unreadable or truncated {what} ({type(e).__name__}: {e})")
         return None, None
     shape = tuple(img.shape)
     if len(shape) < 3 or (len(shape) == 3 and min(shape) == 1):

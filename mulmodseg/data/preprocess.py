@@ -17,9 +17,9 @@ Order (per modality, settings from `default_settings`):
 
 `restore` maps an array of the training space back onto the original voxel grid with the exact inverse
 of each step: the original voxel i of a resampled axis sits at resampled coordinate
-(i + 0.5) * old / new - 0.5 (then - crop start + pad), sampled nearest (labels) or linearly (probabilities); voxels whose nearest
-training voxel lies outside the crop box get `fill`. A nearest-neighbour round trip of a label is exact
-wherever the training grid is finer than the original.
+(i + 0.5) * old / new - 0.5 (then - crop start + pad), sampled nearest (labels) or linearly
+(probabilities); voxels whose centre lies outside the crop box get `fill`. A nearest-neighbour round
+trip of a label is exact wherever the training grid is finer than the original.
 """
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ def normalise_intensity(image: np.ndarray, window=None, percentiles=None) -> Tup
     out = np.clip(image, low, high).astype(np.float32, copy=False)
     out -= np.float32(low)
     if high > low:
-        out *= np.float32(1.0 / (high - low))
+        out /= np.float32(high - low)
+        np.clip(out, 0.0, 1.0, out=out)  # float32 rounding can overshoot 1 by an ulp
     else:
         out[...] = 0.0
     return out, {"clip": [low, high], "window": window is not None}
@@ -221,8 +222,7 @@ def restore(array: np.ndarray, meta: Dict[str, Any], interpolation: str = "neare
     for axis, q in enumerate(inverse_grid(meta["ras_shape"], meta["step"])):
         q = np.clip(q, 0, meta["resampled_shape"][axis] - 1)
         start, end = meta["crop_start"][axis], meta["crop_end"][axis]
-        nearest = np.floor(q + 0.5)
-        valid.append((nearest >= start) & (nearest < end))
+        valid.append((q >= start - 0.5) & (q <= end - 0.5))  # centre inside the crop's voxel boxes
         positions.append(np.clip(q, start, end - 1) - start + meta["pad_before"][axis])
     out = resample(array, positions, order=0 if interpolation == "nearest" else 1, lead=lead)
     inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]

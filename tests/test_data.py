@@ -1,0 +1,562 @@
+"""Tests of mulmodseg.data: discovery, label maps, splits, integrity checks, preprocess/restore, cache,
+crop sampling. Synthetic NIfTIs are tiny and written per test; the real sample lives in data/sample."""
+import gzip
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import mulmodseg.data as data
+import mulmodseg.data.cache as cache_module
+from mulmodseg.data import (Case, CropDataset, DataError, VolumeCache, check_cases, collate_crops,
+                            default_settings, discover_amos, discover_cases, kfold_split,
+                            load_training_volumes, parse_label_map, preprocess, restore, split_cases,
+                            subsample)
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+MMWHS = {205: 1, 420: 2, 500: 3, 550: 4, 600: 5, 820: 6, 850: 7}
+
+
+def write_nifti(path, array, affine=None, dtype=None):
+    """Write `array` as NIfTI (.nii or .nii.gz by name); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.asarray(array, dtype=dtype) if dtype is not None else np.asarray(array)
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def tiny(value=0, shape=(8, 8, 8), dtype=np.int16):
+    return np.full(shape, value, dtype=dtype)
+
+
+def dice_per_class(a, b):
+    return {int(k): 2.0 * np.sum((a == k) & (b == k)) / (np.sum(a == k) + np.sum(b == k))
+            for k in np.unique(b) if k != 0}
+
+
+# ---------------------------------------------------------------- discovery
+
+def test_discover_msd_folders_nii_and_niigz_and_test_split(tmp_path):
+    for name in ("a.nii.gz", "b.nii"):
+        write_nifti(tmp_path / "imagesTr" / name, tiny())
+        write_nifti(tmp_path / "labelsTr" / name, tiny(dtype=np.uint8))
+    write_nifti(tmp_path / "imagesTs" / "c.nii.gz", tiny())
+    train = discover_cases(tmp_path, "CT")
+    assert [c.id for c in train] == ["a", "b"]
+    assert [c.label.name for c in train] == ["a.nii.gz", "b.nii"]
+    assert all(c.modality == "CT" and c.image.is_file() for c in train)
+    test = discover_cases(tmp_path, "CT", split="test")
+    assert [(c.id, c.label) for c in test] == [("c", None)]
+
+
+def test_discover_nnunet_channel_suffix_and_missing_label(tmp_path):
+    write_nifti(tmp_path / "imagesTr" / "case_001_0000.nii.gz", tiny())
+    write_nifti(tmp_path / "labelsTr" / "case_001.nii.gz", tiny(dtype=np.uint8))
+    write_nifti(tmp_path / "imagesTr" / "case_002_0000.nii.gz", tiny())
+    cases = discover_cases(tmp_path, "MR")
+    assert [c.id for c in cases] == ["case_001", "case_002"]
+    assert cases[0].image.name == "case_001_0000.nii.gz" and cases[0].label.name == "case_001.nii.gz"
+    # The absent label keeps its expected path, so that check_cases reports it.
+    assert cases[1].label == tmp_path / "labelsTr" / "case_002.nii.gz" and not cases[1].label.exists()
+
+
+def test_discover_msd_datalist(tmp_path):
+    for i in (1, 2):
+        write_nifti(tmp_path / "imagesTr" / f"s{i}.nii.gz", tiny())
+        write_nifti(tmp_path / "labelsTr" / f"s{i}.nii.gz", tiny(dtype=np.uint8))
+    write_nifti(tmp_path / "imagesTs" / "s9.nii.gz", tiny())
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "training": [{"image": "./imagesTr/s2.nii.gz", "label": "./labelsTr/s2.nii.gz"}],
+        "test": ["./imagesTs/s9.nii.gz"]}))
+    train = discover_cases(tmp_path, "CT")
+    assert [(c.id, c.image, c.label) for c in train] == [
+        ("s2", tmp_path / "imagesTr/s2.nii.gz", tmp_path / "labelsTr/s2.nii.gz")]
+    assert [(c.id, c.label) for c in discover_cases(tmp_path, "CT", "test")] == [("s9", None)]
+
+
+def test_discover_reference_layout(tmp_path):
+    for name in ("amos_0001", "amos_0002"):
+        write_nifti(tmp_path / f"{name}.nii.gz", tiny())
+        write_nifti(tmp_path / f"{name}_gt.nii.gz", tiny(dtype=np.uint8))
+    write_nifti(tmp_path / "amos_0003.nii", tiny())
+    write_nifti(tmp_path / "amos_0003_gt.nii", tiny(dtype=np.uint8))
+    cases = discover_cases(tmp_path, "CT")
+    assert [c.id for c in cases] == ["amos_0001", "amos_0002", "amos_0003"]
+    assert [c.label.name for c in cases] == ["amos_0001_gt.nii.gz", "amos_0002_gt.nii.gz", "amos_0003_gt.nii"]
+
+
+def test_discover_amos_splits_by_id(tmp_path):
+    ids = ["amos_0001", "amos_0500", "amos_0507", "amos_0600"]
+    for i in ids:
+        write_nifti(tmp_path / "imagesTr" / f"{i}.nii.gz", tiny())
+        write_nifti(tmp_path / "labelsTr" / f"{i}.nii.gz", tiny(dtype=np.uint8))
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "AMOS", "training": [
+        {"image": f"./imagesTr/{i}.nii.gz", "label": f"./labelsTr/{i}.nii.gz"} for i in ids]}))
+    found = discover_amos(tmp_path)
+    assert [c.id for c in found["CT"]] == ["amos_0001", "amos_0500"]
+    assert [c.id for c in found["MR"]] == ["amos_0507", "amos_0600"]
+    assert {c.modality for c in found["MR"]} == {"MR"}
+
+
+def test_discover_empty_or_missing_dir_raises(tmp_path):
+    with pytest.raises(DataError, match="no train cases") as err:
+        discover_cases(tmp_path, "CT")
+    assert str(tmp_path) in err.value.problems[0]
+    with pytest.raises(DataError, match="does not exist"):
+        discover_cases(tmp_path / "nope", "CT")
+
+
+def test_discover_bundled_sample():
+    cases = discover_cases(SAMPLE / "ct", "CT") + discover_cases(SAMPLE / "mr", "MR")
+    assert [(c.id, c.modality) for c in cases] == [("ts_ct_001", "CT"), ("ts_mr_001", "MR")]
+    assert check_cases(cases, num_classes=14, modalities=("CT", "MR")) == []
+
+
+# ---------------------------------------------------------------- label maps
+
+def test_parse_label_map_all_spellings(tmp_path):
+    text = "205:1,420:2,500:3,550:4,600:5,820:6,850:7"
+    (tmp_path / "map.json").write_text(json.dumps({str(k): v for k, v in MMWHS.items()}))
+    assert parse_label_map(text) == MMWHS
+    assert parse_label_map(json.dumps(MMWHS)) == MMWHS
+    assert parse_label_map(tmp_path / "map.json") == MMWHS
+    assert parse_label_map(str(tmp_path / "map.json")) == MMWHS
+    assert parse_label_map({"205": "1"}) == {205: 1}
+    with pytest.raises(ValueError):
+        parse_label_map("205-1")
+    with pytest.raises(ValueError):
+        parse_label_map("205:300")
+
+
+def test_label_map_mmwhs_values_through_preprocess(tmp_path):
+    values = np.array([0, 205, 420, 500, 550, 600, 820, 850])
+    lab = np.zeros((16, 16, 16), dtype=np.int16)
+    for k, v in enumerate(values):
+        lab[2 * k:2 * k + 2, 4:12, 4:12] = v
+    img = write_nifti(tmp_path / "img.nii.gz", tiny(100, lab.shape), np.diag([1.5, 1.5, 2.0, 1]))
+    lbl = write_nifti(tmp_path / "lab.nii.gz", lab, np.diag([1.5, 1.5, 2.0, 1]))
+    _, out, meta = preprocess(img, lbl, "CT", label_map="205:1,420:2,500:3,550:4,600:5,820:6,850:7",
+                              crop_foreground=False, min_size=None)
+    assert out.dtype == np.uint8 and out.shape == (16, 16, 16)
+    np.testing.assert_array_equal(out[::2, 8, 8], np.arange(8))
+    assert meta["label_map"][0] == [205, 1]
+    # A class mapped to 0 is dropped; an unlisted value is an error naming the file.
+    _, out, _ = preprocess(img, lbl, "CT", label_map={**MMWHS, 850: 0}, crop_foreground=False, min_size=None)
+    assert out.max() == 6 and np.sum(out == 0) == np.sum((lab == 0) | (lab == 850))
+    with pytest.raises(DataError, match=r"\[850\]") as err:
+        preprocess(img, lbl, "CT", label_map={k: v for k, v in MMWHS.items() if k != 850})
+    assert str(lbl) in err.value.problems[0]
+
+
+# ---------------------------------------------------------------- splits
+
+def test_split_cases_fraction_and_explicit():
+    cases = [Case(f"c{i}", Path(f"c{i}.nii.gz"), None, "CT") for i in range(10)]
+    train, val = split_cases(cases, 0.2, seed=1)
+    assert len(train) == 8 and len(val) == 2
+    assert sorted(c.id for c in train + val) == sorted(c.id for c in cases)
+    assert split_cases(cases, 0.2, seed=1) == (train, val)
+    assert any(split_cases(cases, 0.2, seed=s)[1] != val for s in range(2, 6))
+    assert len(split_cases(cases[:3], 0.1, seed=0)[1]) == 1
+    train, val = split_cases(cases, val_ids=["c3", "c7"])
+    assert [c.id for c in val] == ["c3", "c7"] and len(train) == 8
+    with pytest.raises(ValueError):
+        split_cases(cases, val_ids=["zz"])
+
+
+def test_kfold_split_two_fold_covers_all_once():
+    cases = list(range(21))
+    folds = [kfold_split(cases, 2, f, seed=3) for f in range(2)]
+    assert sorted(folds[0][1] + folds[1][1]) == cases
+    assert not set(folds[0][1]) & set(folds[1][1])
+    assert sorted(len(v) for _, v in folds) == [10, 11]
+    assert all(sorted(t + v) == cases for t, v in folds)
+    assert kfold_split(cases, 2, 0, seed=3) == folds[0]
+
+
+def test_subsample_ratio_control():
+    ct = [f"ct{i:02d}" for i in range(60)]
+    mr = [f"mr{i:02d}" for i in range(20)]
+    picked = subsample(ct, 2 * len(mr), seed=42)
+    assert len(picked) == 40 and set(picked) <= set(ct)
+    assert picked == sorted(picked)
+    assert subsample(ct, 40, seed=42) == picked and subsample(ct, 40, seed=7) != picked
+    assert subsample(mr, 35, seed=0) == mr
+
+
+# ---------------------------------------------------------------- integrity checks
+
+def test_check_cases_reports_every_problem_in_one_error(tmp_path):
+    good_img = tiny(5)
+    good_lab = tiny(1, dtype=np.uint8)
+    cases, expected = [], {}
+
+    def case(name, img=good_img, lab=good_lab, modality="CT", affine=None, lab_affine=None, ext=".nii.gz"):
+        image = tmp_path / f"{name}{ext}"
+        label = tmp_path / f"{name}_gt{ext}"
+        if img is not None:
+            write_nifti(image, img, affine)
+        if lab is not None:
+            write_nifti(label, lab, lab_affine if lab_affine is not None else affine)
+        cases.append(Case(name, image, label, modality))
+        return image, label
+
+    img, lab = case("missing_label", lab=None)
+    expected["missing_label"] = (lab, "missing label")
+    img, lab = case("missing_image", img=None)
+    expected["missing_image"] = (img, "missing image")
+    img, lab = case("truncated", img=np.random.default_rng(0).integers(0, 999, (8, 8, 8)).astype(np.int16))
+    blob = img.read_bytes()
+    img.write_bytes(blob[: len(blob) // 2])
+    expected["truncated"] = (img, "truncated")
+    img, lab = case("garbage")
+    lab.write_bytes(b"this is not a nifti file")
+    expected["garbage"] = (lab, "unreadable or truncated label")
+    img, lab = case("shape", lab=tiny(1, (8, 8, 7), np.uint8))
+    expected["shape"] = (lab, "shape (8, 8, 7) differs")
+    img, lab = case("float_label", lab=np.full((8, 8, 8), 1.5, np.float32))
+    expected["float_label"] = (lab, "not integers")
+    img, lab = case("unmapped", lab=tiny(205, dtype=np.int16) * np.eye(8, dtype=np.int16)[:, :, None] + 3)
+    expected["unmapped"] = (lab, "[3, 208] are not in the label map")
+    img, lab = case("too_many_classes", lab=tiny(420, dtype=np.int16))
+    expected["too_many_classes"] = (lab, "[2] >= num_classes=2")
+    nan_img = tiny(0, dtype=np.float32)
+    nan_img[1, 2, 3], nan_img[0, 0, 0] = np.nan, np.inf
+    img, lab = case("nan", img=nan_img)
+    expected["nan"] = (img, "2 NaN/Inf voxels")
+    img, lab = case("flat", img=np.zeros((8, 8), np.int16), lab=np.zeros((8, 8), np.uint8))
+    expected["flat"] = (img, "is 2D")
+    img, lab = case("four_d", img=np.zeros((8, 8, 8, 2), np.int16))
+    expected["four_d"] = (img, "is 4D")
+    img, lab = case("pet", modality="PET", ext=".nii")
+    expected["pet"] = (img, "unknown modality 'PET'")
+    drift = np.eye(4)
+    drift[0, 3] = 0.5
+    img, lab = case("drift", lab_affine=drift)  # warning only
+
+    label_map = {205: 1, 420: 2, 1: 1}
+    with pytest.raises(DataError) as err:
+        check_cases(cases, label_map=label_map, num_classes=2, modalities=("CT", "MR"))
+    problems = err.value.problems
+    assert len(problems) == len(expected) + 1  # flat: image and label are both 2D
+    for name, (path, text) in expected.items():
+        hits = [p for p in problems if p.startswith(f"{path}:") and text in p]
+        assert len(hits) == 1, (name, text, problems)
+    assert f"{len(problems)} data problem(s)" in str(err.value)
+
+    good = [c for c in cases if c.id in ("drift", "pet")]
+    warnings = check_cases(good, label_map=label_map, num_classes=2)
+    assert len(warnings) == 1 and warnings[0].startswith(str(tmp_path / "drift_gt.nii.gz"))
+    assert "0.5" in warnings[0]
+    assert check_cases(good, label_map=label_map, affine_tol=1.0) == []
+
+
+def test_check_cases_duplicates_and_required_labels(tmp_path):
+    img = write_nifti(tmp_path / "x.nii.gz", tiny())
+    cases = [Case("x", img, None, "CT"), Case("x", img, None, "CT")]
+    with pytest.raises(DataError) as err:
+        check_cases(cases, require_labels=True)
+    assert sum("duplicate case id 'x'" in p for p in err.value.problems) == 2
+    assert sum("no label file" in p for p in err.value.problems) == 2
+    with pytest.raises(DataError, match="no cases"):
+        check_cases([])
+
+
+# ---------------------------------------------------------------- preprocess / restore
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_real_round_trip_dice(modality):
+    folder = SAMPLE / modality.lower()
+    case = discover_cases(folder, modality)[0]
+    original = np.asanyarray(nib.load(str(case.label)).dataobj)
+    image, label, meta = preprocess(case.image, case.label, modality)
+    assert json.loads(json.dumps(meta)) == meta
+    assert image.dtype == np.float32 and label.dtype == np.uint8 and image.shape == label.shape
+    assert all(n >= 96 for n in image.shape)
+    assert image.min() == 0.0 and image.max() == 1.0
+    np.testing.assert_allclose(meta["spacing"], [1.5, 1.5, 2.0], rtol=1e-6)
+    affine = np.asarray(meta["affine"])
+    np.testing.assert_allclose(np.abs(affine[:3, :3]), np.diag([1.5, 1.5, 2.0]), atol=1e-6)
+    assert np.all(np.diag(affine)[:3] > 0)  # RAS array order
+    assert sorted(np.unique(label)) == sorted(np.unique(original))
+
+    back = restore(label, meta)
+    assert back.shape == original.shape and back.dtype == np.uint8
+    dice = dice_per_class(back, original)
+    assert len(dice) == 12 and min(dice.values()) >= 0.95
+    assert np.mean(back == original) == 1.0  # the training grid is finer: nearest round trip is exact
+
+    classes = [0, 1, 2, 6, 10]  # background, spleen, right kidney, liver, pancreas
+    onehot = np.stack([label == k for k in classes]).astype(np.float32)
+    probs = restore(onehot, meta, "linear")
+    assert probs.shape == (len(classes),) + original.shape and probs.dtype == np.float32
+    predicted = np.asarray(classes)[probs.argmax(0)]
+    masked = np.where(np.isin(original, classes), original, 0)
+    assert min(dice_per_class(predicted, masked).values()) >= 0.95
+
+    # Same image without a label: same array (labels lie inside the body box here).
+    alone, none, meta_alone = preprocess(case.image, modality=modality)
+    assert none is None and np.array_equal(alone, image)
+
+
+def test_ct_window_values_and_mr_percentiles(tmp_path):
+    hu = np.array([-1000, -125, 75, 275, 1000], dtype=np.int16)
+    ct = write_nifti(tmp_path / "ct.nii.gz", np.broadcast_to(hu[:, None, None], (5, 4, 4)), np.diag([1.5, 1.5, 2, 1]))
+    image, _, meta = preprocess(ct, modality="CT", crop_foreground=False, min_size=None)
+    np.testing.assert_allclose(image[:, 0, 0], [0.0, 0.0, 0.5, 1.0, 1.0])
+    assert meta["intensity"]["clip"] == [-125.0, 275.0]
+    rng = np.random.default_rng(0)
+    mr = write_nifti(tmp_path / "mr.nii.gz", rng.normal(300, 50, (30, 30, 20)).astype(np.float32),
+                     np.diag([1.5, 1.5, 2, 1]))
+    image, _, meta = preprocess(mr, modality="MR", crop_foreground=False, min_size=None)
+    assert image.min() == 0.0 and image.max() == 1.0
+    assert 0.004 <= np.mean(image == 0.0) <= 0.006 and 0.004 <= np.mean(image == 1.0) <= 0.006
+    low, high = meta["intensity"]["clip"]
+    assert 150 < low < 200 and 400 < high < 450
+    # Any other modality follows MR; a window overrides the percentiles.
+    assert default_settings("PET")["percentiles"] == [0.5, 99.5] and default_settings("PET")["window"] is None
+    image, _, meta = preprocess(mr, modality="MR", window=(0, 600), crop_foreground=False, min_size=None)
+    assert meta["intensity"]["clip"] == [0.0, 600.0]
+    with pytest.raises(TypeError, match="unknown preprocessing settings"):
+        preprocess(mr, modality="MR", spacng=(1, 1, 1))
+
+
+def _axcode_affine(codes, spacing, shape):
+    """Affine whose axes run along `codes` (e.g. "LPS"), with some world offset."""
+    affine = np.zeros((4, 4))
+    affine[3, 3] = 1
+    for axis, code in enumerate(codes):
+        world = "RAS".index(code) if code in "RAS" else "LPI".index(code)
+        sign = 1 if code in "RAS" else -1
+        affine[world, axis] = sign * spacing[axis]
+        affine[world, 3] = -sign * spacing[axis] * (shape[axis] - 1) / 3 + 10 * world
+    return affine
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "LAS", "SLP"])
+@pytest.mark.parametrize("at_target", [True, False])
+def test_orientation_marker_keeps_world_position(tmp_path, codes, at_target):
+    shape = (20, 14, 10)
+    # at_target: R/L and A/P axes 1.5 mm, S/I 2.0 mm, so only flips, transposes, crop and pad happen.
+    spacing = [2.0 if c in "SI" else 1.5 for c in codes] if at_target else [3.0, 3.0, 3.0]
+    affine = _axcode_affine(codes, spacing, shape)
+    assert "".join(nib.aff2axcodes(affine)) == codes
+    img = np.full(shape, 100, np.int16)
+    img[:2], img[-2:] = -1000, -1000  # air slabs on one axis: the crop must cut them
+    lab = np.zeros(shape, np.uint8)
+    marker = (5, 9, 3)
+    lab[marker] = 1
+    image_path = write_nifti(tmp_path / "img.nii.gz", img, affine)
+    label_path = write_nifti(tmp_path / "lab.nii.gz", lab, affine)
+    image, label, meta = preprocess(image_path, label_path, "CT", min_size=(16, 16, 16))
+    train_affine = np.asarray(meta["affine"])
+    assert "".join(nib.aff2axcodes(train_affine)) == "RAS"
+    world = affine @ np.r_[marker, 1.0]
+    hits = np.argwhere(label == 1)
+    found = (train_affine @ np.c_[hits, np.ones(len(hits))].T).T[:, :3].mean(axis=0)
+    if at_target:
+        assert len(hits) == 1
+        np.testing.assert_allclose(found, world[:3], atol=1e-9)
+    else:  # 3 mm -> 1.5 x 1.5 x 2 mm: the marker spreads over 2 x 2 x 1-2 voxels around the same point
+        assert 4 <= len(hits) <= 8
+        assert np.all(np.abs(found - world[:3]) <= 0.5 * np.array([1.5, 1.5, 2.0]) + 1e-9)
+    cropped = np.array(meta["crop_end"]) - np.array(meta["crop_start"])
+    assert np.prod(cropped) < np.prod(meta["resampled_shape"])  # the air slabs were cropped away
+    back = restore(label, meta)
+    assert back.shape == shape
+    assert np.argwhere(back == 1).tolist() == [list(marker)]
+    restored_image = restore(image, meta, "linear")
+    # (100 + 125) / 400 away from the air; body voxels next to it mix in some air (HU resampled, then windowed)
+    np.testing.assert_allclose(restored_image[3:-3], 0.5625, atol=1e-6)
+    assert np.all((restored_image[2:-2] > 0.2) & (restored_image[2:-2] <= 0.5625 + 1e-6))
+    assert np.all(restored_image[img == -1000] == 0.0)
+
+
+def test_preprocess_rejects_4d_and_restore_checks_shape(tmp_path):
+    path = write_nifti(tmp_path / "x.nii.gz", np.zeros((8, 8, 8, 2), np.int16))
+    with pytest.raises(DataError, match="expected a 3D volume") as err:
+        preprocess(path)
+    assert str(path) in err.value.problems[0]
+    good = write_nifti(tmp_path / "y.nii.gz", tiny(100))
+    _, _, meta = preprocess(good, min_size=None)
+    with pytest.raises(ValueError):
+        restore(np.zeros((3, 3, 3)), meta)
+
+
+# ---------------------------------------------------------------- cache
+
+SMALL = {"min_size": [8, 8, 8]}
+
+
+def _counting_preprocess(monkeypatch):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return preprocess(*args, **kwargs)
+    monkeypatch.setattr(cache_module, "preprocess", counted)
+    return calls
+
+
+def _small_case(tmp_path, value=100):
+    rng = np.random.default_rng(value)
+    img = write_nifti(tmp_path / "src" / "a.nii.gz", rng.integers(-200, 300, (12, 10, 8)).astype(np.int16),
+                      np.diag([3.0, 3.0, 3.0, 1]))
+    lab = write_nifti(tmp_path / "src" / "a_gt.nii.gz", (rng.random((12, 10, 8)) > 0.7).astype(np.uint8),
+                      np.diag([3.0, 3.0, 3.0, 1]))
+    return Case("a", img, lab, "CT")
+
+
+def test_cache_hit_invalidation_and_recovery(tmp_path, monkeypatch):
+    calls = _counting_preprocess(monkeypatch)
+    case = _small_case(tmp_path)
+    cache = VolumeCache(tmp_path / "cache")
+    image, label, meta = cache.load(case, SMALL)
+    expected_image, expected_label, expected_meta = preprocess(case.image, case.label, "CT", **SMALL)
+    assert len(calls) == 1 and isinstance(image, np.memmap) and isinstance(label, np.memmap)
+    np.testing.assert_array_equal(image, expected_image)
+    np.testing.assert_array_equal(label, expected_label)
+    assert meta == expected_meta
+
+    again = cache.load(case, dict(SMALL))
+    assert len(calls) == 1 and np.array_equal(again[0], image) and again[2] == meta
+    assert cache.load(case, {**default_settings("CT"), **SMALL})[2] == meta and len(calls) == 1
+
+    cache.load(case, {**SMALL, "spacing": [3.0, 3.0, 3.0]})  # changed setting -> new entry
+    assert len(calls) == 2
+    entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 2 and not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")]
+
+    _small_case(tmp_path, value=7)  # same paths, new contents -> new entry
+    changed = cache.load(case, SMALL)
+    assert len(calls) == 3 and not np.array_equal(changed[0], image)
+    expected_changed = np.array(changed[0])  # a copy: the test truncates the mapped file in place
+
+    entry = tmp_path / "cache" / cache.key(case, SMALL)
+    npy = entry / "image.npy"
+    npy.write_bytes(npy.read_bytes()[:-100])  # truncated by a crash or a full disk
+    recovered = cache.load(case, SMALL)
+    assert len(calls) == 4 and np.array_equal(recovered[0], expected_changed)
+    (entry / "meta.json").write_text('{"arrays": {"image"')  # half-written meta
+    assert np.array_equal(cache.load(case, SMALL)[0], expected_changed) and len(calls) == 5
+    (entry / "meta.json").unlink()
+    assert np.array_equal(cache.load(case, SMALL)[0], expected_changed) and len(calls) == 6
+    assert len(cache.load(case, SMALL)) == 3 and len(calls) == 6
+
+
+def test_load_training_volumes_through_cache(tmp_path, monkeypatch):
+    calls = _counting_preprocess(monkeypatch)
+    case = _small_case(tmp_path)
+    unlabelled = Case("b", case.image, None, "MR")
+    cache = VolumeCache(tmp_path / "cache")
+    volumes = load_training_volumes([case, unlabelled], SMALL, cache)
+    assert len(calls) == 2 and volumes[1][1] is None
+    assert volumes[0][0].dtype == np.float32 and volumes[0][1].dtype == np.uint8
+    again = load_training_volumes([case, unlabelled], SMALL, cache)
+    assert len(calls) == 2 and np.array_equal(again[0][0], volumes[0][0])
+    direct = load_training_volumes([case], SMALL, None)
+    assert np.array_equal(direct[0][1], volumes[0][1])
+    defaults = load_training_volumes([case], None, None)  # default_settings per modality: padded to 96^3
+    assert defaults[0][0].shape == (96, 96, 96)
+
+
+# ---------------------------------------------------------------- sampling
+
+def _block_volume(size=40, lo=17, hi=23):
+    image = np.ones((size,) * 3, np.float32)
+    label = np.zeros((size,) * 3, np.uint8)
+    label[lo:hi, lo:hi, lo:hi] = 3
+    return image, label
+
+
+def test_crop_positive_ratio_over_many_draws():
+    ds = CropDataset([_block_volume()], roi_size=(8, 8, 8), num_samples=4, aug_prob=0.0, seed=5)
+    centre_labels, flags = [], []
+    for epoch in range(300):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        centre_labels += item["label"][:, 0, 4, 4, 4].tolist()
+        flags += ds.draw_centres(0, ds.generator(0))[1].tolist()
+    positive = np.mean(np.array(centre_labels) > 0)
+    assert abs(positive - 0.5) < 0.05
+    assert np.array_equal(np.array(centre_labels) > 0, np.array(flags))
+    only_pos = CropDataset([_block_volume()], (8, 8, 8), num_samples=16, pos_fraction=1.0, aug_prob=0.0)
+    assert np.all(only_pos[0]["label"][:, 0, 4, 4, 4].numpy() == 3)
+    image, label = _block_volume()
+    image[:, :, 30:] = 0  # not foreground: never a negative centre
+    only_neg = CropDataset([(image, label)], (8, 8, 8), num_samples=64, pos_fraction=0.0)
+    centres, positive_flags = only_neg.draw_centres(0, only_neg.generator(0))
+    assert not positive_flags.any() and centres[:, 2].max() < 30
+    assert np.all(label[tuple(centres.T)] == 0)
+
+
+def test_crop_fallback_when_no_labelled_voxel():
+    image = np.ones((12, 12, 12), np.float32)
+    ds = CropDataset([(image, np.zeros_like(image, np.uint8))], (8, 8, 8), num_samples=6, pos_fraction=1.0)
+    _, positive = ds.draw_centres(0, ds.generator(0))
+    assert not positive.any() and ds[0]["image"].shape == (6, 1, 8, 8, 8)
+
+
+def test_crop_content_determinism_and_workers():
+    rng = np.random.default_rng(0)
+    volumes = [(rng.random((20, 18, 16)).astype(np.float32), (rng.random((20, 18, 16)) > 0.8).astype(np.uint8))
+               for _ in range(4)]
+    ds = CropDataset(volumes, (8, 8, 8), num_samples=2, aug_prob=0.0, seed=11, modality="MR")
+    item = ds[2]
+    assert item["image"].dtype == torch.float32 and item["label"].dtype == torch.int64
+    assert item["image"].shape == (2, 1, 8, 8, 8) and item["modality"] == "MR"
+    # Without augmentation a crop is an exact window of the volume, centred on its drawn centre.
+    centres, _ = ds.draw_centres(2, ds.generator(2))
+    for k, centre in enumerate(centres):
+        start = np.clip(centre - 4, 0, np.array([20, 18, 16]) - 8)
+        window = tuple(slice(s, s + 8) for s in start)
+        np.testing.assert_array_equal(item["image"][k, 0].numpy(), volumes[2][0][window])
+        np.testing.assert_array_equal(item["label"][k, 0].numpy(), volumes[2][1][window])
+
+    augmented = CropDataset(volumes, (8, 8, 8), seed=11, rotate_degrees=10, scale_range=0.1, flip=(1, 2))
+    first = [augmented[i]["image"] for i in range(4)]
+    loader = torch.utils.data.DataLoader(CropDataset(volumes, (8, 8, 8), seed=11, rotate_degrees=10,
+                                                     scale_range=0.1, flip=(1, 2)),
+                                         batch_size=2, num_workers=2, collate_fn=collate_crops)
+    batches = list(loader)
+    assert [b["image"].shape for b in batches] == [(4, 1, 8, 8, 8)] * 2
+    assert torch.equal(torch.cat([b["image"] for b in batches]), torch.cat(first))
+    augmented.set_epoch(1)
+    assert not torch.equal(augmented[0]["image"], first[0])
+    augmented.set_epoch(0)
+    assert torch.equal(augmented[0]["image"], first[0])
+    other_seed = CropDataset(volumes, (8, 8, 8), seed=12, rotate_degrees=10, scale_range=0.1, flip=(1, 2))
+    assert not torch.equal(other_seed[0]["image"], first[0])
+
+
+def test_intensity_augmentation_bounds_and_collate_modality():
+    image = np.full((10, 10, 10), 0.5, np.float32)
+    label = np.ones((10, 10, 10), np.uint8)
+    ds = CropDataset([(image, label)], (10, 10, 10), num_samples=50, aug_prob=0.5, seed=3, modality="CT")
+    crops = ds[0]["image"][:, 0]
+    per_crop = crops.reshape(50, -1)
+    assert torch.all(per_crop.max(1).values == per_crop.min(1).values)  # one scale/shift per crop
+    values = per_crop[:, 0]
+    assert values.min() >= 0.5 * 0.9 - 0.1 - 1e-6 and values.max() <= 0.5 * 1.1 + 0.1 + 1e-6
+    changed = np.mean(np.abs(values.numpy() - 0.5) > 1e-7)
+    assert 0.5 < changed < 0.95  # 1 - 0.5 * 0.5 = 0.75 of the crops are altered
+    batch = collate_crops([ds[0], ds[0]])
+    assert batch["image"].shape == (100, 1, 10, 10, 10) and batch["modality"] == ["CT"] * 100
+
+
+def test_warp_identity_and_quarter_turn():
+    from mulmodseg.data.sampling import warp
+    rng = np.random.default_rng(1)
+    image = rng.random((9, 9, 5)).astype(np.float32)
+    label = rng.integers(0, 4, (9, 9, 5))
+    same_image, same_label = warp(image, label, 0.0, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(same_image, image, atol=1e-5)
+    np.testing.assert_array_equal(same_label, label)
+    turned_image, turned_label = warp(image, label, np.pi / 2, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(turned_image, np.rot90(image, -1, axes=(0, 1)), atol=1e-5)
+    np.testing.assert_array_equal(turned_label, np.rot90(label, -1, axes=(0, 1)))
