@@ -90,40 +90,41 @@ def preview(
 ) -> None:
     """Save axial | coronal | sagittal slices of image with label overlaid in colour as one PNG.
 
-    image: (X, Y, Z) float; label: (X, Y, Z) int, 0 = background; both with voxel axes increasing towards
+    image: (X, Y, Z) float; label: (X, Y, Z) integer values (any dtype), 0 = background; both with voxel axes increasing towards
     the patient's right, anterior and superior (RAS+, as ``nibabel.as_closest_canonical`` gives). The slices
     go through the centre of the bounding box of the labelled voxels (the volume centre when none).
     Radiological view: axial seen from the feet and coronal from the front (patient's right on the
     picture's left, anterior / superior up), sagittal with anterior on the left and superior up.
-    Grey values are the image windowed to the given percentiles; labelled pixels are
-    ``(1 - alpha) * grey + alpha * colour``. Panels are resampled (nearest) to square pixels of the
+    Grey values are the image windowed to the given percentiles (of an evenly strided subsample of at
+    most about 2M voxels); labelled pixels are ``(1 - alpha) * grey + alpha * colour``. Panels are resampled (nearest) to square pixels of the
     physical ``spacing`` in mm, the largest extent becoming ``size`` pixels. Class colours and the
     slice indices are stored in the PNG's tEXt chunks.
     """
-    image = np.asarray(image, dtype=np.float64)
-    label = np.asarray(label)
+    image, label = np.asarray(image), np.asarray(label)
     if image.shape != label.shape or image.ndim != 3:
         raise ValueError(f"image {image.shape} and label {label.shape} must be the same 3-D shape")
-    low, high = np.percentile(image, percentiles)
-    grey = np.round(np.clip((image - low) / max(high - low, 1e-12), 0, 1) * 255).astype(np.uint8)
+    # Percentiles of an evenly strided subsample (<= ~2M voxels) keep whole-body CTs cheap.
+    stride = max(1, round((image.size / 2e6) ** (1 / 3)))
+    low, high = np.percentile(image[::stride, ::stride, ::stride], percentiles)
     num_classes = int(label.max()) + 1 if label.size else 1
     colors = label_colors(max(num_classes, 2))
 
-    labelled = np.argwhere(label > 0)
-    if len(labelled):
-        centre = (labelled.min(0) + labelled.max(0)) // 2
+    labelled = label > 0
+    if labelled.any():
+        extents = (np.flatnonzero(labelled.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3))
+        x, y, z = (int(e[0] + e[-1]) // 2 for e in extents)
     else:
-        centre = np.array(label.shape) // 2
-    x, y, z = (int(c) for c in centre)
+        x, y, z = (n // 2 for n in label.shape)
     mm_per_pixel = max(n * s for n, s in zip(image.shape, spacing)) / size
     panels = []
     for cut, kept in ((np.s_[:, :, z], (0, 1)), (np.s_[:, y, :], (0, 2)), (np.s_[x, :, :], (1, 2))):
         # Reversing both in-plane axes and transposing puts patient-right / anterior / superior where the
         # radiological convention wants them (see the docstring) for all three planes of an RAS+ volume.
-        g, lab = grey[cut][::-1, ::-1].T, label[cut][::-1, ::-1].T
+        g, lab = image[cut][::-1, ::-1].T, label[cut][::-1, ::-1].T
         shape = [max(1, round(image.shape[a] * spacing[a] / mm_per_pixel)) for a in kept[::-1]]
-        g, lab = _resize_nearest(g, shape), _resize_nearest(lab, shape)
-        rgb = np.repeat(g[..., None], 3, axis=2).astype(np.float64)
+        g, lab = _resize_nearest(g, shape), _resize_nearest(lab, shape).astype(np.intp)
+        g = np.round(np.clip((g - low) / max(high - low, 1e-12), 0, 1) * 255)
+        rgb = np.repeat(g[..., None], 3, axis=2)
         mask = lab > 0
         rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colors[lab[mask]]
         panels.append(np.round(rgb).astype(np.uint8))

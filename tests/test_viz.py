@@ -98,7 +98,7 @@ def test_preview_blend_values(tmp_path):
     label = np.zeros((4, 4, 4), np.uint8)
     label[1:3, 1:3, 1:3] = 1
     path = tmp_path / "b.png"
-    preview(image, label, path, alpha=0.25, size=4, percentiles=(0, 100))
+    preview(image, label.astype(np.float32), path, alpha=0.25, size=4, percentiles=(0, 100))  # float labels
     rgb = read_png(path)
     axial = rgb[:4, :4]
     expected = np.round(0.75 * 0 + 0.25 * label_colors(2)[1].astype(float)).astype(np.uint8)
@@ -109,7 +109,7 @@ def test_preview_blend_values(tmp_path):
 
 def test_preview_without_labels_uses_volume_centre(tmp_path):
     path = tmp_path / "e.png"
-    preview(np.arange(6 * 8 * 10, dtype=float).reshape(6, 8, 10), np.zeros((6, 8, 10), int), path, size=10)
+    preview(np.arange(6 * 8 * 10, dtype=float).reshape(6, 8, 10), np.zeros((6, 8, 10)), path, size=10)
     rgb = read_png(path)
     assert (rgb.max(2) == rgb.min(2)).all()
     assert read_png_text(path)["Slices"] == "x=3 y=4 z=5"
