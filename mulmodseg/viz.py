@@ -90,15 +90,16 @@ def preview(
 ) -> None:
     """Save axial | coronal | sagittal slices of image with label overlaid in colour as one PNG.
 
-    image: (X, Y, Z) float; label: (X, Y, Z) integer values (any dtype), 0 = background; both with voxel axes increasing towards
-    the patient's right, anterior and superior (RAS+, as ``nibabel.as_closest_canonical`` gives). The slices
-    go through the centre of the bounding box of the labelled voxels (the volume centre when none).
-    Radiological view: axial seen from the feet and coronal from the front (patient's right on the
-    picture's left, anterior / superior up), sagittal with anterior on the left and superior up.
-    Grey values are the image windowed to the given percentiles (of an evenly strided subsample of at
-    most about 2M voxels); labelled pixels are ``(1 - alpha) * grey + alpha * colour``. Panels are resampled (nearest) to square pixels of the
+    image: (X, Y, Z) float; label: (X, Y, Z) integer values (any dtype), 0 = background. Both have voxel
+    axes increasing towards the patient's right, anterior and superior (RAS+, as
+    ``nibabel.as_closest_canonical`` gives). The slices go through the centre of the bounding box of the
+    labelled voxels (the volume centre when none). Radiological view: axial seen from the feet and
+    coronal from the front (patient's right on the picture's left, anterior / superior up), sagittal
+    with anterior on the left and superior up. Grey values are the image windowed to the given
+    percentiles (of an evenly strided subsample of at most about 2M voxels); labelled pixels are
+    ``(1 - alpha) * grey + alpha * colour``. Panels are resampled (nearest) to square pixels of the
     physical ``spacing`` in mm, the largest extent becoming ``size`` pixels. Class colours and the
-    slice indices are stored in the PNG's tEXt chunks.
+    slice indices are stored in the PNG's tEXt chunks (``Labels``, ``Slices``).
     """
     image, label = np.asarray(image), np.asarray(label)
     if image.shape != label.shape or image.ndim != 3:
