@@ -1,8 +1,6 @@
 """Tests of mulmodseg.data: discovery, label maps, splits, integrity checks, preprocess/restore, cache,
 crop sampling. Synthetic NIfTIs are tiny and written per test; the real sample lives in data/sample."""
-import gzip
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -10,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import mulmodseg.data as data
 import mulmodseg.data.cache as cache_module
 from mulmodseg.data import (Case, CropDataset, DataError, VolumeCache, check_cases, collate_crops,
-                            default_settings, discover_amos, discover_cases, kfold_split,
+                            default_settings, discover_amos, discover_cases, discover_modalities, kfold_split,
                             load_training_volumes, parse_label_map, preprocess, restore, split_cases,
                             subsample)
 
@@ -65,6 +62,17 @@ def test_discover_nnunet_channel_suffix_and_missing_label(tmp_path):
     assert cases[1].label == tmp_path / "labelsTr" / "case_002.nii.gz" and not cases[1].label.exists()
 
 
+def test_discover_nnunet_test_folder_and_multichannel(tmp_path):
+    write_nifti(tmp_path / "imagesTs" / "p_007_0000.nii.gz", tiny())
+    write_nifti(tmp_path / "imagesTs" / "p_008_0000.nii.gz", tiny())
+    assert [(c.id, c.label) for c in discover_cases(tmp_path, "CT", "test")] == [("p_007", None), ("p_008", None)]
+    write_nifti(tmp_path / "imagesTs" / "p_008_0001.nii.gz", tiny())
+    with pytest.raises(DataError, match="multi-channel") as err:
+        discover_cases(tmp_path, "CT", "test")
+    assert err.value.problems == [f"{tmp_path / 'imagesTs' / 'p_008_0001.nii.gz'}: multi-channel input "
+                                  "(nnU-Net channel 0001) is not supported"]
+
+
 def test_discover_msd_datalist(tmp_path):
     for i in (1, 2):
         write_nifti(tmp_path / "imagesTr" / f"s{i}.nii.gz", tiny())
@@ -77,6 +85,11 @@ def test_discover_msd_datalist(tmp_path):
     assert [(c.id, c.image, c.label) for c in train] == [
         ("s2", tmp_path / "imagesTr/s2.nii.gz", tmp_path / "labelsTr/s2.nii.gz")]
     assert [(c.id, c.label) for c in discover_cases(tmp_path, "CT", "test")] == [("s9", None)]
+    # nnU-Net v1 datalists name "<id>.nii.gz" while the file carries the _0000 channel suffix.
+    (tmp_path / "imagesTr" / "s1.nii.gz").rename(tmp_path / "imagesTr" / "s1_0000.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [
+        {"image": "./imagesTr/s1.nii.gz", "label": "./labelsTr/s1.nii.gz"}]}))
+    assert [(c.id, c.image.name) for c in discover_cases(tmp_path, "CT")] == [("s1", "s1_0000.nii.gz")]
 
 
 def test_discover_reference_layout(tmp_path):
@@ -114,6 +127,9 @@ def test_discover_empty_or_missing_dir_raises(tmp_path):
 def test_discover_bundled_sample():
     cases = discover_cases(SAMPLE / "ct", "CT") + discover_cases(SAMPLE / "mr", "MR")
     assert [(c.id, c.modality) for c in cases] == [("ts_ct_001", "CT"), ("ts_mr_001", "MR")]
+    assert discover_modalities(SAMPLE) == {"CT": cases[:1], "MR": cases[1:]}
+    with pytest.raises(DataError, match="modality_dirs"):
+        discover_modalities(SAMPLE / "ct")
     assert check_cases(cases, num_classes=14, modalities=("CT", "MR")) == []
 
 

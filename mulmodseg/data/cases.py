@@ -175,3 +175,14 @@ def discover_amos(root: PathLike, split: str = "train") -> Dict[str, List[Case]]
         modality = amos_modality(case.id)
         by_modality[modality].append(Case(case.id, case.image, case.label, modality))
     return by_modality
+
+
+def discover_modalities(root: PathLike, split: str = "train") -> Dict[str, List[Case]]:
+    """{modality: cases} for a root whose `dataset.json` names one folder per modality in
+    "modality_dirs" (e.g. {"CT": "ct", "MR": "mr"}, as the bundled sample), each folder in any layout
+    `discover_cases` reads."""
+    datalist = _read_datalist(Path(root) / "dataset.json")
+    dirs = (datalist or {}).get("modality_dirs")
+    if not isinstance(dirs, dict) or not dirs:
+        raise DataError(f"{Path(root) / 'dataset.json'}: no \"modality_dirs\" mapping of modality -> folder")
+    return {modality: discover_cases(Path(root) / folder, modality, split) for modality, folder in dirs.items()}
