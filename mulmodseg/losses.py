@@ -52,14 +52,20 @@ class DiceCELoss(nn.Module):
         batch, num_classes = logits.shape[:2]
         labels = _flat_labels(target, logits.shape)  # (B, N) int64
         flat = logits.reshape(batch, num_classes, -1)  # (B, K, N)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()  # sums over a whole crop need more digits than half precision has
         probs = torch.softmax(flat, 1) if self.activation == "softmax" else torch.sigmoid(flat)
 
-        # Per sample and class: sum of the probabilities on that class's voxels, and the voxel count.
+        # Per sample and class: the probability mass on that class's voxels and the voxel count. The
+        # scatter adds one value at a time, so it accumulates in float64 to stay as accurate as a pairwise sum.
         prob_on_label = probs.gather(1, labels[:, None]).squeeze(1)  # (B, N)
-        intersection = probs.new_zeros(batch, num_classes).scatter_add_(1, labels, prob_on_label)
-        label_count = probs.new_zeros(batch, num_classes).scatter_add_(1, labels, torch.ones_like(prob_on_label))
-        denominator = label_count + probs.sum(2)
-        dice = (1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)).mean()
+        intersection = torch.zeros(batch, num_classes, dtype=torch.float64, device=flat.device)
+        intersection = intersection.scatter_add(1, labels, prob_on_label.double())
+        sample_offset = torch.arange(batch, device=flat.device)[:, None] * num_classes
+        label_count = torch.bincount((labels + sample_offset).reshape(-1), minlength=batch * num_classes)
+        denominator = label_count.reshape(batch, num_classes) + probs.sum(2).double()
+        dice_per_item = 1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)
+        dice = dice_per_item.mean().to(flat.dtype)
 
         if self.activation == "softmax":
             ce = F.cross_entropy(flat, labels)

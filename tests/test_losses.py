@@ -68,6 +68,23 @@ def test_float32_close_to_monai():
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-9)
 
 
+def test_large_float32_crop_as_accurate_as_monai():
+    # Sums over 2 x 64^3 voxels: our float64 accumulation must be at least as close to the float64 truth.
+    logits, target = _case(2, 14, (64, 64, 64), seed=11)
+    truth = MonaiDiceCELoss(to_onehot_y=True, softmax=True)(logits, target.double())
+    ref = MonaiDiceCELoss(to_onehot_y=True, softmax=True)(logits.float(), target.float())
+    ours = DiceCELoss()(logits.float(), target)
+    assert abs(ours.double() - truth) <= max(abs(ref.double() - truth), 1e-7)
+
+
+def test_half_precision_logits_are_upcast():
+    logits, target = _case(2, 5, (8, 8, 8), seed=12)
+    dice, ce = DiceCELoss().terms(logits.bfloat16(), target)
+    ref_dice, ref_ce = DiceCELoss().terms(logits.bfloat16().float(), target)
+    assert dice.dtype == ce.dtype == torch.float32
+    assert dice.item() == ref_dice.item() and ce.item() == ref_ce.item()
+
+
 def test_perfect_prediction_gives_near_zero_dice():
     target = torch.tensor([[[0, 1, 2], [2, 1, 0]]])  # (1, 2, 3), every class present
     logits = F.one_hot(target, 3).permute(0, 3, 1, 2).double() * 60
