@@ -11,7 +11,7 @@ import torch
 import mulmodseg.data.cache as cache_module
 from mulmodseg.data import (Case, CropDataset, DataError, VolumeCache, check_cases, collate_crops,
                             default_settings, discover_amos, discover_cases, discover_modalities, kfold_split,
-                            load_training_volumes, parse_label_map, preprocess, restore, split_cases,
+                            load_training_volumes, parse_label_map, preprocess, restore, restore_argmax, split_cases,
                             subsample)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -314,6 +314,9 @@ def test_real_round_trip_dice(modality):
     predicted = np.asarray(classes)[probs.argmax(0)]
     masked = np.where(np.isin(original, classes), original, 0)
     assert min(dice_per_class(predicted, masked).values()) >= 0.95
+    # Channel by channel with a running argmax: the same labels.
+    labels = restore_argmax(onehot, meta)
+    assert labels.dtype == np.uint8 and np.array_equal(np.asarray(classes)[labels], predicted)
 
     # Same image without a label: same array (labels lie inside the body box here).
     alone, none, meta_alone = preprocess(case.image, modality=modality)

@@ -7,7 +7,7 @@ from .cache import VolumeCache, file_sha256, load_training_volumes
 from .cases import Case, DataError, amos_modality, discover_amos, discover_cases, discover_modalities
 from .checks import check_cases
 from .labels import apply_label_map, parse_label_map
-from .preprocess import default_settings, preprocess, resolve_settings, restore
+from .preprocess import default_settings, preprocess, resolve_settings, restore, restore_argmax
 from .sampling import CropDataset, collate_crops
 from .splits import kfold_split, split_cases, subsample
 
@@ -15,5 +15,5 @@ __all__ = [
     "Case", "CropDataset", "DataError", "VolumeCache", "amos_modality", "apply_label_map", "check_cases",
     "collate_crops", "default_settings", "discover_amos", "discover_cases", "discover_modalities",
     "file_sha256", "kfold_split", "load_training_volumes", "parse_label_map", "preprocess",
-    "resolve_settings", "restore", "split_cases", "subsample",
+    "resolve_settings", "restore", "restore_argmax", "split_cases", "subsample",
 ]

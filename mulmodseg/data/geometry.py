@@ -77,7 +77,11 @@ def _resample_axis(array: np.ndarray, pos: np.ndarray, axis: int, order: int) ->
     shape[axis] = -1
     weight = (pos - i0).astype(array.dtype).reshape(shape)
     low = array.take(i0, axis=axis)
-    return low + (array.take(i1, axis=axis) - low) * weight
+    out = array.take(i1, axis=axis)
+    out -= low  # in place: the output is often the largest array of the whole pipeline
+    out *= weight
+    out += low
+    return out
 
 
 def separable_grid(n_out: Sequence[int], step: Sequence[float], n_in: Sequence[int]) -> List[np.ndarray]:

@@ -229,3 +229,20 @@ def restore(array: np.ndarray, meta: Dict[str, Any], interpolation: str = "neare
     if not inside.all():
         out = np.where(inside, out, np.asarray(fill, dtype=out.dtype))
     return np.ascontiguousarray(from_ras(out, np.asarray(meta["ornt"], dtype=int), lead=lead))
+
+
+def restore_argmax(scores: np.ndarray, meta: Dict[str, Any]) -> np.ndarray:
+    """Class scores (C, X, Y, Z) of the training space (probabilities or logits) -> uint8 labels on the
+    original grid: each channel is restored linearly and the argmax kept as it goes, so memory stays at
+    two original-size arrays instead of C. Voxels outside the crop box are background (class 0)."""
+    scores = np.asarray(scores)
+    if scores.ndim != 4:
+        raise ValueError(f"expected scores (C, X, Y, Z), got shape {scores.shape}")
+    best_score = restore(scores[0], meta, "linear", fill=np.inf)
+    labels = np.zeros(best_score.shape, dtype=np.uint8)
+    for channel in range(1, scores.shape[0]):
+        score = restore(scores[channel], meta, "linear", fill=-np.inf)
+        better = score > best_score
+        labels[better] = channel
+        np.maximum(best_score, score, out=best_score)
+    return labels
