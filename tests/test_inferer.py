@@ -36,7 +36,7 @@ class Predictor(nn.Module):
 CASES = [  # (batch, spatial, roi, overlap, mode, sw_batch_size)
     (1, (20, 17, 13), (8, 8, 8), 0.5, "gaussian", 4),
     (2, (20, 17, 13), (8, 6, 10), 0.25, "constant", 3),
-    (1, (19, 21, 11), (7, 9, 5), 0.75, "gaussian", 1),
+    (1, (13, 15, 9), (7, 9, 5), 0.75, "gaussian", 1),
     (1, (16, 16, 16), (8, 8, 8), 0.0, "gaussian", 3),
     (2, (10, 23, 9), (8, 8, 8), 0.0, "constant", 1),
     (1, (6, 18, 5), (8, 8, 8), 0.5, "gaussian", 4),  # ROI larger than the input along x and z
