@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -96,7 +97,7 @@ def sliding_window_inference(
     returns logits). Gradients are not tracked.
     """
     spatial_dims = inputs.dim() - 2
-    if not isinstance(roi_size, int) and len(roi_size) != spatial_dims:
+    if not isinstance(roi_size, numbers.Number) and len(roi_size) != spatial_dims:
         raise ValueError(f"roi_size {tuple(roi_size)} does not fit inputs of shape {tuple(inputs.shape)}")
     if mode not in ("gaussian", "constant"):
         raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
@@ -205,7 +206,7 @@ def _progress_reporter(progress: Progress, total: int) -> Callable[[int], None]:
 
 def _per_axis(value, n: int, name: str) -> tuple:
     """A scalar repeated n times, or a length-n sequence as a tuple."""
-    if isinstance(value, (int, float)) or value is None:
+    if isinstance(value, numbers.Number) or value is None:
         return (value,) * n
     if len(value) != n:
         raise ValueError(f"{name} needs 1 or {n} values, got {value}")
