@@ -4,7 +4,8 @@ and back from the training space to the original scan with `restore`.
 Imports nothing else from mulmodseg.
 """
 from .cache import VolumeCache, file_sha256, load_training_volumes
-from .cases import Case, DataError, amos_modality, discover_amos, discover_cases, discover_modalities
+from .cases import (Case, DataError, amos_modality, discover_amos, discover_cases, discover_modalities,
+                    nifti_stem)
 from .checks import check_cases
 from .labels import apply_label_map, parse_label_map
 from .preprocess import default_settings, preprocess, resolve_settings, restore, restore_argmax
@@ -14,6 +15,6 @@ from .splits import kfold_split, split_cases, subsample
 __all__ = [
     "Case", "CropDataset", "DataError", "VolumeCache", "amos_modality", "apply_label_map", "check_cases",
     "collate_crops", "default_settings", "discover_amos", "discover_cases", "discover_modalities",
-    "file_sha256", "kfold_split", "load_training_volumes", "parse_label_map", "preprocess",
+    "file_sha256", "kfold_split", "load_training_volumes", "nifti_stem", "parse_label_map", "preprocess",
     "resolve_settings", "restore", "restore_argmax", "split_cases", "subsample",
 ]
