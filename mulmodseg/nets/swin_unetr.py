@@ -54,6 +54,17 @@ def _conv_unit(conv: nn.Module) -> nn.Sequential:
     return nn.Sequential(OrderedDict(conv=conv))
 
 
+def instance_norm(x: torch.Tensor) -> torch.Tensor:
+    """Instance norm without affine (eps 1e-5). ``x: (B, C, D, H, W)``.
+
+    With a single voxel per channel (the 1/32 level of a 32-voxel input) the exact result is 0;
+    ``F.instance_norm`` (and so MONAI) raises there instead, which would rule out 32^3 inputs.
+    """
+    if x.shape[2:].numel() == 1:
+        return torch.zeros_like(x)
+    return F.instance_norm(x)
+
+
 class ResBlock(nn.Module):
     """MONAI ``UnetResBlock`` (instance norm, LeakyReLU 0.01, bias-free convs).
 
@@ -67,9 +78,9 @@ class ResBlock(nn.Module):
         self.conv3 = _conv_unit(nn.Conv3d(in_ch, out_ch, 1, bias=False)) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.leaky_relu(F.instance_norm(self.conv1(x)), 0.01, inplace=True)
-        out = F.instance_norm(self.conv2(out))
-        residual = F.instance_norm(self.conv3(x)) if self.conv3 is not None else x
+        out = F.leaky_relu(instance_norm(self.conv1(x)), 0.01, inplace=True)
+        out = instance_norm(self.conv2(out))
+        residual = instance_norm(self.conv3(x)) if self.conv3 is not None else x
         return F.leaky_relu(out + residual, 0.01, inplace=True)
 
 

@@ -1,0 +1,295 @@
+"""Tests for mulmodseg.nets: shapes, exact parameter counts, reference/MONAI state-dict compatibility,
+MONAI SwinUNETR as a numerical oracle (test-only import), gradients, eval determinism, input checks."""
+import inspect
+
+import monai
+import pytest
+import torch
+import torch.nn as nn
+from monai.networks.nets import swin_unetr as monai_swin
+
+from mulmodseg.nets import SwinUNETR, UNet3D, build_backbone, load_swin_weights
+from mulmodseg.nets.swin_unetr import MERGE_ORDERS
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- UNet3D
+
+def reference_unet_state_dict(generator: torch.Generator) -> dict:
+    """Random state dict with the reference's key names and shapes (facts file, section 2.2)."""
+    convs = {  # stage -> (in, out) of its two LUConvs
+        "down_tr64": [(1, 32), (32, 64)], "down_tr128": [(64, 64), (64, 128)],
+        "down_tr256": [(128, 128), (128, 256)], "down_tr512": [(256, 256), (256, 512)],
+        "up_tr256": [(768, 256), (256, 256)], "up_tr128": [(384, 128), (128, 128)],
+        "up_tr64": [(192, 64), (64, 64)],
+    }
+    up = {"up_tr256": 512, "up_tr128": 256, "up_tr64": 128}
+    sd = {}
+    for stage, pairs in convs.items():
+        if stage in up:
+            c = up[stage]
+            sd[f"{stage}.up_conv.weight"] = torch.randn(c, c, 2, 2, 2, generator=generator) / (8 * c) ** 0.5
+            sd[f"{stage}.up_conv.bias"] = torch.randn(c, generator=generator)
+        for i, (cin, cout) in enumerate(pairs):
+            p = f"{stage}.ops.{i}"
+            sd[f"{p}.conv1.weight"] = torch.randn(cout, cin, 3, 3, 3, generator=generator) / (27 * cin) ** 0.5
+            sd[f"{p}.conv1.bias"] = torch.randn(cout, generator=generator)
+            sd[f"{p}.bn1.weight"] = torch.rand(cout, generator=generator) + 0.5
+            sd[f"{p}.bn1.bias"] = torch.randn(cout, generator=generator)
+            sd[f"{p}.bn1.running_mean"] = torch.randn(cout, generator=generator)
+            sd[f"{p}.bn1.running_var"] = torch.rand(cout, generator=generator) + 0.5
+            sd[f"{p}.bn1.num_batches_tracked"] = torch.tensor(7)
+    return sd
+
+
+def test_unet_parameter_counts_and_keys():
+    backbone = UNet3D()
+    assert n_params(backbone) == 19_073_600
+    assert sum(b.numel() for b in backbone.buffers()) == 4_686
+    assert len(backbone.state_dict()) == 104
+    with_head = UNet3D(out_channels=14)
+    assert n_params(with_head) == 19_074_510
+    assert tuple(with_head.state_dict()["out_tr.final_conv.weight"].shape) == (14, 64, 1, 1, 1)
+    assert (backbone.enc_channels, backbone.dec_channels) == (512, 64)
+
+
+def test_unet_reference_state_dict_loads_strictly():
+    sd = reference_unet_state_dict(torch.Generator().manual_seed(0))
+    assert len(sd) == 104
+    model = UNet3D()
+    model.load_state_dict(sd, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, sd[key]), key
+
+
+@pytest.mark.parametrize("size,batch,in_ch", [((16, 16, 16), 1, 1), ((8, 24, 32), 2, 2)])
+def test_unet_shapes(size, batch, in_ch):
+    model = UNet3D(in_channels=in_ch, out_channels=3).eval()
+    x = torch.randn(batch, in_ch, *size)
+    with torch.no_grad():
+        enc, dec = model.forward_features(x)
+        logits = model(x)
+    assert enc.shape == (batch, 512, *(s // 8 for s in size))
+    assert dec.shape == (batch, 64, *size)
+    assert logits.shape == (batch, 3, *size)
+    # logits are the raw 1x1x1 conv of dec_last: no sigmoid
+    assert torch.allclose(logits, model.out_tr.final_conv(dec), atol=1e-6)
+
+
+def test_unet_eval_uses_running_stats_and_is_batch_independent():
+    torch.manual_seed(0)
+    model = UNet3D(out_channels=2)
+    model.load_state_dict(dict(reference_unet_state_dict(torch.Generator().manual_seed(1)),
+                               **{k: v for k, v in model.state_dict().items() if k.startswith("out_tr")}))
+    model.eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        alone = model(x[:1])
+        together = model(x)[:1]
+        # first LUConv by hand with the stored running statistics
+        lu = model.down_tr64.ops[0]
+        bn = lu.bn1
+        conv = lu.conv1(x[:1])
+        manual = torch.relu((conv - bn.running_mean[:, None, None, None]) /
+                            torch.sqrt(bn.running_var[:, None, None, None] + bn.eps)
+                            * bn.weight[:, None, None, None] + bn.bias[:, None, None, None])
+        assert torch.allclose(lu(x[:1]), manual, atol=1e-4, rtol=1e-5)
+    assert torch.allclose(alone, together, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = UNet3D(out_channels=2).train()
+    model(torch.randn(2, 1, 16, 16, 16)).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_unet_errors():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        UNet3D().forward_features(torch.zeros(1, 1, 12, 16, 16))
+    with pytest.raises(RuntimeError, match="out_channels=None"):
+        UNet3D()(torch.zeros(1, 1, 8, 8, 8))
+
+
+# -------------------------------------------------------------------------------------------- SwinUNETR
+
+class LegacyPatchMerging(monai_swin.PatchMergingV2):
+    """MONAI < 1.5 ``PatchMerging`` order (facts file, section 3.1), for MONAI >= 1.5 installs."""
+
+    def forward(self, x):
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in
+                       ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))], -1)
+        return self.reduction(self.norm(x))
+
+
+def monai_default_merge_order() -> str:
+    major, minor = (int(v) for v in monai.__version__.split(".")[:2])
+    return "all8" if (major, minor) >= (1, 5) else "legacy"
+
+
+def monai_swinunetr(feature_size: int, out_channels: int = 14, legacy: bool = False) -> nn.Module:
+    kwargs = dict(in_channels=1, out_channels=out_channels, feature_size=feature_size)
+    if "img_size" in inspect.signature(monai_swin.SwinUNETR.__init__).parameters:  # MONAI < 1.5
+        kwargs["img_size"] = (64, 64, 64)
+    if legacy:
+        kwargs["downsample"] = LegacyPatchMerging
+    return monai_swin.SwinUNETR(**kwargs)
+
+
+def test_swin_parameter_counts_and_keys():
+    model = SwinUNETR(1, 14, feature_size=48)
+    assert n_params(model) == 62_187_296
+    assert n_params(SwinUNETR(1, None, feature_size=48)) == 62_186_610
+    assert (model.enc_channels, model.dec_channels) == (768, 48)
+    ref = monai_swinunetr(48)
+    ours_sd, ref_sd = model.state_dict(), ref.state_dict()
+    assert list(ours_sd) == list(ref_sd)
+    assert all(ours_sd[k].shape == ref_sd[k].shape for k in ours_sd)
+    assert torch.equal(ours_sd["swinViT.layers1.0.blocks.1.attn.relative_position_index"],
+                       ref_sd["swinViT.layers1.0.blocks.1.attn.relative_position_index"])
+
+
+def test_legacy_merge_order_repeats_two_subvoxels():
+    legacy, all8 = MERGE_ORDERS["legacy"], MERGE_ORDERS["all8"]
+    assert len(set(legacy)) == 6 and {(1, 1, 0), (0, 1, 1)}.isdisjoint(legacy)
+    assert sorted(all8) == sorted({(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)})
+
+
+@pytest.mark.parametrize("feature_size", [12, 48])
+@pytest.mark.parametrize("direction", ["monai_to_ours", "ours_to_monai"])
+def test_swin_matches_monai(feature_size, direction):
+    torch.manual_seed(feature_size)
+    order = monai_default_merge_order()
+    ref = monai_swinunetr(feature_size).eval()
+    ours = SwinUNETR(1, 14, feature_size=feature_size, merge_order=order).eval()
+    if direction == "monai_to_ours":
+        ours.load_state_dict(ref.state_dict(), strict=True)
+    else:
+        ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        expected = ref(x)
+        got = ours(x)
+    assert got.shape == (1, 14, 64, 64, 64)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("size,batch", [((64, 64, 64), 1), ((32, 64, 96), 2)])
+def test_swin_legacy_merging_matches_old_monai_order(size, batch):
+    torch.manual_seed(1)
+    ref = monai_swinunetr(12, legacy=True).eval()
+    ours = SwinUNETR(1, 14, feature_size=12, merge_order="legacy").eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(batch, 1, *size)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() < 1e-4
+        ours_all8 = SwinUNETR(1, 14, feature_size=12, merge_order="all8").eval()
+        ours_all8.load_state_dict(ref.state_dict())
+        assert (ours_all8(x) - ref(x)).abs().max().item() > 1e-3  # the order matters
+
+
+def test_swin_single_voxel_bottleneck_is_zero_normalised():
+    model = SwinUNETR(1, 2, feature_size=12).eval()
+    with torch.no_grad():
+        hidden = model.swinViT(torch.randn(1, 1, 32, 32, 32))
+        assert hidden[4].shape == (1, 192, 1, 1, 1)
+        # instance norm of one voxel is 0, so encoder10 reduces to LeakyReLU of its input
+        expected = torch.nn.functional.leaky_relu(hidden[4], 0.01)
+        assert torch.equal(model.encoder10(hidden[4]), expected)
+
+
+@pytest.mark.parametrize("size,batch", [((32, 32, 32), 1), ((32, 64, 96), 2)])
+def test_swin_shapes(size, batch):
+    model = SwinUNETR(in_channels=2, out_channels=3, feature_size=12).eval()
+    x = torch.randn(batch, 2, *size)
+    with torch.no_grad():
+        enc, dec = model.forward_features(x)
+        logits = model(x)
+    assert enc.shape == (batch, 192, *(s // 32 for s in size))
+    assert dec.shape == (batch, 12, *size)
+    assert logits.shape == (batch, 3, *size)
+
+
+def test_swin_errors():
+    model = SwinUNETR(1, None, feature_size=12)
+    with pytest.raises(ValueError, match="W=48"):
+        model.forward_features(torch.zeros(1, 1, 32, 32, 48))
+    with pytest.raises(RuntimeError, match="out_channels=None"):
+        model(torch.zeros(1, 1, 32, 32, 32))
+    with pytest.raises(ValueError, match="merge_order"):
+        SwinUNETR(feature_size=12, merge_order="v2")
+    with pytest.raises(ValueError, match="heads"):
+        SwinUNETR(feature_size=10)
+
+
+def test_swin_gradients_reach_every_parameter_and_checkpointing_is_exact():
+    torch.manual_seed(0)
+    plain = SwinUNETR(1, 2, feature_size=12).train()
+    ckpt = SwinUNETR(1, 2, feature_size=12, use_checkpoint=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    # 64 along one axis: at 32^3 the 1/32 level is one voxel, instance norm gives 0 and encoder10 no gradient
+    x = torch.randn(1, 1, 64, 32, 32)
+    plain(x).square().mean().backward()
+    ckpt(x).square().mean().backward()
+    grads = dict(ckpt.named_parameters())
+    for name, p in plain.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert torch.allclose(p.grad, grads[name].grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_swin_eval_is_batch_independent():
+    torch.manual_seed(0)
+    model = SwinUNETR(1, 2, feature_size=12).eval()
+    x = torch.randn(2, 1, 32, 32, 64)
+    with torch.no_grad():
+        alone = model(x[:1])
+        together = model(x)[:1]
+    assert torch.allclose(alone, together, atol=1e-5, rtol=1e-5)
+
+
+def test_load_swin_weights_self_supervised_and_dataparallel_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    source = SwinUNETR(1, 14, feature_size=12)
+    # Self-supervised encoder checkpoint layout: {"state_dict": {"module.<swin key>": ...}}, MLP as fc1/fc2,
+    # plus pre-training heads that the segmentation model does not have.
+    encoder = {"module." + k[len("swinViT."):].replace("mlp.linear", "mlp.fc"): v
+               for k, v in source.state_dict().items() if k.startswith("swinViT.")}
+    encoder["module.rotation_head.weight"] = torch.zeros(4, 8)
+    encoder["module.contrastive_head.weight"] = torch.zeros(8, 8)
+    path = tmp_path / "model_swinvit.pt"
+    torch.save({"epoch": 3, "state_dict": encoder}, path)
+
+    target = SwinUNETR(1, 14, feature_size=12)
+    result = load_swin_weights(target, path)
+    assert sorted(result.unexpected_keys) == ["module.contrastive_head.weight", "module.rotation_head.weight"]
+    assert result.missing_keys == [k for k in target.state_dict() if not k.startswith("swinViT.")]
+    for key, value in target.state_dict().items():
+        if key.startswith("swinViT."):
+            assert torch.equal(value, source.state_dict()[key]), key
+    with pytest.raises(ValueError, match="strict=True"):
+        load_swin_weights(SwinUNETR(1, 14, feature_size=12), path, strict=True)
+
+    # A whole MONAI model saved from DataParallel: every key prefixed "module.", nested under "model".
+    ref = monai_swinunetr(12)
+    full = {"model": {"module." + k: v for k, v in ref.state_dict().items()}}
+    target = SwinUNETR(1, 14, feature_size=12)
+    assert load_swin_weights(target, full, strict=True) == ([], [])
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in target.state_dict().items())
+
+    bad = {k: v for k, v in ref.state_dict().items()}
+    bad["out.conv.conv.weight"] = torch.zeros(3, 12, 1, 1, 1)
+    with pytest.raises(ValueError, match="out.conv.conv.weight"):
+        load_swin_weights(SwinUNETR(1, 14, feature_size=12), bad)
+
+
+def test_build_backbone():
+    assert isinstance(build_backbone("unet", out_channels=3), UNet3D)
+    swin = build_backbone("swinunetr", in_channels=2, feature_size=12)
+    assert isinstance(swin, SwinUNETR) and swin.out is None and swin.in_channels == 2
+    assert swin.enc_channels == 192 and swin.dec_channels == 12
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("resnet")
