@@ -258,12 +258,13 @@ class WindowAttention(nn.Module):
         # Gathered every call (cheap) so the table gets gradients; [:n, :n] is MONAI's shrunk-window rule.
         index = self.relative_position_index[:n, :n].reshape(-1)
         bias = self.relative_position_bias_table[index].view(n, n, heads).permute(2, 0, 1)
-        out = x.new_empty(w, n, heads, c // heads)
-        for start, end, mask in plan.groups:
-            attn_mask = (bias if mask is None else bias + mask).to(q.dtype)
-            out[start:end] = F.scaled_dot_product_attention(
-                q[start:end], k[start:end], v[start:end], attn_mask=attn_mask).transpose(1, 2)
-        return self.proj(out.view(w, n, c))
+        # split/cat rather than slicing/slice-assignment: their backward is one cat/view, not a
+        # full-size zero-fill and accumulation per group
+        sizes = [end - start for start, end, _ in plan.groups]
+        outs = [F.scaled_dot_product_attention(qg, kg, vg, attn_mask=(bias if mask is None else bias + mask).to(q.dtype))
+                for qg, kg, vg, (_, _, mask) in zip(q.split(sizes), k.split(sizes), v.split(sizes), plan.groups)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.proj(out.transpose(1, 2).reshape(w, n, c))
 
 
 class SwinBlock(nn.Module):
