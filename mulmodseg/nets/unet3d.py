@@ -57,9 +57,9 @@ def _two_convs(in_ch: int, mid_ch: int, out_ch: int) -> nn.Sequential:
 class DownTransition(nn.Module):
     """Two LUConvs then (optionally) 2x max-pool; returns ``(pooled_or_same, pre_pool)``."""
 
-    def __init__(self, in_ch: int, depth: int, pool: bool) -> None:
+    def __init__(self, in_ch: int, depth: int, pool: bool, base: int = 32) -> None:
         super().__init__()
-        out_ch = 64 * 2**depth
+        out_ch = 2 * base * 2**depth
         self.ops = _two_convs(in_ch, out_ch // 2, out_ch)
         self.pool = pool
 
@@ -101,32 +101,36 @@ class UNet3D(nn.Module):
         in_channels: image channels C_in.
         out_channels: number of classes of the optional 1x1x1 output conv ``out_tr``; ``None`` builds
             the backbone only (then ``forward`` raises).
+        base_channels: width of the first conv (32 in the reference); every stage scales with it. The
+            stage names keep the reference's numbers (``down_tr64`` ...) whatever the width, so
+            state-dict keys never change. Small widths are for tests and smoke runs.
 
     Attributes:
-        enc_channels: 512, channels of ``enc_last``.
-        dec_channels: 64, channels of ``dec_last``.
+        enc_channels: ``16 * base_channels`` (512), channels of ``enc_last``.
+        dec_channels: ``2 * base_channels`` (64), channels of ``dec_last``.
     """
 
-    enc_channels = 512
-    dec_channels = 64
-
-    def __init__(self, in_channels: int = 1, out_channels: Optional[int] = None) -> None:
+    def __init__(self, in_channels: int = 1, out_channels: Optional[int] = None, base_channels: int = 32) -> None:
         super().__init__()
+        b = base_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.down_tr64 = DownTransition(in_channels, 0, pool=True)
-        self.down_tr128 = DownTransition(64, 1, pool=True)
-        self.down_tr256 = DownTransition(128, 2, pool=True)
-        self.down_tr512 = DownTransition(256, 3, pool=False)
-        self.up_tr256 = UpTransition(512, 256)
-        self.up_tr128 = UpTransition(256, 128)
-        self.up_tr64 = UpTransition(128, 64)
-        self.out_tr = OutputTransition(64, out_channels) if out_channels is not None else None
+        self.enc_channels = 16 * b
+        self.dec_channels = 2 * b
+        self.down_tr64 = DownTransition(in_channels, 0, pool=True, base=b)
+        self.down_tr128 = DownTransition(2 * b, 1, pool=True, base=b)
+        self.down_tr256 = DownTransition(4 * b, 2, pool=True, base=b)
+        self.down_tr512 = DownTransition(8 * b, 3, pool=False, base=b)
+        self.up_tr256 = UpTransition(16 * b, 8 * b)
+        self.up_tr128 = UpTransition(8 * b, 4 * b)
+        self.up_tr64 = UpTransition(4 * b, 2 * b)
+        self.out_tr = OutputTransition(2 * b, out_channels) if out_channels is not None else None
 
     def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``x: (B, C_in, D, H, W)``, D, H, W divisible by 8.
 
-        Returns ``(enc_last, dec_last)``: ``(B, 512, D/8, H/8, W/8)`` and ``(B, 64, D, H, W)``.
+        Returns ``(enc_last, dec_last)``: ``(B, 512, D/8, H/8, W/8)`` and ``(B, 64, D, H, W)`` (at the
+        default width).
         """
         if any(s % 8 for s in x.shape[2:]):
             raise ValueError(f"UNet3D needs spatial sizes divisible by 8, got {tuple(x.shape[2:])}")
