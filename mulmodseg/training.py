@@ -1,0 +1,607 @@
+"""The trainer: alternating (ALT) training over one loader per modality, and everything around it.
+
+ALT (the method's training scheme): every iteration takes one batch of each modality in a fixed
+order (CT, MR, ... for N modalities) and for each runs forward with that modality, the Dice + CE
+loss, backward and an optimizer step. An epoch is ``max(len(loader))`` iterations; shorter loaders
+cycle. ``mode="mix"`` draws mixed batches from one shuffled loader instead, and a modality name as
+mode trains on that modality alone (the paper's single-modality baselines).
+
+Around the loop: a warm-up + cosine schedule stepped per epoch, AMP, gradient clipping, validation
+with the sliding-window inferer, atomic checkpoints with exact resume (model, optimizer, scheduler,
+scaler, counters, RNG states; the crops are a pure function of seed, epoch and index), a JSON-lines
+log, loss curves as PNG, and DDP under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mulmodseg import data as mdata
+from mulmodseg.checkpoint import load_checkpoint, save_checkpoint
+from mulmodseg.inferer import sliding_window_inference
+from mulmodseg.losses import DiceCELoss
+from mulmodseg.metrics import dice_per_class
+from mulmodseg.model import MulModSeg
+from mulmodseg.viz import plot_curves
+
+BUNDLED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+
+
+class TrainingError(Exception):
+    """A run that cannot start or cannot go on, with what to do about it in the message."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; saved as JSON in the run directory and inside each checkpoint."""
+
+    data_dirs: dict[str, str] = field(default_factory=dict)  # modality name -> dataset folder
+    out: str = "runs/mulmodseg"
+    backbone: str = "unet"
+    feature_size: int = 48  # SwinUNETR only
+    base_channels: int = 32  # UNet only: width of the first conv (the reference's 32)
+    text: str = "clip"  # clip | onehot | none | path of a saved table
+    clip_weights: str | None = None
+    template: str = "v3"
+    classes: str = "amos"
+    mode: str = "alt"  # alt | mix | a modality name
+    modality_order: list[str] | None = None  # ALT order; default: the order of data_dirs
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    batch_size: int = 1  # volumes per step; each gives num_samples crops
+    num_samples: int = 2
+    epochs: int = 1000
+    warmup_epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # auto | bf16 | fp16 | none
+    compile: bool = False
+    grad_clip: float = 0.0
+    gradient_checkpointing: bool = False
+    num_workers: int = 2
+    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    ct_window: tuple[float, float] = (-125.0, 275.0)
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    label_map: str | None = None
+    max_cases: dict[str, int] = field(default_factory=dict)  # modality -> cases kept (CT:MR ratios)
+    val_fraction: float = 0.0
+    val_every: int = 0
+    sw_batch_size: int = 4
+    save_every: int = 1
+    keep_every: int = 0
+    cache_dir: str | None = None
+    log_every: int = 10
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from JSON (lists back to tuples where the field is a tuple)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in values.items():
+            if name in fields:
+                kwargs[name] = tuple(value) if isinstance(value, list) and "tuple" in str(fields[name].type) else value
+        return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def warmup_cosine(epoch: int, warmup_epochs: int, total_epochs: int) -> float:
+    """LR factor for 0-based ``epoch``: linear warm-up reaching 1 in the last warm-up epoch, then cosine.
+
+    The reference's scheduler (stepped before each epoch, warm-up denominator W - 1) reaches the base
+    LR one epoch early and trains its last epoch at LR 0; here epoch ``W - 1`` is the first at the
+    base LR, epoch ``W`` starts the cosine at 1, and the last epoch still has a positive LR.
+    """
+    if epoch < warmup_epochs:
+        return (epoch + 1) / warmup_epochs
+    span = max(total_epochs - warmup_epochs, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+class EpochLoader:
+    """Batches of one dataset whose order and crops depend only on (seed, epoch, pass, rank).
+
+    ``batches(epoch, pass_no)`` shuffles with a generator seeded from those numbers, gives this
+    rank its share (``order[rank::world]``, padded by wrapping so every rank has the same length),
+    and tells the dataset which draw it is so its random crops are reproducible under resume.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0, world: int = 1):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_workers, self.rank, self.world = num_workers, rank, world
+        self.per_rank = math.ceil(len(dataset) / world)
+
+    def __len__(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def batches(self, epoch: int, pass_no: int = 0) -> Iterator[dict]:
+        draw = epoch * 1000 + pass_no
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+        order = torch.randperm(len(self.dataset), generator=gen).tolist()
+        order = (order * self.world)[: self.per_rank * self.world][self.rank :: self.world]
+        self.dataset.set_epoch(draw)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order,
+            num_workers=self.num_workers,
+            collate_fn=mdata.collate_crops,
+        )
+        yield from loader
+
+
+class ConcatCrops(torch.utils.data.ConcatDataset):
+    """Several modalities' crop datasets as one (``mode="mix"``), passing ``set_epoch`` on to each."""
+
+    def set_epoch(self, draw: int) -> None:
+        for dataset in self.datasets:
+            dataset.set_epoch(draw)
+
+
+def cycling(loader: EpochLoader, epoch: int) -> Iterator[dict]:
+    """The loader's batches for ``epoch``, starting a fresh pass whenever one runs out."""
+    pass_no = 0
+    while True:
+        yield from loader.batches(epoch, pass_no)
+        pass_no += 1
+
+
+def alt_batches(loaders: dict[str, EpochLoader], order: Sequence[str], epoch: int) -> Iterator[tuple[str, dict]]:
+    """ALT: ``max(len)`` iterations, each yielding one batch per modality in ``order``."""
+    streams = {name: cycling(loaders[name], epoch) for name in order}
+    for _ in range(max(len(loaders[name]) for name in order)):
+        for name in order:
+            yield name, next(streams[name])
+
+
+def mixed_batches(loader: EpochLoader, epoch: int) -> Iterator[tuple[list[str], dict]]:
+    """One pass over a loader whose batches mix modalities; the modality is per crop."""
+    for batch in loader.batches(epoch):
+        yield batch["modality"], batch
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` on ``device`` (auto: bf16 on CUDA that supports it, else fp32)."""
+    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp in ("bf16", "auto"):
+        return torch.bfloat16
+    raise ValueError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
+
+
+def train_step(
+    model: nn.Module,
+    loss_fn: DiceCELoss,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: dict,
+    modality: str | list[str],
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float = 0.0,
+) -> tuple[float, float]:
+    """One forward/backward/optimizer step on ``batch`` ({"image": (B, 1, *roi), "label": (B, 1, *roi)}).
+
+    Returns the (dice, ce) loss terms. Raises ``FloatingPointError`` before stepping if the loss is
+    not finite, so the weights stay as they were.
+    """
+    image = batch["image"].to(device, non_blocking=True)
+    label = batch["label"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(image, modality)
+    dice, ce = loss_fn.terms(logits.float(), label)
+    loss = dice + ce
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} (dice {dice.item()}, ce {ce.item()})")
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return dice.item(), ce.item()
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    volumes: Sequence[tuple[np.ndarray, np.ndarray]],
+    modality: str,
+    num_classes: int,
+    roi_size: Sequence[int],
+    device: torch.device,
+    sw_batch_size: int = 4,
+    amp_dtype: torch.dtype | None = None,
+) -> np.ndarray:
+    """Per-case, per-class Dice (cases, K-1) of the argmax in the preprocessed space (NaN: absent in both)."""
+    model.eval()
+    rows = []
+    for image, label in volumes:
+        x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None, None]
+        logits = sliding_window_inference(
+            x, roi_size, model, sw_batch_size=sw_batch_size, sw_device=device, device="cpu",
+            autocast_dtype=amp_dtype, modality=modality,
+        )
+        rows.append(dice_per_class(logits.argmax(1)[0].numpy(), np.asarray(label), num_classes))
+    model.train()
+    return np.array(rows)
+
+
+# ---------------------------------------------------------------------------------------------- run setup
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` is the GPU of this rank when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def class_names(spec: str) -> list[str]:
+    """``amos``, ``mmwhs`` or a file of class names (background first)."""
+    from mulmodseg.text.prompts import resolve_classes
+
+    return list(resolve_classes(spec))
+
+
+def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequence[str]):
+    """The embedding table for ``--text``: None (vision-only), one-hot, CLIP prompts, or a saved file."""
+    from mulmodseg.text import EmbeddingTable, build_embedding_table, load_text_encoder
+
+    if config.text == "none":
+        return None
+    if config.text == "onehot":
+        return EmbeddingTable.onehot(tuple(modalities), tuple(classes))
+    if config.text == "clip":
+        encoder = load_text_encoder(config.clip_weights, download=config.clip_weights is None)
+        return build_embedding_table(encoder, classes, modalities, config.template)
+    table = EmbeddingTable.load(config.text, classes=classes)
+    missing = sorted(set(modalities) - set(table.modalities))
+    if missing:
+        raise TrainingError(f"{config.text}: the table has no rows for {missing} (it has {list(table.modalities)})")
+    if len(table.classes) != len(classes):
+        raise TrainingError(f"{config.text}: the table has {len(table.classes)} classes, --classes gives {len(classes)}")
+    return table
+
+
+def preprocess_settings(config: TrainConfig, modality: str) -> dict[str, Any]:
+    """``mulmodseg.data.preprocess`` settings for one modality from the run's config."""
+    settings = mdata.default_settings(modality)
+    settings["spacing"] = list(config.spacing)
+    if modality == "CT":
+        settings["window"] = list(config.ct_window)
+    elif "percentiles" in settings:
+        settings["percentiles"] = list(config.mr_percentiles)
+    if config.label_map:
+        settings["label_map"] = {str(k): v for k, v in mdata.parse_label_map(config.label_map).items()}
+    settings["min_size"] = list(config.roi_size)
+    return settings
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def format_seconds(seconds: float) -> str:
+    """``3h07m``, ``4m05s`` or ``12s``."""
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    """A training run in ``config.out``: set up with ``prepare()``, then ``fit()``.
+
+    Everything that can be wrong with the input (folders, files, labels, text weights, an occupied
+    run directory) is checked in ``prepare()`` before any long work starts.
+    """
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None] | None = None):
+        self.config = config
+        self.out = Path(config.out)
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.is_main = self.rank == 0
+        self.resume_state: dict | None = None
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def prepare(self, resume: bool = False) -> None:
+        """Check inputs, build data, model, optimizer; load ``last.pt`` when resuming."""
+        cfg = self.config
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        last = self.out / "last.pt"
+        if resume and not last.is_file():
+            raise TrainingError(f"--resume: {last} does not exist; start a new run without --resume")
+        if not resume and last.is_file():
+            raise TrainingError(
+                f"{self.out} already holds a checkpoint ({last}); pass --resume to continue it or choose another --out"
+            )
+        if resume:
+            self.resume_state = load_checkpoint(last)
+            saved = TrainConfig.from_dict(self.resume_state["config"]["train"])
+            saved.epochs, saved.device, saved.out = cfg.epochs, cfg.device, cfg.out
+            self.config = cfg = saved
+        if not cfg.data_dirs:
+            raise TrainingError("no dataset given: pass --ct_dir and/or --mr_dir")
+        self.modalities = list(cfg.modality_order or cfg.data_dirs)
+        if sorted(self.modalities) != sorted(cfg.data_dirs):
+            raise TrainingError(f"--modality_order {self.modalities} must name each of {list(cfg.data_dirs)} once")
+        if cfg.mode not in ("alt", "mix") and cfg.mode not in self.modalities:
+            raise TrainingError(f"--mode {cfg.mode!r}: choose alt, mix or one of {self.modalities}")
+        self.train_modalities = self.modalities if cfg.mode in ("alt", "mix") else [cfg.mode]
+        self.device = resolve_device(cfg.device, self.local_rank)
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.classes = class_names(cfg.classes)
+
+        self.cases, self.val_cases = {}, {}
+        for name in self.train_modalities:
+            cases = mdata.discover_cases(cfg.data_dirs[name], name)
+            if name in cfg.max_cases:
+                cases = mdata.subsample(cases, cfg.max_cases[name], cfg.seed)
+            train, val = mdata.split_cases(cases, cfg.val_fraction, cfg.seed) if cfg.val_fraction else (cases, [])
+            self.cases[name], self.val_cases[name] = train, val
+        all_cases = [c for name in self.train_modalities for c in self.cases[name] + self.val_cases[name]]
+        label_map = mdata.parse_label_map(cfg.label_map) if cfg.label_map else None
+        for warning in mdata.check_cases(all_cases, label_map=label_map, num_classes=len(self.classes),
+                                         modalities=self.modalities):
+            self.log(f"warning: {warning}")
+
+        table = None if resume else build_table(cfg, self.modalities, self.classes)
+        self.model = self.build_model(table)
+        if self.world > 1 and self.rank != 0:
+            dist.barrier()  # rank 0 fills the preprocessing cache first; the others then read it
+        self.setup_data()
+        if self.world > 1 and self.rank == 0:
+            dist.barrier()
+        self.setup_optimisation()
+        self.start_epoch, self.iteration, self.best = 0, 0, -1.0
+        if resume:
+            self.load_state(self.resume_state)
+            self.log(f"resuming {last} at epoch {self.start_epoch + 1}/{cfg.epochs}")
+        self.history: list[dict] = []
+
+    def build_model(self, table) -> MulModSeg:
+        """A fresh network (same initial weights on every rank), or the resumed run's shape."""
+        cfg = self.config
+        seed_everything(cfg.seed)
+        if self.resume_state is not None:  # the table comes back with the state dict
+            model = MulModSeg.from_config(self.resume_state["config"]["model"])
+        else:
+            kwargs = ({"feature_size": cfg.feature_size} if cfg.backbone == "swinunetr"
+                      else {"base_channels": cfg.base_channels})
+            model = MulModSeg(cfg.backbone, num_classes=len(self.classes), embeddings=table,
+                              modalities=self.modalities, classes=self.classes, **kwargs)
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        return model.to(self.device)
+
+    def setup_data(self) -> None:
+        cfg = self.config
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
+        cache = mdata.VolumeCache(cache_dir)
+        self.settings = {name: preprocess_settings(cfg, name) for name in self.modalities}
+        self.loaders, self.val_volumes = {}, {}
+        datasets = {}
+        for m_index, name in enumerate(self.train_modalities):
+            t0 = time.time()
+            volumes = mdata.load_training_volumes(self.cases[name], self.settings[name], cache)
+            self.val_volumes[name] = mdata.load_training_volumes(self.val_cases[name], self.settings[name], cache)
+            self.log(f"{name}: {len(volumes)} training and {len(self.val_volumes[name])} validation volumes "
+                     f"ready in {time.time() - t0:.1f}s")
+            datasets[name] = mdata.CropDataset(
+                volumes, cfg.roi_size, num_samples=cfg.num_samples, modality=name,
+                seed=cfg.seed + 7919 * self.rank + 104729 * m_index,
+            )
+        make = lambda ds, seed: EpochLoader(ds, cfg.batch_size, seed, cfg.num_workers, self.rank, self.world)
+        if cfg.mode == "mix":
+            self.mixed = make(ConcatCrops(list(datasets.values())), cfg.seed)
+        else:
+            self.loaders = {name: make(ds, cfg.seed + i) for i, (name, ds) in enumerate(datasets.items())}
+
+    def setup_optimisation(self) -> None:
+        cfg = self.config
+        self.loss_fn = DiceCELoss()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda e: warmup_cosine(e, cfg.warmup_epochs, cfg.epochs)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.net = self.model
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def checkpoint_config(self) -> dict:
+        return {
+            "train": dataclasses.asdict(self.config),
+            "model": self.model.config(),
+            "preprocess": self.settings,
+            "classes": list(self.classes),
+            "modalities": list(self.modalities),
+            "roi_size": list(self.config.roi_size),
+        }
+
+    def save(self, path: Path, epoch: int) -> None:
+        save_checkpoint(
+            path, self.checkpoint_config(), self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), epoch=epoch, iteration=self.iteration, best=self.best,
+            rng=rng_state(),
+        )
+
+    def load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch, self.iteration, self.best = ckpt["epoch"], ckpt["iteration"], ckpt["best"]
+        set_rng_state(ckpt["rng"])
+
+    # -- loop --------------------------------------------------------------------------------------
+
+    def epoch_batches(self, epoch: int) -> tuple[int, Iterable]:
+        """(number of optimizer steps, iterator of (modality, batch)) for one epoch."""
+        cfg = self.config
+        if cfg.mode == "mix":
+            return len(self.mixed), mixed_batches(self.mixed, epoch)
+        order = self.train_modalities
+        return max(len(self.loaders[n]) for n in order) * len(order), alt_batches(self.loaders, order, epoch)
+
+    def fit(self) -> dict:
+        """Train from ``start_epoch`` to ``config.epochs``; returns the last epoch's log record."""
+        cfg = self.config
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.checkpoint_config(), indent=2))
+        self.net.train()
+        record: dict = {}
+        t_start, steps_done = time.time(), 0
+        for epoch in range(self.start_epoch, cfg.epochs):
+            n_steps, batches = self.epoch_batches(epoch)
+            sums: dict[str, list[float]] = {}
+            lr = self.optimizer.param_groups[0]["lr"]
+            for step, (modality, batch) in enumerate(batches, 1):
+                try:
+                    dice, ce = train_step(self.net, self.loss_fn, self.optimizer, self.scaler, batch, modality,
+                                          self.device, self.amp_dtype, cfg.grad_clip)
+                except FloatingPointError as exc:
+                    raise TrainingError(
+                        f"training stopped at epoch {epoch + 1}, step {step} ({modality}): {exc}. "
+                        f"The last good checkpoint is kept: {self.out / 'last.pt'}"
+                    ) from exc
+                self.iteration += 1
+                steps_done += 1
+                key = modality if isinstance(modality, str) else "mix"
+                acc = sums.setdefault(key, [0.0, 0.0, 0])
+                acc[0] += dice
+                acc[1] += ce
+                acc[2] += 1
+                if self.is_main and (step % cfg.log_every == 0 or step == n_steps):
+                    rate = steps_done / (time.time() - t_start)
+                    left = (cfg.epochs - epoch - 1) * n_steps + (n_steps - step)
+                    terms = " | ".join(f"{k} dice {a[0] / a[2]:.4f} ce {a[1] / a[2]:.4f}" for k, a in sums.items())
+                    self.log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{n_steps} | {terms} | lr {lr:.2e} | "
+                             f"{rate:.2f} steps/s | ETA {format_seconds(left / rate)}")
+            self.scheduler.step()
+            record = {"epoch": epoch + 1, "iteration": self.iteration, "lr": lr, "time": time.time() - t_start}
+            for k, a in sums.items():
+                record[f"{k}/dice_loss"], record[f"{k}/ce_loss"] = a[0] / a[2], a[1] / a[2]
+            if cfg.val_every and (epoch + 1) % cfg.val_every == 0:
+                record.update(self.run_validation())
+            self.end_epoch(epoch + 1, record)
+            self.start_epoch = epoch + 1  # a later fit() with more epochs continues from here
+        if self.is_main:
+            self.write_curves()
+        return record
+
+    def run_validation(self) -> dict:
+        scores = {}
+        for name in self.train_modalities:
+            if not self.val_volumes[name]:
+                continue
+            dice = validate(self.model, self.val_volumes[name], name, len(self.classes), self.config.roi_size,
+                            self.device, self.config.sw_batch_size, self.amp_dtype)
+            per_class = np.nanmean(dice, axis=0) if np.isfinite(dice).any() else dice[0]
+            scores[f"{name}/val_dice"] = float(np.nanmean(per_class))
+            scores[f"{name}/val_dice_per_class"] = [None if np.isnan(v) else float(v) for v in per_class]
+            self.log(f"validation {name}: mean Dice {scores[f'{name}/val_dice']:.4f}")
+        return scores
+
+    def end_epoch(self, epoch: int, record: dict) -> None:
+        cfg = self.config
+        self.history.append(record)
+        if not self.is_main:
+            return
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        val = [v for k, v in record.items() if k.endswith("/val_dice")]
+        if val and float(np.mean(val)) > self.best:
+            self.best = float(np.mean(val))
+            self.save(self.out / "best.pt", epoch)
+        if epoch % cfg.save_every == 0 or epoch == cfg.epochs:
+            self.save(self.out / "last.pt", epoch)
+        if cfg.keep_every and epoch % cfg.keep_every == 0:
+            self.save(self.out / f"epoch_{epoch}.pt", epoch)
+
+    def write_curves(self) -> None:
+        write_curves(self.out / "log.jsonl", self.out / "curves.png")
+
+
+def write_curves(log_path: str | Path, png_path: str | Path) -> None:
+    """Loss curves per modality and validation Dice from a run's ``log.jsonl``, as a PNG."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for line in Path(log_path).read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key.endswith(("_loss", "/val_dice")):
+                series.setdefault(key, []).append((record["epoch"], value))
+    if series:
+        plot_curves(series, png_path)
+
+
+def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Run a whole training (under ``torchrun`` too); returns the last epoch's log record."""
+    try:
+        trainer = Trainer(config, log)
+        trainer.prepare(resume)
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

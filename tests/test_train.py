@@ -1,0 +1,261 @@
+"""The trainer: schedule, ALT order, exact resume after SIGKILL, NaN stop, DDP on gloo, overfitting a real crop."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import train as train_cli
+from mulmodseg import data as mdata
+from mulmodseg.checkpoint import load_checkpoint
+from mulmodseg.losses import DiceCELoss
+from mulmodseg.model import MulModSeg
+from mulmodseg.training import (
+    EpochLoader,
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    alt_batches,
+    train_step,
+    warmup_cosine,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+# A small but real run: a narrow UNet on 32^3 crops of the bundled CT and MR resampled to 6 mm.
+SMALL = ["--backbone", "unet", "--base_channels", "4", "--text", "onehot", "--roi_size", "32", "--spacing", "6", "6", "6",
+         "--num_workers", "0", "--warmup_epochs", "1", "--lr", "1e-3"]
+
+
+def small_args(out: Path, cache: Path, epochs: int) -> list[str]:
+    return ["--ct_dir", str(SAMPLE / "ct"), "--mr_dir", str(SAMPLE / "mr"), *SMALL, "--epochs", str(epochs),
+            "--out", str(out), "--cache_dir", str(cache)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_schedule_warms_up_to_the_base_lr_and_never_reaches_zero():
+    W, T = 10, 1000
+    assert warmup_cosine(0, W, T) == pytest.approx(0.1)
+    assert warmup_cosine(W - 1, W, T) == 1.0  # warm-up ends at the base lr
+    assert warmup_cosine(W, W, T) == 1.0  # the cosine starts at the base lr
+    assert warmup_cosine(500, W, T) == pytest.approx(0.5 * (1 + np.cos(np.pi * 490 / 990)))
+    last = warmup_cosine(T - 1, W, T)
+    assert 0 < last < 1e-4  # the reference trains its last epoch at lr 0
+    values = [warmup_cosine(e, W, T) for e in range(W, T)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+class CountingSet(torch.utils.data.Dataset):
+    """n items of a constant crop; records set_epoch calls."""
+
+    def __init__(self, n, value):
+        self.n, self.value, self.draws = n, value, []
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, draw):
+        self.draws.append(draw)
+
+    def __getitem__(self, i):
+        return {"image": torch.full((2, 1, 4, 4, 4), float(self.value)), "label": torch.zeros(2, 1, 4, 4, 4)}
+
+
+class RecordingModel(nn.Module):
+    """Records the modality of every forward; the optimizer step follows each forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2, 1, 1, 1))
+        self.seen = []
+
+    def forward(self, x, modality):
+        self.seen.append(modality)
+        return self.w[None] * x  # (B, 2, 4, 4, 4)
+
+
+def test_alt_alternates_modalities_for_max_len_iterations_with_cycling():
+    loaders = {"CT": EpochLoader(CountingSet(5, 1), 1, seed=0), "MR": EpochLoader(CountingSet(2, 2), 1, seed=1)}
+    model = RecordingModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    steps, values = 0, []
+    for modality, batch in alt_batches(loaders, ["CT", "MR"], epoch=3):
+        values.append(batch["image"].flatten()[0].item())
+        w_before = model.w.detach().clone()
+        train_step(model, DiceCELoss(), opt, scaler, batch, modality, torch.device("cpu"))
+        assert not torch.equal(w_before, model.w.detach())  # one optimizer step per batch
+        steps += 1
+    assert model.seen == ["CT", "MR"] * 5  # max(5, 2) iterations, CT first
+    assert values == [1.0, 2.0] * 5
+    assert steps == 10
+    # MR (2 volumes) cycled through passes 0, 1 and 2 of epoch 3; CT needed one pass.
+    assert loaders["MR"].dataset.draws == [3000, 3001, 3002]
+    assert loaders["CT"].dataset.draws == [3000]
+
+
+class IndexSet(torch.utils.data.Dataset):
+    """Item i is the number i."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, draw):
+        pass
+
+    def __getitem__(self, i):
+        return {"image": torch.tensor([[float(i)]]), "label": torch.tensor([[0]])}
+
+
+def test_epoch_loader_gives_each_rank_distinct_items_of_equal_count():
+    seen = [[int(b["image"].item()) for b in EpochLoader(IndexSet(5), 1, seed=0, rank=r, world=2).batches(0)]
+            for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 3  # 5 items padded by wrapping to 3 per rank
+    assert set(seen[0]) | set(seen[1]) == set(range(5))
+    assert set(seen[0][:2]).isdisjoint(seen[1][:2])
+    assert seen == [[int(b["image"].item()) for b in EpochLoader(IndexSet(5), 1, seed=0, rank=r, world=2).batches(0)]
+                    for r in range(2)]  # the same seed and epoch give the same order
+
+
+def run_cli(args, **kwargs):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_resume_after_sigkill_gives_the_same_weights_as_a_straight_run(tmp_path, cache):
+    straight = run_cli(small_args(tmp_path / "straight", cache, 2))
+    log = straight.communicate(timeout=600)[0]
+    assert straight.returncode == 0, log
+    assert "ETA" in log
+
+    killed_dir = tmp_path / "killed"
+    proc = run_cli(small_args(killed_dir, cache, 2))
+    deadline = time.time() + 600
+    while not (killed_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # during the second epoch: last.pt holds epoch 1
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(killed_dir / "last.pt")["epoch"] == 1
+
+    # An occupied run directory is not silently reused.
+    again = run_cli(small_args(killed_dir, cache, 2))
+    out = again.communicate(timeout=120)[0]
+    assert again.returncode == 2 and "--resume" in out
+
+    resumed = run_cli(small_args(killed_dir, cache, 2) + ["--resume"])
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(killed_dir / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    lines = [json.loads(line) for line in (killed_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert {"CT/dice_loss", "MR/ce_loss"} <= set(lines[-1])
+    assert (killed_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((killed_dir / "config.json").read_text())
+    assert config["modalities"] == ["CT", "MR"] and config["train"]["roi_size"] == [32, 32, 32]
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, cache):
+    args = train_cli.build_parser().parse_args(small_args(tmp_path / "run", cache, 1))
+    trainer = Trainer(train_cli.config_from_args(args), log=lambda msg: None)
+    trainer.prepare()
+    trainer.fit()
+    before = load_checkpoint(tmp_path / "run" / "last.pt")
+    trainer.config.epochs = 2
+    with torch.no_grad():
+        trainer.model.precls_conv[2].weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"epoch 2, step 1 \(CT\): loss is nan.*last\.pt"):
+        trainer.fit()
+    after = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert after["epoch"] == 1
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli(["--ct_dir", str(empty), "--mr_dir", str(SAMPLE / "mr"), *SMALL, "--out", str(tmp_path / "r")])
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2
+    assert str(empty) in out
+    assert not (tmp_path / "r").exists()
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+import train as cli
+from mulmodseg.training import Trainer
+args = cli.build_parser().parse_args(sys.argv[1:])
+trainer = Trainer(cli.config_from_args(args), log=lambda m: None)
+trainer.prepare()
+before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+trainer.fit()
+torch.save({"before": before, "after": trainer.model.state_dict()}, os.path.join(args.out, f"rank{os.environ['RANK']}.pt"))
+torch.distributed.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_on_gloo_keeps_both_ranks_identical(tmp_path, cache):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    args = small_args(out, cache, 1) + ["--device", "cpu", "--val_fraction", "0"]
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    r0, r1 = (torch.load(out / f"rank{r}.pt") for r in range(2))
+    params = [name for name, _ in MulModSeg.from_config(load_checkpoint(out / "last.pt")["config"]["model"]).named_parameters()]
+    assert len(params) > 50
+    for key in params:
+        assert torch.equal(r0["after"][key], r1["after"][key]), key
+    assert any(not torch.equal(r0["before"][k], r0["after"][k]) for k in params)
+    # BatchNorm running statistics are per rank between forwards (DDP broadcasts rank 0's at each
+    # forward); checkpoints hold rank 0's.
+
+
+def test_overfits_one_real_crop():
+    """On one crop of the real CT the loss falls by at least half within 15 steps."""
+    image, label, _ = mdata.preprocess(SAMPLE / "ct/imagesTr/ts_ct_001.nii.gz", SAMPLE / "ct/labelsTr/ts_ct_001.nii.gz",
+                                       "CT", **mdata.default_settings("CT"))
+    centre = np.argwhere(label == 6).mean(0).astype(int)  # the liver
+    sl = tuple(slice(c - 16, c + 16) for c in centre)
+    x = torch.as_tensor(image[sl].copy())[None, None]
+    y = torch.as_tensor(label[sl].astype(np.int64))[None, None]
+    torch.manual_seed(0)
+    model = MulModSeg("unet", num_classes=14, embeddings="onehot", base_channels=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = [sum(train_step(model, DiceCELoss(), opt, scaler, {"image": x, "label": y}, "CT", torch.device("cpu")))
+              for _ in range(15)]
+    assert min(losses[-3:]) <= 0.5 * losses[0], losses
