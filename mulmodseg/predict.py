@@ -1,0 +1,254 @@
+"""Inference on NIfTI files: checkpoint in, label maps on the input's own grid out, Dice if labels are given.
+
+Each scan is preprocessed exactly as in training (settings from the checkpoint), segmented with the
+sliding-window inferer, argmaxed in the training space and mapped back onto the original voxel grid
+(``mulmodseg.data.restore``); the result is written with the input's affine, qform and sform, as
+unsigned integers holding the training class ids, or the dataset's own label values when the run
+used a label map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from mulmodseg import data as mdata
+from mulmodseg.checkpoint import CheckpointError, load_checkpoint
+from mulmodseg.inferer import sliding_window_inference
+from mulmodseg.metrics import (
+    count_flops, count_parameters, dice_per_class, markdown_table, summarise, write_metrics_csv, write_summary_csv,
+)
+from mulmodseg.model import MulModSeg
+from mulmodseg.viz import preview
+
+
+@dataclasses.dataclass
+class InferenceSettings:
+    """How to run the network over a scan."""
+
+    sw_batch_size: int = 4
+    overlap: float = 0.5
+    mode: str = "gaussian"
+    tta: bool = False
+    device: str = "auto"
+    amp: str = "auto"  # auto | bf16 | fp16 | none
+    prompt_modality: str | None = None  # the paper's wrong-modality test: prompts of another modality
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[MulModSeg, dict]:
+    """The trained network (eval mode, on ``device``) and the checkpoint's config."""
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt["config"]
+    model = MulModSeg.from_config(config["model"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), config
+
+
+def output_path(image: Path, output_dir: Path, suffix: str = ".nii.gz") -> Path:
+    """``scan_0000.nii.gz`` -> ``output_dir/scan.nii.gz`` (nnU-Net's channel suffix dropped)."""
+    stem = mdata.nifti_stem(image) or image.name
+    if stem.endswith("_0000"):
+        stem = stem[: -len("_0000")]
+    return output_dir / f"{stem}{suffix}"
+
+
+def find_inputs(path: str | Path) -> list[Path]:
+    """One NIfTI file, or every NIfTI file in a folder (sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and mdata.nifti_stem(p))
+        if files:
+            return files
+        raise mdata.DataError([f"{path}: no .nii or .nii.gz files in this folder"])
+    raise mdata.DataError([f"{path}: no such file or folder"])
+
+
+def invert_label_map(settings: dict) -> dict[int, int] | None:
+    """Training id -> the dataset's label value, when the run used a label map (dropped values excluded)."""
+    mapping = settings.get("label_map")
+    if not mapping:
+        return None
+    inverse = {}
+    for src, dst in mapping.items():
+        if int(dst) != 0:
+            inverse[int(dst)] = int(src)
+    return inverse
+
+
+def to_dataset_values(label: np.ndarray, inverse: dict[int, int] | None) -> np.ndarray:
+    """Training ids -> dataset values (uint8, or uint16 when a value does not fit)."""
+    if inverse:
+        lut = np.zeros(max(max(inverse), int(label.max())) + 1, dtype=np.int64)
+        for dst, src in inverse.items():
+            lut[dst] = src
+        label = lut[label]
+    return label.astype(np.uint8 if label.max(initial=0) <= 255 else np.uint16)
+
+
+def write_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+    """Save ``array`` on ``reference``'s grid: same affine, qform/sform and codes, no intensity scaling."""
+    header = reference.header.copy()
+    header.set_data_dtype(array.dtype)
+    out = nib.Nifti1Image(array, reference.affine, header)
+    out.set_qform(reference.get_qform(), int(reference.header["qform_code"]))
+    out.set_sform(reference.get_sform(), int(reference.header["sform_code"]))
+    out.header.set_slope_inter(1.0, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    nib.save(out, tmp)
+    tmp.replace(path)
+
+
+def write_preview(reference: nib.Nifti1Image, label: np.ndarray, path: Path) -> None:
+    """The label map over the scan as a PNG, both turned to RAS so the view is radiological."""
+    image = nib.as_closest_canonical(reference)
+    label = nib.as_closest_canonical(nib.Nifti1Image(label, reference.affine))
+    preview(np.asanyarray(image.dataobj, dtype=np.float32), np.asanyarray(label.dataobj), path,
+            spacing=image.header.get_zooms()[:3])
+
+
+class Segmenter:
+    """A loaded checkpoint that segments scans of the modalities it was trained on."""
+
+    def __init__(self, checkpoint: str | Path, settings: InferenceSettings | None = None):
+        from mulmodseg.training import autocast_dtype, resolve_device
+
+        self.settings = settings or InferenceSettings()
+        self.device = resolve_device(self.settings.device)
+        self.model, self.config = load_model(checkpoint, self.device)
+        self.amp_dtype = autocast_dtype(self.settings.amp, self.device)
+        self.roi_size = tuple(self.config["roi_size"])
+        self.classes = self.config["classes"]
+        self.modalities = list(self.config["preprocess"])
+
+    def check_modality(self, modality: str) -> None:
+        """Raise a clear error for a modality this checkpoint has no preprocessing or prompts for."""
+        if modality not in self.config["preprocess"]:
+            raise ValueError(f"--modality {modality}: this checkpoint was trained on {self.modalities}")
+        prompt = self.settings.prompt_modality
+        if prompt is not None and not self.model.vision_only and prompt not in self.model.modalities:
+            raise ValueError(f"--prompt_modality {prompt}: the checkpoint's table has {list(self.model.modalities)}")
+
+    @torch.no_grad()
+    def logits(self, image: np.ndarray, modality: str, progress=False) -> torch.Tensor:
+        """image: (X, Y, Z) preprocessed -> logits (K, X, Y, Z) on the CPU."""
+        s = self.settings
+        x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
+        out = sliding_window_inference(
+            x, self.roi_size, self.model, sw_batch_size=s.sw_batch_size, overlap=s.overlap, mode=s.mode,
+            sw_device=self.device, device="cpu", progress=progress, tta_flips=s.tta,
+            autocast_dtype=self.amp_dtype, modality=modality, prompt_modality=s.prompt_modality,
+        )
+        return out[0]
+
+    def segment(
+        self, image_path: str | Path, modality: str, probabilities: bool = False, progress=False
+    ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """A scan on disk -> (label map of training ids on the original grid, softmax (K, X, Y, Z) in the
+        training space when ``probabilities`` else None, preprocessing meta)."""
+        self.check_modality(modality)
+        image, _, meta = mdata.preprocess(image_path, None, modality, **self.config["preprocess"][modality])
+        logits = self.logits(image, modality, progress)
+        label = mdata.restore(logits.argmax(0).numpy().astype(np.uint8), meta, "nearest")
+        return label, torch.softmax(logits, 0).numpy() if probabilities else None, meta
+
+
+def segment_files(
+    checkpoint: str | Path,
+    inputs: Sequence[Path],
+    output_dir: str | Path,
+    modality: str,
+    settings: InferenceSettings | None = None,
+    overwrite: bool = False,
+    save_probabilities: bool = False,
+    previews: bool = False,
+    labels_dir: str | Path | None = None,
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+) -> list[dict]:
+    """Segment ``inputs`` into ``output_dir``; returns one record per case (with Dice when labels are given).
+
+    Refuses, before any work, to write over an input file or (without ``overwrite``) an existing output.
+    """
+    output_dir = Path(output_dir)
+    inputs = [Path(p) for p in inputs]
+    targets = {p: output_path(p, output_dir) for p in inputs}
+    given = {p.resolve() for p in inputs}
+    problems = []
+    for src, dst in targets.items():
+        if dst.resolve() in given:
+            problems.append(f"{dst}: the output would replace an input scan; choose another --output")
+        elif dst.exists() and not overwrite:
+            problems.append(f"{dst}: exists; pass --overwrite to replace it")
+    label_files = {}
+    if labels_dir is not None:
+        for src in inputs:
+            found = [p for p in (output_path(src, Path(labels_dir)), output_path(src, Path(labels_dir), ".nii"))
+                     if p.is_file()]
+            if not found:
+                problems.append(f"{src}: no label file with this name in {labels_dir}")
+            else:
+                label_files[src] = found[0]
+    if problems:
+        raise mdata.DataError(problems)
+
+    segmenter = Segmenter(checkpoint, settings)
+    segmenter.check_modality(modality)
+    inverse = invert_label_map(segmenter.config["preprocess"][modality])
+    records, t_all = [], time.time()
+    for i, src in enumerate(inputs, 1):
+        t0 = time.time()
+        reference = nib.load(str(src))
+        label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities)
+        write_like(to_dataset_values(label, inverse), reference, targets[src])
+        record = {"case": mdata.nifti_stem(targets[src]), "modality": modality, "output": str(targets[src])}
+        if save_probabilities:
+            # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
+            restored = mdata.restore(probs, meta, "linear").astype(np.float16)
+            np.savez_compressed(output_path(src, output_dir, "_probabilities.npz"), probabilities=restored,
+                                classes=np.array(segmenter.classes))
+        if previews:
+            write_preview(reference, label, output_path(src, output_dir, ".png"))
+        if src in label_files:
+            truth = np.asanyarray(nib.load(str(label_files[src])).dataobj)
+            mapping = segmenter.config["preprocess"][modality].get("label_map")
+            if mapping:
+                truth = mdata.apply_label_map(truth, {int(k): int(v) for k, v in mapping.items()})
+            record["dice"] = dice_per_class(label, truth.astype(np.int64), len(segmenter.classes))
+        record["seconds"] = time.time() - t0
+        records.append(record)
+        eta = (time.time() - t_all) / i * (len(inputs) - i)
+        log(f"[{i}/{len(inputs)}] {src.name} -> {targets[src]} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
+    if labels_dir is not None:
+        write_evaluation(records, segmenter, output_dir, modality, log)
+    return records
+
+
+def write_evaluation(records: list[dict], segmenter: Segmenter, output_dir: Path, modality: str,
+                     log: Callable[[str], None]) -> None:
+    """metrics.csv (one row per case), summary.md and summary.csv (paper layout), and the model's cost."""
+    names = segmenter.classes[1:]
+    rows = [{"case": r["case"], "modality": r["modality"], "dice": r["dice"]} for r in records]
+    write_metrics_csv(output_dir / "metrics.csv", rows, names)
+    setting = f"{segmenter.config['model']['backbone']} {modality}"
+    summary = {setting: summarise(rows)}
+    table = markdown_table(summary, names)
+    write_summary_csv(output_dir / "summary.csv", summary, names)
+    window = (1, segmenter.model.in_channels, *segmenter.roi_size)
+    kwargs = {} if segmenter.model.vision_only else {"modality": modality}
+    flops = count_flops(segmenter.model.cpu(), window, **kwargs)
+    segmenter.model.to(segmenter.device)
+    cost = (f"parameters {count_parameters(segmenter.model):,}; {flops / 1e9:.1f} GFLOPs per "
+            f"{'x'.join(map(str, segmenter.roi_size))} window; "
+            f"{np.mean([r['seconds'] for r in records]):.2f} s per case on {segmenter.device}")
+    (output_dir / "summary.md").write_text(table + "\n\n" + cost + "\n")
+    log(table)
+    log(cost)

@@ -1,0 +1,142 @@
+"""infer.py end to end on the real sample CT (RAS) and MR (LPS) with checkpoints trained here for one epoch."""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import infer as infer_cli
+import train as train_cli
+from mulmodseg.predict import output_path
+from mulmodseg.training import train
+from mulmodseg.viz import read_png
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+CT = SAMPLE / "ct" / "imagesTr" / "ts_ct_001.nii.gz"
+MR = SAMPLE / "mr" / "imagesTr" / "ts_mr_001.nii.gz"
+
+
+def trained(tmp_path_factory, text: str) -> Path:
+    out = tmp_path_factory.mktemp(f"run_{text}")
+    args = train_cli.build_parser().parse_args([
+        "--backbone", "unet", "--base_channels", "4", "--text", text, "--roi_size", "32", "--epochs", "1",
+        "--spacing", "6", "6", "6",  # 1/60 of the voxels of the default grid: seconds per scan on 2 CPU cores
+        "--num_workers", "0", "--out", str(out / "run"), "--cache_dir", str(out / "cache"),
+    ])
+    train(train_cli.config_from_args(args), log=lambda m: None)
+    return out / "run" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return trained(tmp_path_factory, "onehot")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(*args):
+    proc = subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("scan,modality", [(CT, "CT"), (MR, "MR")])
+def test_label_map_lands_on_the_input_grid(tmp_path, checkpoint, scan, modality):
+    before = sha(scan)
+    code, log = run("--checkpoint", checkpoint, "--modality", modality, "--input", scan, "--output", tmp_path,
+                    "--preview", "--save_probabilities", "--sw_batch_size", "2")
+    assert code == 0, log
+    assert sha(scan) == before  # the input is never modified
+    src, out = nib.load(str(scan)), nib.load(str(output_path(scan, tmp_path)))
+    assert out.shape == src.shape
+    assert np.array_equal(out.affine, src.affine)
+    assert np.allclose(out.get_qform(), src.get_qform()) and np.allclose(out.get_sform(), src.get_sform())
+    assert int(out.header["qform_code"]) == int(src.header["qform_code"])
+    assert out.get_data_dtype() == np.uint8
+    labels = np.asanyarray(out.dataobj)
+    assert labels.min() >= 0 and labels.max() <= 13
+    with np.load(output_path(scan, tmp_path, "_probabilities.npz")) as saved:
+        probs, classes = saved["probabilities"], list(saved["classes"])
+    assert probs.shape == (14, *src.shape) and probs.dtype == np.float16 and classes[6] == "liver"
+    total = probs.astype(np.float32).sum(0)
+    inside = total > 0.5  # voxels outside the foreground crop are zero-filled
+    assert inside.mean() > 0.2 and np.allclose(total[inside], 1.0, atol=1e-2)
+    png = read_png(output_path(scan, tmp_path, ".png"))
+    assert png.ndim == 3 and png.shape[2] == 3 and png.shape[0] > 50
+    assert f"{scan.name} -> " in log and "ETA" in log
+
+
+def test_refuses_to_overwrite_outputs_and_inputs(tmp_path, checkpoint):
+    args = ["--checkpoint", checkpoint, "--modality", "CT", "--input", CT, "--output", tmp_path]
+    assert run(*args)[0] == 0
+    first = sha(output_path(CT, tmp_path))
+    code, log = run(*args)
+    assert code == 2 and "exists; pass --overwrite" in log and str(output_path(CT, tmp_path)) in log
+    assert sha(output_path(CT, tmp_path)) == first
+    assert run(*args, "--overwrite")[0] == 0
+
+    copy_dir = tmp_path / "scans"
+    copy_dir.mkdir()
+    copy = copy_dir / CT.name
+    shutil.copy(CT, copy)
+    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", copy, "--output", copy_dir, "--overwrite")
+    assert code == 2 and "would replace an input scan" in log
+    assert sha(copy) == sha(CT)
+
+
+def test_clear_errors_for_bad_arguments(tmp_path, checkpoint):
+    code, log = run("--checkpoint", checkpoint, "--modality", "PET", "--input", CT, "--output", tmp_path)
+    assert code == 2 and "trained on ['CT', 'MR']" in log
+    code, log = run("--checkpoint", tmp_path / "none.pt", "--modality", "CT", "--input", CT, "--output", tmp_path)
+    assert code == 2 and "none.pt: no such checkpoint file" in log
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, log = run("--checkpoint", bad, "--modality", "CT", "--input", CT, "--output", tmp_path)
+    assert code == 2 and "bad.pt: not a readable checkpoint" in log
+    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", tmp_path / "missing", "--output", tmp_path)
+    assert code == 2 and "missing: no such file or folder" in log
+
+
+def test_evaluation_writes_dice_tables_in_the_original_space(tmp_path, checkpoint):
+    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", CT.parent, "--output", tmp_path,
+                    "--labels", SAMPLE / "ct" / "labelsTr")
+    assert code == 0, log
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("case,modality,spleen")
+    assert rows[1].startswith("ts_ct_001,CT,")
+    assert ",absent," in rows[1]  # esophagus is in neither the label nor (after 1 epoch) the prediction
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| unet CT |" in summary and "parameters" in summary and "GFLOPs per 32x32x32 window" in summary
+
+
+def test_wrong_modality_prompts_change_the_output(tmp_path, checkpoint):
+    probs = []
+    for name, extra in (("right", []), ("wrong", ["--prompt_modality", "CT"])):
+        code, log = run("--checkpoint", checkpoint, "--modality", "MR", "--input", MR, "--output", tmp_path / name,
+                        "--save_probabilities", *extra)
+        assert code == 0, log
+        with np.load(output_path(MR, tmp_path / name, "_probabilities.npz")) as saved:
+            probs.append(saved["probabilities"])
+    assert np.abs(probs[0].astype(np.float32) - probs[1].astype(np.float32)).max() > 1e-3
+
+
+def test_vision_only_checkpoint(tmp_path_factory, tmp_path):
+    ckpt = trained(tmp_path_factory, "none")
+    assert infer_cli.main(["--checkpoint", str(ckpt), "--modality", "MR", "--input", str(MR),
+                           "--output", str(tmp_path)]) == 0
+    assert nib.load(str(output_path(MR, tmp_path))).shape == nib.load(str(MR)).shape
+
+
+def test_help_explains_every_flag():
+    text = infer_cli.build_parser().format_help()
+    for flag in ("--checkpoint", "--modality", "--input", "--output", "--overwrite", "--labels", "--save_probabilities",
+                 "--preview", "--tta", "--device", "--sw_batch_size", "--overlap", "--prompt_modality"):
+        assert flag in text
