@@ -16,8 +16,8 @@ Shapes for an input ``x: (B, C_in, D, H, W)`` (each of D, H, W divisible by 32),
 
 Faithfully kept MONAI behaviours (they change numbers, so checkpoints depend on them):
 
-* Legacy patch merging (MONAI < 1.5, used by the MulModSeg reference and the public pre-trained
-  weights) concatenates the 2x2x2 sub-voxels in the order 000, 100, 010, 001, 101, 010, 001, 111
+* Legacy patch merging (MONAI < 1.5, the version the MulModSeg reference and the 2022 self-supervised
+  Swin weights were trained with) concatenates the 2x2x2 sub-voxels in the order 000, 100, 010, 001, 101, 010, 001, 111
   (d, h, w offsets): 010 and 001 twice, 110 and 011 never. MONAI >= 1.5 uses all eight
   (000, 100, 010, 001, 110, 101, 011, 111); choose it with ``merge_order="all8"``.
 * Windows are padded with zero tokens after ``norm1``; the padded tokens take part in attention
@@ -25,6 +25,10 @@ Faithfully kept MONAI behaviours (they change numbers, so checkpoints depend on 
 * Where a stage is not larger than the window, the window shrinks to the stage size, the shift is
   dropped in that dimension, and the relative position index is the top-left ``[:n, :n]`` corner of
   the full 343 x 343 index (not the index of the smaller window).
+
+One deliberate difference: where the 1/32 level is a single voxel (a 32-voxel input side in all three
+dimensions), MONAI's instance norm raises; here it returns its exact limit, 0 (see ``instance_norm``),
+so 32^3 inputs work, but then ``encoder10``'s convs get no gradient.
 
 Speed: shift+pad+window-partition (and the inverse) are one cached gather each, the windows are
 ordered so that windows sharing a shift-mask pattern are contiguous, and each group runs one
@@ -57,7 +61,7 @@ def _conv_unit(conv: nn.Module) -> nn.Sequential:
 def instance_norm(x: torch.Tensor) -> torch.Tensor:
     """Instance norm without affine (eps 1e-5). ``x: (B, C, D, H, W)``.
 
-    With a single voxel per channel (the 1/32 level of a 32-voxel input) the exact result is 0;
+    With a single voxel per channel (the 1/32 level of a 32^3 input) the exact result is 0;
     ``F.instance_norm`` (and so MONAI) raises there instead, which would rule out 32^3 inputs.
     """
     if x.shape[2:].numel() == 1:
@@ -261,8 +265,9 @@ class WindowAttention(nn.Module):
         # split/cat rather than slicing/slice-assignment: their backward is one cat/view, not a
         # full-size zero-fill and accumulation per group
         sizes = [end - start for start, end, _ in plan.groups]
-        outs = [F.scaled_dot_product_attention(qg, kg, vg, attn_mask=(bias if mask is None else bias + mask).to(q.dtype))
-                for qg, kg, vg, (_, _, mask) in zip(q.split(sizes), k.split(sizes), v.split(sizes), plan.groups)]
+        masks = [(bias if mask is None else bias + mask).to(q.dtype) for _, _, mask in plan.groups]
+        outs = [F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m)
+                for qg, kg, vg, m in zip(q.split(sizes), k.split(sizes), v.split(sizes), masks)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.proj(out.transpose(1, 2).reshape(w, n, c))
 
