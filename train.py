@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mulmodseg.checkpoint import CheckpointError
 from mulmodseg.data import DataError
 from mulmodseg.text.clip import CheckpointError as WeightsError
 from mulmodseg.text.clip import WeightsUnavailableError
-from mulmodseg.training import BUNDLED_SAMPLE, TrainConfig, TrainingError, train
+from mulmodseg.training import BUNDLED_SAMPLE, TrainConfig, TrainingError, train, write_curves
 
 # Problems with what the user gave: reported as one clear message, without a traceback.
 USER_ERRORS = (TrainingError, DataError, CheckpointError, WeightsError, WeightsUnavailableError)
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_every", type=int, default=d.val_every, help="validate every N epochs (0: never); keeps best.pt")
     g.add_argument("--sw_batch_size", type=int, default=d.sw_batch_size, help="windows per forward in validation")
     g.add_argument("--log_every", type=int, default=d.log_every, help="progress line every N steps")
+    g.add_argument("--plot_only", action="store_true", help="only redraw OUT/curves.png from OUT/log.jsonl (e.g. during a run)")
     return p
 
 
@@ -113,6 +115,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plot_only:
+        log = Path(args.out) / "log.jsonl"
+        if not log.is_file():
+            print(f"error: {log} does not exist yet", file=sys.stderr)
+            return 2
+        write_curves(log, Path(args.out) / "curves.png")
+        print(Path(args.out) / "curves.png")
+        return 0
     try:
         train(config_from_args(args), resume=args.resume)
     except USER_ERRORS as exc:

@@ -34,7 +34,7 @@ from mulmodseg import data as mdata
 from mulmodseg.checkpoint import load_checkpoint, save_checkpoint
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.losses import DiceCELoss
-from mulmodseg.metrics import dice_per_class
+from mulmodseg.metrics import dice_per_class, summarise
 from mulmodseg.model import MulModSeg
 from mulmodseg.viz import plot_curves
 
@@ -242,7 +242,7 @@ def validate(
     model.eval()
     rows = []
     for image, label in volumes:
-        x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None, None]
+        x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None]  # a copy: cached volumes are read-only
         logits = sliding_window_inference(
             x, roi_size, model, sw_batch_size=sw_batch_size, sw_device=device, device="cpu",
             autocast_dtype=amp_dtype, modality=modality,
@@ -558,10 +558,10 @@ class Trainer:
                 continue
             dice = validate(self.model, self.val_volumes[name], name, len(self.classes), self.config.roi_size,
                             self.device, self.config.sw_batch_size, self.amp_dtype)
-            per_class = np.nanmean(dice, axis=0) if np.isfinite(dice).any() else dice[0]
-            scores[f"{name}/val_dice"] = float(np.nanmean(per_class))
-            scores[f"{name}/val_dice_per_class"] = [None if np.isnan(v) else float(v) for v in per_class]
-            self.log(f"validation {name}: mean Dice {scores[f'{name}/val_dice']:.4f}")
+            summary = summarise([{"dice": row} for row in dice])
+            scores[f"{name}/val_dice"] = summary["mean"]
+            scores[f"{name}/val_dice_per_class"] = [None if np.isnan(v) else float(v) for v in summary["per_class"]]
+            self.log(f"validation {name}: mean Dice {summary['mean']:.4f}")
         return scores
 
     def end_epoch(self, epoch: int, record: dict) -> None:

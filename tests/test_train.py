@@ -28,6 +28,7 @@ from mulmodseg.training import (
     train_step,
     warmup_cosine,
 )
+from mulmodseg.viz import read_png
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
@@ -171,6 +172,9 @@ def test_resume_after_sigkill_gives_the_same_weights_as_a_straight_run(tmp_path,
     assert [r["epoch"] for r in lines] == [1, 2]
     assert {"CT/dice_loss", "MR/ce_loss"} <= set(lines[-1])
     assert (killed_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (killed_dir / "curves.png").unlink()
+    assert train_cli.main(["--out", str(killed_dir), "--plot_only"]) == 0
+    assert read_png(killed_dir / "curves.png").shape == (360, 640, 3)
     config = json.loads((killed_dir / "config.json").read_text())
     assert config["modalities"] == ["CT", "MR"] and config["train"]["roi_size"] == [32, 32, 32]
 
@@ -259,3 +263,35 @@ def test_overfits_one_real_crop():
     losses = [sum(train_step(model, DiceCELoss(), opt, scaler, {"image": x, "label": y}, "CT", torch.device("cpu")))
               for _ in range(15)]
     assert min(losses[-3:]) <= 0.5 * losses[0], losses
+
+
+def test_validation_keeps_the_best_checkpoint_and_logs_dice(tmp_path, cache):
+    """Two copies of the sample CT: one trains, one validates."""
+    data = tmp_path / "ct"
+    for sub in ("imagesTr", "labelsTr"):
+        (data / sub).mkdir(parents=True)
+        for name in ("a", "b"):
+            (data / sub / f"{name}.nii.gz").symlink_to(SAMPLE / "ct" / sub / "ts_ct_001.nii.gz")
+    args = ["--ct_dir", str(data), *SMALL, "--epochs", "2", "--out", str(tmp_path / "run"), "--cache_dir", str(cache),
+            "--val_fraction", "0.5", "--val_every", "1", "--mode", "CT"]
+    assert train_cli.main(args) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["CT/val_dice"] <= 1.0 and len(r["CT/val_dice_per_class"]) == 13 for r in records)
+    assert "MR/dice_loss" not in records[0]
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["best"] == max(r["CT/val_dice"] for r in records)
+
+
+def test_mix_mode_trains_on_mixed_batches(tmp_path, cache):
+    args = small_args(tmp_path / "run", cache, 1) + ["--mode", "mix", "--batch_size", "2", "--amp", "bf16"]
+    assert train_cli.main(args) == 0
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text())
+    assert record["iteration"] == 1  # one batch holding the CT and the MR volume
+    assert np.isfinite(record["mix/dice_loss"]) and "CT/dice_loss" not in record
+
+
+def test_help_explains_every_flag():
+    text = train_cli.build_parser().format_help()
+    for flag in ("--ct_dir", "--mr_dir", "--backbone", "--text", "--clip_weights", "--template", "--classes", "--mode",
+                 "--roi_size", "--batch_size", "--epochs", "--out", "--resume", "--seed", "--device"):
+        assert flag in text
