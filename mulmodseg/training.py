@@ -15,6 +15,7 @@ log, loss curves as PNG, and DDP under ``torchrun``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -272,8 +273,12 @@ def class_names(spec: str) -> list[str]:
     return list(resolve_classes(spec))
 
 
-def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequence[str]):
-    """The embedding table for ``--text``: None (vision-only), one-hot, CLIP prompts, or a saved file."""
+def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequence[str], cache_dir: Path):
+    """The embedding table for ``--text``: None (vision-only), one-hot, CLIP prompts, or a saved file.
+
+    CLIP tables are cached in ``cache_dir`` under a key of the weights file (path, size, mtime), the
+    classes, modalities and template, so later runs skip loading the 250 MB text tower.
+    """
     from mulmodseg.text import EmbeddingTable, build_embedding_table, load_text_encoder
 
     if config.text == "none":
@@ -281,8 +286,19 @@ def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequenc
     if config.text == "onehot":
         return EmbeddingTable.onehot(tuple(modalities), tuple(classes))
     if config.text == "clip":
-        encoder = load_text_encoder(config.clip_weights, download=config.clip_weights is None)
-        return build_embedding_table(encoder, classes, modalities, config.template)
+        weights = Path(config.clip_weights).expanduser().resolve() if config.clip_weights else None
+        stat = weights.stat() if weights and weights.is_file() else None
+        key = json.dumps([str(weights), stat and stat.st_size, stat and stat.st_mtime_ns, list(classes),
+                          list(modalities), config.template])
+        cached = cache_dir / f"text_table_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        if weights is not None and stat is not None and cached.is_file():
+            return EmbeddingTable.load(cached)
+        encoder = load_text_encoder(weights, download=weights is None)
+        table = build_embedding_table(encoder, classes, modalities, config.template)
+        if stat is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            table.save(cached)
+        return table
     table = EmbeddingTable.load(config.text, classes=classes)
     missing = sorted(set(modalities) - set(table.modalities))
     if missing:
@@ -382,6 +398,7 @@ class Trainer:
         if cfg.mode not in ("alt", "mix") and cfg.mode not in self.modalities:
             raise TrainingError(f"--mode {cfg.mode!r}: choose alt, mix or one of {self.modalities}")
         self.train_modalities = self.modalities if cfg.mode in ("alt", "mix") else [cfg.mode]
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
         self.device = resolve_device(cfg.device, self.local_rank)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.classes = class_names(cfg.classes)
@@ -399,7 +416,7 @@ class Trainer:
                                          modalities=self.modalities):
             self.log(f"warning: {warning}")
 
-        table = None if resume else build_table(cfg, self.modalities, self.classes)
+        table = None if resume else build_table(cfg, self.modalities, self.classes, self.cache_dir)
         self.model = self.build_model(table)
         if self.world > 1 and self.rank != 0:
             dist.barrier()  # rank 0 fills the preprocessing cache first; the others then read it
@@ -429,8 +446,7 @@ class Trainer:
 
     def setup_data(self) -> None:
         cfg = self.config
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
-        cache = mdata.VolumeCache(cache_dir)
+        cache = mdata.VolumeCache(self.cache_dir)
         self.settings = {name: preprocess_settings(cfg, name) for name in self.modalities}
         self.loaders, self.val_volumes = {}, {}
         datasets = {}

@@ -140,3 +140,23 @@ def test_help_explains_every_flag():
     for flag in ("--checkpoint", "--modality", "--input", "--output", "--overwrite", "--labels", "--save_probabilities",
                  "--preview", "--tta", "--device", "--sw_batch_size", "--overlap", "--prompt_modality"):
         assert flag in text
+
+
+def test_label_map_runs_write_the_dataset_values(tmp_path):
+    """Trained with 6 (liver) -> class 1 and every other organ dropped, the output holds 0 and 6."""
+    classes = tmp_path / "classes.txt"
+    classes.write_text("background\nliver\n")
+    mapping = ",".join(f"{v}:{1 if v == 6 else 0}" for v in range(1, 14))
+    args = train_cli.build_parser().parse_args([
+        "--backbone", "unet", "--base_channels", "4", "--text", "onehot", "--roi_size", "32", "--epochs", "1",
+        "--spacing", "6", "6", "6", "--num_workers", "0", "--classes", str(classes), "--label_map", mapping,
+        "--out", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache"), "--lr", "1e-2",
+    ])
+    train(train_cli.config_from_args(args), log=lambda m: None)
+    code, log = run("--checkpoint", tmp_path / "run" / "last.pt", "--modality", "CT", "--input", CT,
+                    "--output", tmp_path / "out", "--labels", SAMPLE / "ct" / "labelsTr")
+    assert code == 0, log
+    values = set(np.unique(np.asanyarray(nib.load(str(output_path(CT, tmp_path / "out"))).dataobj)).tolist())
+    assert values <= {0, 6}
+    header = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[0]
+    assert header.split(",")[:3] == ["case", "modality", "liver"]

@@ -200,3 +200,16 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model, dynamic=False)
     with torch.no_grad():
         assert (compiled(x, "CT") - model(x, "CT")).abs().max().item() < 1e-5
+
+
+def test_table_file_brings_its_names(tmp_path):
+    from mulmodseg.text import EmbeddingTable
+
+    table = EmbeddingTable(("MR", "CT", "PET"), ("bg", "liver", "spleen"), torch.randn(3, 3, 7), "v3", "test")
+    table.save(tmp_path / "table.pt")
+    model = MulModSeg(TinyBackbone(), num_classes=3, embeddings=tmp_path / "table.pt")
+    assert model.modalities == ("MR", "CT", "PET") and model.classes == ("bg", "liver", "spleen")
+    assert torch.equal(model.text_embeddings, table.embeddings)
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        assert (model(x, "PET") - loop_forward(model, x, ["PET"])).abs().max().item() < 1e-5

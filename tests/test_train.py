@@ -295,3 +295,43 @@ def test_help_explains_every_flag():
     for flag in ("--ct_dir", "--mr_dir", "--backbone", "--text", "--clip_weights", "--template", "--classes", "--mode",
                  "--roi_size", "--batch_size", "--epochs", "--out", "--resume", "--seed", "--device"):
         assert flag in text
+
+
+def test_text_clip_offline_without_weights_stops_at_once(tmp_path, monkeypatch, capsys):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # an empty ~/.cache: nothing downloaded before
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    args = small_args(tmp_path / "run", tmp_path / "cache", 1)
+    args[args.index("onehot")] = "clip"
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--clip_weights" in err and "--text onehot" in err
+    assert not (tmp_path / "cache").exists()  # stopped before any preprocessing
+
+
+def test_text_clip_builds_the_table_from_given_weights_and_caches_it(tmp_path, cache, monkeypatch):
+    from mulmodseg import text
+    from mulmodseg.text.clip import CLIPTextEncoder, TextConfig
+
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(CLIPTextEncoder(TextConfig(width=64, layers=2, heads=1, embed_dim=32)).state_dict(), weights)
+    args = small_args(tmp_path / "run", cache, 1)
+    args[args.index("onehot")] = "clip"
+    args += ["--clip_weights", str(weights), "--template", "v2"]
+    assert train_cli.main(args) == 0
+    table = load_checkpoint(tmp_path / "run" / "last.pt")["model"]["text_embeddings"]
+    expected = text.build_embedding_table(text.load_text_encoder(weights), "amos", ["CT", "MR"], "v2").embeddings
+    assert table.shape == (2, 14, 32) and torch.allclose(table, expected, atol=1e-6)
+
+    def unavailable(*a, **k):
+        raise AssertionError("the cached table should be used")
+
+    monkeypatch.setattr(text, "load_text_encoder", unavailable)
+    args[args.index(str(tmp_path / "run"))] = str(tmp_path / "again")
+    assert train_cli.main(args) == 0
+    assert torch.equal(load_checkpoint(tmp_path / "again" / "last.pt")["model"]["text_embeddings"], table)
