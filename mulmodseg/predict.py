@@ -207,7 +207,9 @@ def segment_files(
     for i, src in enumerate(inputs, 1):
         t0 = time.time()
         reference = nib.load(str(src))
-        label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities)
+        # A live window count with ETA when a person watches; one line per case otherwise.
+        label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities,
+                                               progress=sys.stderr.isatty())
         write_like(to_dataset_values(label, inverse), reference, targets[src])
         record = {"case": mdata.nifti_stem(targets[src]), "modality": modality, "output": str(targets[src])}
         if save_probabilities:

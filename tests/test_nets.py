@@ -294,3 +294,16 @@ def test_build_backbone():
     assert swin.enc_channels == 192 and swin.dec_channels == 12
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("resnet")
+
+
+def test_unet_width_scales_every_stage_and_keeps_the_key_names():
+    narrow = UNet3D(base_channels=4, out_channels=3)
+    assert (narrow.enc_channels, narrow.dec_channels) == (64, 8)
+    assert narrow.state_dict().keys() == UNet3D(out_channels=3).state_dict().keys()
+    enc, dec = narrow.forward_features(torch.randn(1, 1, 16, 24, 32))
+    assert enc.shape == (1, 64, 2, 3, 4) and dec.shape == (1, 8, 16, 24, 32)
+    # Every conv shrinks by 8x in both channel counts (64x fewer weights), except those reading the image.
+    wide = dict(UNet3D().named_parameters())
+    for name, p in UNet3D(base_channels=4).named_parameters():
+        if name.endswith("conv1.weight") and name != "down_tr64.ops.0.conv1.weight":
+            assert p.numel() * 64 == wide[name].numel(), name
