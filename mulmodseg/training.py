@@ -428,7 +428,6 @@ class Trainer:
         if resume:
             self.load_state(self.resume_state)
             self.log(f"resuming {last} at epoch {self.start_epoch + 1}/{cfg.epochs}")
-        self.history: list[dict] = []
 
     def build_model(self, table) -> MulModSeg:
         """A fresh network (same initial weights on every rank), or the resumed run's shape."""
@@ -456,15 +455,19 @@ class Trainer:
             self.val_volumes[name] = mdata.load_training_volumes(self.val_cases[name], self.settings[name], cache)
             self.log(f"{name}: {len(volumes)} training and {len(self.val_volumes[name])} validation volumes "
                      f"ready in {time.time() - t0:.1f}s")
+            # Distinct crop streams per rank and per modality (primes keep the seeds apart).
             datasets[name] = mdata.CropDataset(
                 volumes, cfg.roi_size, num_samples=cfg.num_samples, modality=name,
                 seed=cfg.seed + 7919 * self.rank + 104729 * m_index,
             )
-        make = lambda ds, seed: EpochLoader(ds, cfg.batch_size, seed, cfg.num_workers, self.rank, self.world)
+
+        def loader(dataset, seed: int) -> EpochLoader:
+            return EpochLoader(dataset, cfg.batch_size, seed, cfg.num_workers, self.rank, self.world)
+
         if cfg.mode == "mix":
-            self.mixed = make(ConcatCrops(list(datasets.values())), cfg.seed)
+            self.mixed = loader(ConcatCrops(list(datasets.values())), cfg.seed)
         else:
-            self.loaders = {name: make(ds, cfg.seed + i) for i, (name, ds) in enumerate(datasets.items())}
+            self.loaders = {name: loader(ds, cfg.seed + i) for i, (name, ds) in enumerate(datasets.items())}
 
     def setup_optimisation(self) -> None:
         cfg = self.config
@@ -582,7 +585,6 @@ class Trainer:
 
     def end_epoch(self, epoch: int, record: dict) -> None:
         cfg = self.config
-        self.history.append(record)
         if not self.is_main:
             return
         with open(self.out / "log.jsonl", "a") as f:
