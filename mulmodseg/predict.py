@@ -176,10 +176,14 @@ def segment_files(
 ) -> list[dict]:
     """Segment ``inputs`` into ``output_dir``; returns one record per case (with Dice when labels are given).
 
-    Refuses, before any work, to write over an input file or (without ``overwrite``) an existing output.
+    Before any inference: the checkpoint loads, the modality is one it knows, no output would
+    replace an input or (without ``overwrite``) an existing file, and every scan and label passes
+    ``mulmodseg.data.check_cases`` (readable, 3D, finite, label values known); all problems at once.
     """
     output_dir = Path(output_dir)
     inputs = [Path(p) for p in inputs]
+    segmenter = Segmenter(checkpoint, settings)
+    segmenter.check_modality(modality)
     targets = {p: output_path(p, output_dir) for p in inputs}
     given = {p.resolve() for p in inputs}
     problems = []
@@ -199,9 +203,12 @@ def segment_files(
                 label_files[src] = found[0]
     if problems:
         raise mdata.DataError(problems)
+    label_map = segmenter.config["preprocess"][modality].get("label_map")
+    cases = [mdata.Case(targets[src].name, src, label_files.get(src), modality) for src in inputs]
+    num_classes = None if label_map else len(segmenter.classes)
+    for warning in mdata.check_cases(cases, label_map=label_map, num_classes=num_classes):
+        log(f"warning: {warning}")
 
-    segmenter = Segmenter(checkpoint, settings)
-    segmenter.check_modality(modality)
     inverse = invert_label_map(segmenter.config["preprocess"][modality])
     records, t_all = [], time.time()
     for i, src in enumerate(inputs, 1):
@@ -221,9 +228,8 @@ def segment_files(
             write_preview(reference, label, output_path(src, output_dir, ".png"))
         if src in label_files:
             truth = np.asanyarray(nib.load(str(label_files[src])).dataobj)
-            mapping = segmenter.config["preprocess"][modality].get("label_map")
-            if mapping:
-                truth = mdata.apply_label_map(truth, {int(k): int(v) for k, v in mapping.items()})
+            if label_map:
+                truth = mdata.apply_label_map(truth, {int(k): int(v) for k, v in label_map.items()})
             record["dice"] = dice_per_class(label, truth.astype(np.int64), len(segmenter.classes))
         record["seconds"] = time.time() - t0
         records.append(record)

@@ -103,6 +103,16 @@ def test_clear_errors_for_bad_arguments(tmp_path, checkpoint):
     assert code == 2 and "bad.pt: not a readable checkpoint" in log
     code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", tmp_path / "missing", "--output", tmp_path)
     assert code == 2 and "missing: no such file or folder" in log
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)), scans / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), scans / "four_d.nii.gz")
+    (scans / "broken.nii.gz").write_bytes(CT.read_bytes()[:5000])
+    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", scans, "--output", tmp_path / "out")
+    assert code == 2 and "3 data problem(s)" in log
+    for name in ("nan.nii.gz", "four_d.nii.gz", "broken.nii.gz"):
+        assert str(scans / name) in log
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluation_writes_dice_tables_in_the_original_space(tmp_path, checkpoint):
