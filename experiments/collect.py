@@ -131,12 +131,16 @@ def collect(out_dir: str | Path, tables: list[str] | None = None) -> str:
     return "\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Gather a campaign's metrics.csv files into the paper's tables (Markdown).")
     p.add_argument("campaign", help="the --out folder of experiments/run.py")
     p.add_argument("--tables", nargs="+", help="only these tables (default: all in the manifest)")
     p.add_argument("--out", help="write the Markdown here instead of printing it")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     text = collect(args.campaign, args.tables)
     if args.out:
         Path(args.out).write_text(text)

@@ -1,0 +1,112 @@
+"""Every command in README.md and experiments/README.md against the real programs.
+
+Each shell command is either run (``--help``, experiments/run.py as ``--dry_run``) or parsed by the
+argument parser of the script it calls, so a renamed or removed flag fails here. The main command and
+the setup commands are run by .ci/run; here they are checked to be present verbatim. Python blocks
+are executed (with the bundled sample's paths made absolute and outputs in a temporary folder).
+"""
+
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import infer
+import train
+from experiments import collect, prepare, run
+from mulmodseg.text.__main__ import _parser as text_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "experiments" / "README.md"]
+SETUP = ['pip install torch==2.13.0 && pip install -e ".[test]"', "python -m pytest -q"]
+MAIN = ("python train.py --ct_dir data/sample/ct --mr_dir data/sample/mr --backbone unet --text onehot "
+        "--roi_size 64 --epochs 2 --out runs/demo")
+PARSERS = {
+    ("train.py",): train.build_parser,
+    ("infer.py",): infer.build_parser,
+    ("-m", "mulmodseg.text"): text_parser,
+    ("experiments/prepare.py",): prepare.build_parser,
+    ("experiments/collect.py",): collect.build_parser,
+}
+
+
+def code_blocks(path: Path) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+
+
+def shell_commands(body: str) -> list[str]:
+    """Command lines of a shell block: continuations joined, comments and blank lines dropped."""
+    lines = body.replace("\\\n", " ").splitlines()
+    return [line.split("  #")[0].strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def program_and_args(command: str) -> tuple[tuple[str, ...], list[str]]:
+    """``python train.py --x 1`` -> (("train.py",), ["--x", "1"]); torchrun and VAR=value prefixes removed."""
+    tokens = shlex.split(command, comments=True)
+    while tokens and re.fullmatch(r"[A-Z_]+=\S*", tokens[0]):
+        tokens.pop(0)
+    if tokens[0] == "torchrun":
+        tokens = tokens[1:]
+        while tokens[0].startswith("--"):
+            tokens.pop(0)
+        tokens = ["python", *tokens]
+    assert tokens[0] == "python", f"unknown program in {command!r}: add a check for it to tests/test_readme.py"
+    if tokens[1] == "-m":
+        return tuple(tokens[1:3]), tokens[3:]
+    return (tokens[1],), tokens[2:]
+
+
+def all_shell_commands() -> list[tuple[str, str]]:
+    return [(path.name, command) for path in DOCS for lang, body in code_blocks(path)
+            if lang in ("bash", "sh") for command in shell_commands(body)]
+
+
+def test_setup_commands_open_the_readme_and_the_main_command_is_there():
+    text = (ROOT / "README.md").read_text()
+    first_lang, first_body = code_blocks(ROOT / "README.md")[0]
+    assert first_lang == "bash" and shell_commands(first_body) == SETUP
+    assert text.index("```bash") < text.index("\n## ")  # before any section
+    main_commands = [c for _, c in all_shell_commands() if c == MAIN]
+    assert len(main_commands) == 1
+
+
+@pytest.mark.parametrize("doc,command", all_shell_commands())
+def test_command(doc, command, tmp_path, capsys):
+    if command in SETUP:
+        return  # run by .ci/run
+    program, args = program_and_args(command)
+    if program == ("experiments/run.py",):
+        cut = args.index("--") if "--" in args else len(args)
+        assert run.main([*args[:cut], "--dry_run", *args[cut:]]) == 0
+        planned = capsys.readouterr().out.splitlines()
+        assert planned and all(line.startswith(("python ", "# smoke")) for line in planned)
+        return
+    assert program in PARSERS, f"unknown script in {command!r}: add a check for it to tests/test_readme.py"
+    if args == ["--help"]:
+        with pytest.raises(SystemExit) as exit_:
+            PARSERS[program]().parse_args(["--help"])
+        assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+        return
+    parsed = PARSERS[program]().parse_args(args)
+    if program == ("train.py",) and not parsed.plot_only:
+        config = train.config_from_args(parsed)  # values, not only names: ROI sizes, NAME=N pairs
+        assert config.data_dirs
+
+
+def test_python_blocks_run(tmp_path, monkeypatch):
+    blocks = [(path, body) for path in DOCS for lang, body in code_blocks(path) if lang == "python"]
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for path, body in blocks:
+        if path == DOCS[0]:
+            assert len(body.strip().splitlines()) <= 10  # "the Python API in ten lines"
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(body.replace("data/sample/", f"{ROOT}/data/sample/"), str(path), "exec"), {})
+        if path == DOCS[0]:
+            assert out.getvalue().strip() == "(117, 91, 20) uint8"
+            assert (tmp_path / "runs/api/last.pt").is_file()
