@@ -71,7 +71,8 @@ def prepare_amos(src: Path, out: Path, seed: int = 0, n_train: int = 35, n_test:
         for modality, cases in found.items():
             pools[modality].update({c.id: c for c in cases})
     need = {"CT": n_test + n_train * max((1, *ratios)), "MR": n_test + n_train}
-    short = [f"{m}: {len(pools[m])} labelled scans, the recipes need {need[m]}" for m in pools if len(pools[m]) < need[m]]
+    short = [f"{m}: {len(pools[m])} labelled scans, the recipes need {need[m]}"
+             for m in pools if len(pools[m]) < need[m]]
     if short:
         raise mdata.DataError(short)
     rng = np.random.default_rng(seed)
@@ -87,7 +88,8 @@ def prepare_amos(src: Path, out: Path, seed: int = 0, n_train: int = 35, n_test:
         if modality == "CT":
             for r in ratios:
                 folder = f"ct_x{r}"
-                split["folders"][f"{folder}/imagesTr"] = link_cases(train[: r * n_train], out / folder, "imagesTr", "labelsTr")
+                split["folders"][f"{folder}/imagesTr"] = link_cases(train[: r * n_train], out / folder,
+                                                                    "imagesTr", "labelsTr")
     return split
 
 
@@ -136,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     amos = sub.add_parser("amos", help="AMOS 2022 (folder with dataset.json, imagesTr, labelsTr, ...)")
     amos.add_argument("--train", type=int, default=35, help="training scans per modality (balanced)")
     amos.add_argument("--test", type=int, default=19, help="test scans per modality")
-    amos.add_argument("--ratios", type=int, nargs="*", default=[2, 3], help="also lay out ct_xR with R * --train CT scans")
+    amos.add_argument("--ratios", type=int, nargs="*", default=[2, 3],
+                      help="also lay out ct_xR with R * --train CT scans")
     mmwhs = sub.add_parser("mmwhs", help="MMWHS 2017 (ct_train_1001_image.nii.gz, ... in any sub-folders)")
     mmwhs.add_argument("--test_fraction", type=float, default=0.25, help="share of each modality held out for testing")
     for q in (amos, mmwhs):

@@ -72,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amos", help="AMOS prepared by experiments/prepare.py amos (ct/, mr/, ct_x2/, ct_x3/)")
     p.add_argument("--mmwhs", help="MMWHS prepared by experiments/prepare.py mmwhs (ct/, mr/, mr_all/, cv0/, cv1/)")
     p.add_argument("--out", required=True, help="campaign folder: runs, tables, manifest.json")
-    p.add_argument("--clip_weights", help="CLIP ViT-B/32 weights (ViT-B-32.pt); without them the official file is downloaded once")
+    p.add_argument("--clip_weights",
+                   help="CLIP ViT-B/32 weights (ViT-B-32.pt); without them the official file is downloaded once")
     p.add_argument("--embedding", action="append", default=[], metavar="NAME=PATH",
                    help=f"a table file for {' and '.join(USER_TABLES)} (Table 1); runs without one are skipped")
     p.add_argument("--backbone", choices=list(BACKBONES), help="only the runs with this backbone")
     p.add_argument("--device", help="train.py/infer.py --device (default: auto)")
-    p.add_argument("--smoke", action="store_true", help="bundled sample, tiny settings, random tables: checks the recipes run")
+    p.add_argument("--smoke", action="store_true",
+                   help="bundled sample, tiny settings, random tables: checks the recipes run")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     return p
 
@@ -273,10 +275,14 @@ def execute(step: Step) -> None:
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    """Merge this invocation's tables into OUT/manifest.json."""
+    """Merge this invocation's tables into OUT/manifest.json, keeping the cells of earlier invocations
+    (e.g. a table run once per ``--backbone``) that this one does not evaluate again."""
     path = out / "manifest.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged.update(manifest)
+    for name, table in manifest.items():
+        new = {e["eval_dir"] for e in table["entries"]}
+        kept = [e for e in merged.get(name, {}).get("entries", []) if e["eval_dir"] not in new]
+        merged[name] = {**table, "entries": kept + table["entries"]}
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1))
 

@@ -67,7 +67,8 @@ def test_every_command_parses_and_keeps_the_papers_settings(tmp_path):
         a = infer.build_parser().parse_args(step.argv)
         assert Path(a.input).name == "imagesTs" and Path(a.labels).name == "labelsTs"
         assert Path(a.checkpoint).parent in {s.out for s in steps(plan, "train")}
-    # 12 + 12 main runs, Table 1 adds 5 embeddings (V3 and vision-only are Table 2's), Table 4 four fold runs, Table 5 two ratios, Table 6 two mixes.
+    # 12 + 12 main runs; Table 1 adds 5 embeddings (V3 and vision-only are Table 2's), Table 4 four fold
+    # runs, Table 5 two ratios, Table 6 two mixes.
     assert len(steps(plan, "train")) == 37
     assert len({s.out for s in plan.steps}) == len(plan.steps)
 
@@ -100,7 +101,8 @@ def test_tables_share_runs_and_each_cell_is_the_right_evaluation(tmp_path):
 
     t5 = plan_for(["table5"], tmp_path, *real_flags(tmp_path))
     assert [Path(flag(s.argv, "--ct_dir")).name for s in steps(t5, "train")] == ["ct", "ct_x2", "ct_x3"]
-    assert {flag(s.argv, "--input") for s in steps(t5, "infer")} == {str(tmp_path / "amos" / m / "imagesTs") for m in ("ct", "mr")}
+    tests = {flag(s.argv, "--input") for s in steps(t5, "infer")}
+    assert tests == {str(tmp_path / "amos" / m / "imagesTs") for m in ("ct", "mr")}
     assert all(flag(s.argv, "--label_map") == AMOS_LABEL_MAP for s in steps(t5, "train"))
 
 
@@ -166,7 +168,8 @@ def test_prepare_amos_nested_disjoint_and_seeded(tmp_path):
     entries = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ids]
     (src / "dataset.json").write_text(json.dumps({"training": entries[::2], "validation": entries[1::2]}))
     out = tmp_path / "prepared"
-    assert prepare.main(["amos", "--src", str(src), "--out", str(out), "--train", "2", "--test", "1", "--ratios", "3"]) == 0
+    small = ["--train", "2", "--test", "1", "--ratios", "3"]
+    assert prepare.main(["amos", "--src", str(src), "--out", str(out), *small]) == 0
 
     ct_test = linked_ids(out / "ct/imagesTs")
     ct, ct_x3 = linked_ids(out / "ct/imagesTr"), linked_ids(out / "ct_x3/imagesTr")
@@ -184,7 +187,7 @@ def test_prepare_amos_nested_disjoint_and_seeded(tmp_path):
     assert split["folders"]["ct_x3/imagesTr"] == ct_x3 and split["seed"] == 0
 
     again = tmp_path / "again"
-    prepare.main(["amos", "--src", str(src), "--out", str(again), "--train", "2", "--test", "1", "--ratios", "3"])
+    prepare.main(["amos", "--src", str(src), "--out", str(again), *small])
     assert json.loads((again / "split.json").read_text())["folders"] == split["folders"]
     assert prepare.main(["amos", "--src", str(src), "--out", str(out)]) == 2  # not empty
     assert prepare.main(["amos", "--src", str(src), "--out", str(tmp_path / "big"), "--train", "5"]) == 2
@@ -242,8 +245,8 @@ def test_collector_pools_folds_and_puts_the_paper_beside(tmp_path):
 
 
 def test_smoke_campaign_end_to_end(tmp_path):
-    """Tables 4, 5, 7 and 8 (UNet rows) on the sample: pooled folds, ratios, swapped prompts, cost; rerun
-    is a no-op; the collector's numbers are the evaluations' own."""
+    """Tables 4, 5, 7 and 8 (UNet rows, then Table 4's SwinUNETR rows) on the sample: pooled folds, ratios,
+    swapped prompts, cost; a rerun is a no-op; the collector's numbers are the evaluations' own."""
     out = tmp_path / "campaign"
     argv = ["table4", "table5", "table7", "table8", "--smoke", "--backbone", "unet", "--out", str(out)]
     assert run.main(argv) == 0
@@ -251,6 +254,8 @@ def test_smoke_campaign_end_to_end(tmp_path):
     assert run_dirs == ["unet-clip-v3-alt", "unet-clip-v3-alt-cv0_ct-mr_all", "unet-none-alt"]
     stamp = (out / "amos/unet-clip-v3-alt/last.pt").stat().st_mtime_ns
     assert run.main(argv) == 0 and (out / "amos/unet-clip-v3-alt/last.pt").stat().st_mtime_ns == stamp
+    # The other backbone's rows join the same tables.
+    assert run.main(["table4", "--smoke", "--backbone", "swinunetr", "--out", str(out)]) == 0
 
     text = collect.collect(out)
     evals = out / "amos/unet-clip-v3-alt/eval"
@@ -274,7 +279,11 @@ def test_smoke_campaign_end_to_end(tmp_path):
     fold = collect.read_metrics_csv(out / "mmwhs/unet-clip-v3-alt-cv0_ct-mr_all/eval/CT-cv0_ct/metrics.csv")
     assert fold[0] == list(class_names("mmwhs"))[1:]
     assert collect.main([str(out), "--tables", "table4", "--out", str(tmp_path / "t4.md")]) == 0
-    assert (tmp_path / "t4.md").read_text().startswith("## Table 4")
+    t4 = (tmp_path / "t4.md").read_text()
+    assert t4.startswith("## Table 4") and "| UNet | " in t4 and "| SwinUNETR | " in t4
+    assert "not run" not in t4 and "93.31" in t4
+    swin, _ = load_model(out / "mmwhs/swinunetr-clip-v3-alt-cv0_ct-mr_all/last.pt")
+    assert swin.backbone_kwargs == {"feature_size": 12} and swin.num_classes == 8
 
 
 def test_missing_data_is_reported_before_any_work(tmp_path, capsys):
