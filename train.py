@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--roi_size", type=int, nargs="+", default=list(d.roi_size), help="crop size: one number or three")
     g.add_argument("--batch_size", type=int, default=d.batch_size, help="volumes per step; each gives --num_samples crops")
     g.add_argument("--num_samples", type=int, default=d.num_samples, help="crops per volume (positive:negative centres 1:1)")
+    g.add_argument("--rotate_degrees", type=float, default=d.rotate_degrees,
+                   help="random rotation about the S/I axis up to this angle (the reference's CT augmentation used 6)")
+    g.add_argument("--scale_range", type=float, default=d.scale_range,
+                   help="random per-axis scaling by 1 +- this (the reference's CT augmentation used 0.1)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     g.add_argument("--warmup_epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs before the cosine decay")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")

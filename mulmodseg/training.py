@@ -64,6 +64,8 @@ class TrainConfig:
     roi_size: tuple[int, int, int] = (96, 96, 96)
     batch_size: int = 1  # volumes per step; each gives num_samples crops
     num_samples: int = 2
+    rotate_degrees: float = 0.0  # random rotation about the S/I axis, up to this many degrees (reference CT: 6)
+    scale_range: float = 0.0  # random per-axis scaling by 1 +- this (reference CT: 0.1)
     epochs: int = 1000
     warmup_epochs: int = 10
     lr: float = 1e-3
@@ -458,6 +460,7 @@ class Trainer:
             # Distinct crop streams per rank and per modality (primes keep the seeds apart).
             datasets[name] = mdata.CropDataset(
                 volumes, cfg.roi_size, num_samples=cfg.num_samples, modality=name,
+                rotate_degrees=cfg.rotate_degrees, scale_range=cfg.scale_range,
                 seed=cfg.seed + 7919 * self.rank + 104729 * m_index,
             )
 

@@ -19,7 +19,7 @@ from mulmodseg.metrics import count_parameters, write_metrics_csv
 from mulmodseg.model import MulModSeg
 from mulmodseg.predict import load_model
 from mulmodseg.text import EmbeddingTable
-from mulmodseg.text.__main__ import _parser as text_parser
+from mulmodseg.text.__main__ import build_parser as text_parser
 from mulmodseg.training import TrainConfig, class_names
 
 ROOT = Path(__file__).resolve().parent.parent

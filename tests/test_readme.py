@@ -17,7 +17,7 @@ import pytest
 import infer
 import train
 from experiments import collect, prepare, run
-from mulmodseg.text.__main__ import _parser as text_parser
+from mulmodseg.text.__main__ import build_parser as text_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "experiments" / "README.md"]
@@ -110,3 +110,13 @@ def test_python_blocks_run(tmp_path, monkeypatch):
         if path == DOCS[0]:
             assert out.getvalue().strip() == "(117, 91, 20) uint8"
             assert (tmp_path / "runs/api/last.pt").is_file()
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    """.ci/run's install, main, inference and test commands are the README's, so CI exercises what users type."""
+    readme_commands = {cmd for _, body in code_blocks(ROOT / "README.md") for cmd in shell_commands(body)}
+    ci_commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                   if line.startswith(("pip install", "python train.py", "python infer.py", "python -m pytest"))]
+    assert len(ci_commands) == 4
+    for command in ci_commands:
+        assert command in readme_commands, command

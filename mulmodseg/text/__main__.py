@@ -23,7 +23,7 @@ from .prompts import (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     templates = "; ".join(f"{k}: {v!r}" for k, v in TEMPLATES.items())
     phrases = "; ".join(f"{k}: {v!r}" for k, v in MODALITY_PHRASES.items())
     parser = argparse.ArgumentParser(
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     phrases = {}
     for item in args.phrase:
         name, sep, words = item.partition("=")
