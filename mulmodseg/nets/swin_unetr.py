@@ -32,8 +32,8 @@ so 32^3 inputs work, but then ``encoder10``'s convs get no gradient.
 
 Speed: shift+pad+window-partition (and the inverse) are one cached gather each, the windows are
 ordered so that windows sharing a shift-mask pattern are contiguous, and each group runs one
-``scaled_dot_product_attention`` with a broadcast ``(heads, n, n)`` additive mask, so the
-``(windows, heads, n, n)`` bias+mask tensor of the straightforward form is never built.
+attention (SDPA on GPU, matmul-softmax-matmul on CPU) with a broadcast ``(heads, n, n)`` additive
+bias+mask, so the ``(windows, heads, n, n)`` bias+mask tensor of the straightforward form is never built.
 """
 import math
 from collections import OrderedDict
@@ -254,6 +254,21 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Softmax attention ``(w, heads, n, d)`` with an additive ``(heads, n, n)`` mask, q already scaled.
+
+        On CPU this is written out rather than ``scaled_dot_product_attention``: with a float mask
+        that needs a gradient (the bias table's), SDPA on CPU takes its math path, which adds a "safe
+        softmax" (isneginf/all/where over every score) and is slower forward and backward
+        (bench/RESULTS.md). On GPU, SDPA's fused kernels avoid materialising the scores, so it stays.
+        """
+        if q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        scores = torch.matmul(q, k.transpose(-2, -1))
+        scores.add_(mask)  # in place: the add's backward needs neither operand
+        return torch.matmul(scores.softmax(-1), v)
+
     def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         """``x: (W, n, C)`` windows ordered as ``plan.groups`` -> ``(W, n, C)``."""
         w, n, c = x.shape
@@ -266,7 +281,8 @@ class WindowAttention(nn.Module):
         # full-size zero-fill and accumulation per group
         sizes = [end - start for start, end, _ in plan.groups]
         masks = [(bias if mask is None else bias + mask).to(q.dtype) for _, _, mask in plan.groups]
-        outs = [F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m)
+        q = q * (c // heads) ** -0.5
+        outs = [self._attend(qg, kg, vg, m)
                 for qg, kg, vg, m in zip(q.split(sizes), k.split(sizes), v.split(sizes), masks)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.proj(out.transpose(1, 2).reshape(w, n, c))
