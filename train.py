@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt, open_clip or Hugging Face files); without it --text clip downloads the official file once")
     g.add_argument("--template", default=d.template, help="prompt template: v1, v2, v3 or a text with {mod} and {cls}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
+    g.add_argument("--channels_last", action="store_true", help="channels_last_3d memory format (faster UNet steps on CPU, see bench/RESULTS.md)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--mode", default=d.mode, help="alt (one batch per modality in turn), mix (mixed batches), or a modality name to train on it alone")

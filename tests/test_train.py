@@ -335,3 +335,20 @@ def test_text_clip_builds_the_table_from_given_weights_and_caches_it(tmp_path, c
     args[args.index(str(tmp_path / "run"))] = str(tmp_path / "again")
     assert train_cli.main(args) == 0
     assert torch.equal(load_checkpoint(tmp_path / "again" / "last.pt")["model"]["text_embeddings"], table)
+
+
+def test_channels_last_step_matches_the_default_layout():
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(2, 1, 16, 16, 16), "label": torch.randint(0, 3, (2, 1, 16, 16, 16))}
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(1)
+        model = MulModSeg("unet", num_classes=3, embeddings="onehot", base_channels=4)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the step is the gradient, scaled
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss = train_step(model, DiceCELoss(), opt, scaler, batch, "CT", torch.device("cpu"), channels_last=channels_last)
+        results.append((loss, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[0][1], results[1][1]))
