@@ -1,0 +1,92 @@
+"""Training-step speed: forward + backward + AdamW step on a batch of 2 crops, ours vs the peers.
+
+SwinUNETR: our MulModSeg-SwinUNETR vs MONAI's SwinUNETR + the reference per-sample head (same weights)
+and MONAI's vision-only SwinUNETR. UNet: our MulModSeg-UNet vs our UNet3D backbone + the reference
+head (MONAI has no network of that architecture), plus our model in channels_last_3d memory format.
+All contenders use ``mulmodseg.training.train_step`` with our DiceCELoss, interleaved in one process.
+
+CPU default: 64^3 crops, feature_size 48. GPU default: 96^3, with ``--amp bf16`` and ``--compile`` options.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, format_table, interleaved, median, report, setup  # noqa: E402
+from peers import swin_contenders, unet_contenders, with_sdpa_attention  # noqa: E402
+
+from mulmodseg.losses import DiceCELoss  # noqa: E402
+from mulmodseg.training import train_step  # noqa: E402
+
+
+def make_step(model: torch.nn.Module, batch: dict, device: torch.device, amp, channels_last: bool = False):
+    """A closure running one train_step of ``model`` on ``batch``."""
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+        batch = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last_3d))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    loss_fn = DiceCELoss()
+    return lambda: train_step(model, loss_fn, optimizer, scaler, batch, "CT", device, amp)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--size", type=int, default=None, help="crop side (default 96 on GPU, 64 on CPU)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--feature-size", type=int, default=48)
+    parser.add_argument("--unet-base", type=int, default=32)
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
+    parser.add_argument("--only", choices=["all", "swin", "unet"], default="all")
+    parser.add_argument("--before", action="store_true",
+                        help="also time our SwinUNETR with SDPA window attention (the code before the fix)")
+    args = parser.parse_args(argv)
+    device = setup(args)
+    if args.quick:  # MONAI's SwinUNETR needs >= 64^3 (its instance norm rejects one voxel at 1/32)
+        args.size = args.size or (64 if args.only in ("all", "swin") else 32)
+        args.feature_size, args.unet_base = 12, 4
+    size = args.size or (96 if device.type == "cuda" else 64)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(args.batch, 1, size, size, size, generator=g),
+             "label": torch.randint(0, 14, (args.batch, 1, size, size, size), generator=g)}
+    groups = []
+    if args.only in ("all", "swin"):
+        models = swin_contenders(args.feature_size, size)
+        if args.before:
+            before = swin_contenders(args.feature_size, size, vision_only=False)["ours MulModSeg-Swin"]
+            models["ours MulModSeg-Swin, SDPA attention (before)"] = with_sdpa_attention(before)
+        groups.append(("SwinUNETR", models, "MONAI Swin + ref head"))
+    if args.only in ("all", "unet"):
+        groups.append(("UNet", unet_contenders(args.unet_base), "our UNet + ref head"))
+    rows = []
+    for name, models, baseline in groups:
+        fns = {}
+        for label, model in models.items():
+            if args.compile:
+                model = torch.compile(model)
+            fns[label] = make_step(model, batch, device, amp)
+        if name == "UNet" and device.type == "cpu" and not args.quick:
+            cl = unet_contenders(args.unet_base)["ours MulModSeg-UNet"]
+            fns["ours MulModSeg-UNet channels_last_3d"] = make_step(cl, batch, device, amp, channels_last=True)
+        times = interleaved(fns, args.repeats, args.warmup, device)
+        base = median(times[baseline])
+        for label, t in times.items():
+            rows.append([name, label, median(t), min(t), max(t), base / median(t), args.batch / median(t)])
+    table = format_table(["backbone", "contender", "median s/step", "min", "max", f"speed-up vs ref-head peer",
+                          "crops/s"], rows)
+    notes = [f"batch {args.batch} crops of {size}^3, SwinUNETR feature_size {args.feature_size}, UNet base "
+             f"{args.unet_base}, amp {args.amp}, compile {args.compile}; {args.repeats} interleaved rounds after "
+             f"{args.warmup} warm-up; speed-up = peer median / contender median (same group)"]
+    report("Training step (fwd + bwd + AdamW)", device, table, notes, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()

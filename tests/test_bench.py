@@ -1,0 +1,53 @@
+"""Smoke test of the benchmark scripts: each runs with --quick (tiny sizes, nothing written) and prints
+a table with numbers; the inference one also checks that ours and the peer agree with the same weights."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def table_rows(text: str, first_cell: str) -> list:
+    """Cells of the Markdown table rows of ``text`` that start with ``first_cell``."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| " + first_cell)]
+    return [[c.strip() for c in row] for row in rows]
+
+
+def test_train_step_quick(capsys):
+    import train_step
+
+    train_step.main(["--quick", "--only", "unet", "--device", "cpu"])
+    rows = table_rows(capsys.readouterr().out, "UNet")
+    assert [r[1] for r in rows] == ["ours MulModSeg-UNet", "our UNet + ref head"]
+    assert all(float(r[2]) > 0 for r in rows)
+    assert float(rows[1][5]) == pytest.approx(1.0)  # the peer against itself
+
+
+def test_inference_quick_agrees_with_the_peer(capsys):
+    import inference
+
+    inference.main(["--quick", "--only", "unet", "--device", "cpu"])
+    rows = table_rows(capsys.readouterr().out, "UNet")
+    assert len(rows) == 2 and all(float(r[2]) > 0 for r in rows)
+    assert float(rows[0][7]) < 1e-4  # same weights: our inferer + batched head == MONAI's + per-sample head
+
+
+def test_data_pipeline_quick(capsys):
+    import data_pipeline
+
+    data_pipeline.main(["--quick", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert len(table_rows(out, "preprocess")) == 3  # the bundled CT and MR, and the synthetic CT
+    rates = [float(m) for m in re.findall(r"([0-9.]+) crops/s", out)]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+def test_memory_quick(capsys):
+    import memory
+
+    memory.main(["--quick", "--only", "unet", "--device", "cpu"])
+    rows = table_rows(capsys.readouterr().out, "inference")
+    assert len(rows) == 2 and all(0 < float(r[2]) < 64 for r in rows)  # GiB
