@@ -109,7 +109,7 @@ def main(argv=None) -> None:
                 rows.append([name, label, t, min(times[label]), max(times[label]), windows / t,
                              median(times[peer_label]) / t, f"{diff:.2e}"])
     table = format_table(["backbone", "contender", "median s/case", "min", "max", "windows/s",
-                          "speed-up vs peer", "max |ours - peer|"], rows)
+                          "speed-up vs peer", "max abs diff vs peer"], rows)
     notes = [f"volume {shape}, window {roi}^3, overlap {args.overlap}, gaussian, sw_batch_size {args.sw_batch_size}, "
              f"{windows} windows; SwinUNETR feature_size {args.feature_size}, UNet base {args.unet_base}; amp {args.amp}; "
              f"{args.repeats} interleaved rounds after {args.warmup} warm-up"]
