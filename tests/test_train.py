@@ -352,3 +352,10 @@ def test_channels_last_step_matches_the_default_layout():
         results.append((loss, [p.detach().clone() for p in model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_fp16_autocast_uses_a_grad_scaler_that_is_checkpointed(tmp_path, cache):
+    assert train_cli.main(small_args(tmp_path / "run", cache, 1) + ["--amp", "fp16"]) == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["scaler"]["scale"] > 1.0  # the scaler ran (bf16 and fp32 runs keep it disabled and empty)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
