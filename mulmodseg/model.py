@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mulmodseg.nets import build_backbone
+from mulmodseg.text.prompts import EmbeddingTable
 
 HEAD_CHANNELS = 8
 # Controller output: W1 (8x8), W2 (8x8), W3 (1x8), then b1 (8), b2 (8), b3 (1), in the reference's order.
@@ -79,15 +80,11 @@ def dynamic_head(feat: torch.Tensor, params: torch.Tensor, chunk_voxels: int | N
 def _as_table(embeddings: Any, modalities: Sequence[str], classes: Sequence[str] | None, num_classes: int):
     """Normalise the ``embeddings`` argument to (tensor (M, K, D) float32, modalities, classes)."""
     if isinstance(embeddings, (str, Path)) and str(embeddings) == "onehot":
-        from mulmodseg.text.prompts import EmbeddingTable
-
         names = classes or [f"class_{k}" for k in range(num_classes)]
         embeddings = EmbeddingTable.onehot(tuple(modalities), tuple(names))
     elif isinstance(embeddings, (str, Path)):
-        from mulmodseg.text.prompts import EmbeddingTable
-
         embeddings = EmbeddingTable.load(embeddings)
-    if hasattr(embeddings, "embeddings"):  # an EmbeddingTable carries its own names
+    if isinstance(embeddings, EmbeddingTable):  # a table carries its own names
         table = embeddings.embeddings
         modalities, classes = tuple(embeddings.modalities), tuple(embeddings.classes)
     else:

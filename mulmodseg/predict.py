@@ -26,6 +26,7 @@ from mulmodseg.metrics import (
     count_flops, count_parameters, dice_per_class, markdown_table, summarise, write_metrics_csv, write_summary_csv,
 )
 from mulmodseg.model import MulModSeg
+from mulmodseg.training import autocast_dtype, resolve_device
 from mulmodseg.viz import preview
 
 
@@ -120,8 +121,6 @@ class Segmenter:
     """A loaded checkpoint that segments scans of the modalities it was trained on."""
 
     def __init__(self, checkpoint: str | Path, settings: InferenceSettings | None = None):
-        from mulmodseg.training import autocast_dtype, resolve_device
-
         self.settings = settings or InferenceSettings()
         self.device = resolve_device(self.settings.device)
         self.model, self.config = load_model(checkpoint, self.device)

@@ -32,11 +32,14 @@ import torch.distributed as dist
 from torch import nn
 
 from mulmodseg import data as mdata
+from mulmodseg import text as mtext
 from mulmodseg.checkpoint import load_checkpoint, save_checkpoint
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.metrics import dice_per_class, summarise
 from mulmodseg.model import MulModSeg
+from mulmodseg.text import EmbeddingTable
+from mulmodseg.text.prompts import resolve_classes
 from mulmodseg.viz import plot_curves
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -273,21 +276,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def class_names(spec: str) -> list[str]:
-    """``amos``, ``mmwhs`` or a file of class names (background first)."""
-    from mulmodseg.text.prompts import resolve_classes
-
-    return list(resolve_classes(spec))
-
-
 def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequence[str], cache_dir: Path):
     """The embedding table for ``--text``: None (vision-only), one-hot, CLIP prompts, or a saved file.
 
     CLIP tables are cached in ``cache_dir`` under a key of the weights file (path, size, mtime), the
     classes, modalities and template, so later runs skip loading the 250 MB text tower.
     """
-    from mulmodseg.text import EmbeddingTable, build_embedding_table, load_text_encoder
-
     if config.text == "none":
         return None
     if config.text == "onehot":
@@ -300,8 +294,8 @@ def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequenc
         cached = cache_dir / f"text_table_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if weights is not None and stat is not None and cached.is_file():
             return EmbeddingTable.load(cached)
-        encoder = load_text_encoder(weights, download=weights is None)
-        table = build_embedding_table(encoder, classes, modalities, config.template)
+        encoder = mtext.load_text_encoder(weights, download=weights is None)
+        table = mtext.build_embedding_table(encoder, classes, modalities, config.template)
         if stat is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             table.save(cached)
@@ -408,7 +402,7 @@ class Trainer:
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
         self.device = resolve_device(cfg.device, self.local_rank)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
-        self.classes = class_names(cfg.classes)
+        self.classes = list(resolve_classes(cfg.classes))
 
         self.cases, self.val_cases = {}, {}
         for name in self.train_modalities:
