@@ -17,7 +17,6 @@ import json
 import resource
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch

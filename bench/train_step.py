@@ -80,7 +80,7 @@ def main(argv=None) -> None:
         base = median(times[baseline])
         for label, t in times.items():
             rows.append([name, label, median(t), min(t), max(t), base / median(t), args.batch / median(t)])
-    table = format_table(["backbone", "contender", "median s/step", "min", "max", f"speed-up vs ref-head peer",
+    table = format_table(["backbone", "contender", "median s/step", "min", "max", "speed-up vs ref-head peer",
                           "crops/s"], rows)
     notes = [f"batch {args.batch} crops of {size}^3, SwinUNETR feature_size {args.feature_size}, UNet base "
              f"{args.unet_base}, amp {args.amp}, compile {args.compile}; {args.repeats} interleaved rounds after "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mulmodseg import data as mdata
-from mulmodseg.checkpoint import CheckpointError, load_checkpoint
+from mulmodseg.checkpoint import load_checkpoint
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.metrics import (
     count_flops, count_parameters, dice_per_class, markdown_table, summarise, write_metrics_csv, write_summary_csv,

@@ -21,7 +21,6 @@ from mulmodseg.losses import DiceCELoss
 from mulmodseg.model import MulModSeg
 from mulmodseg.training import (
     EpochLoader,
-    TrainConfig,
     Trainer,
     TrainingError,
     alt_batches,
