@@ -20,7 +20,8 @@ from mulmodseg.model import MulModSeg
 from mulmodseg.predict import load_model
 from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.__main__ import build_parser as text_parser
-from mulmodseg.training import TrainConfig, class_names
+from mulmodseg.text.prompts import resolve_classes
+from mulmodseg.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +60,7 @@ def test_every_command_parses_and_keeps_the_papers_settings(tmp_path):
         for name in ("roi_size", "epochs", "warmup_epochs", "lr", "weight_decay", "spacing", "ct_window",
                      "mr_percentiles", "num_samples", "batch_size", "base_channels", "feature_size"):
             assert getattr(config, name) == getattr(defaults, name), (name, step.command())
-        num_classes = len(class_names(config.classes))
+        num_classes = len(resolve_classes(config.classes))
         assert max(mdata.parse_label_map(config.label_map).values()) == num_classes - 1
         assert config.mode in ("alt", "mix", *config.data_dirs)
         assert sorted(config.data_dirs) == ["CT", "MR"]
@@ -140,7 +141,7 @@ def test_random_tables_have_clip_shape_and_fit_the_trainer(tmp_path):
         assert table.template == ("There is a {cls} in this {mod}." if template else None)
         assert torch.isfinite(table.embeddings).all() and table.embeddings.std() > 0
         model = MulModSeg("unet", num_classes=8, embeddings=path, base_channels=4)
-        assert model.text_to_vision.in_features == dim and list(model.classes) == class_names("mmwhs")
+        assert model.text_to_vision.in_features == dim and list(model.classes) == list(resolve_classes("mmwhs"))
     clip = EmbeddingTable.load(tmp_path / "clip.pt").embeddings
     assert not torch.allclose(clip[0], clip[1])  # the modality phrase changes every prompt
 
@@ -277,7 +278,7 @@ def test_smoke_campaign_end_to_end(tmp_path):
     assert model.text_embeddings.shape == (2, 14, 512)  # the random CLIP-shaped table went into the model
 
     fold = collect.read_metrics_csv(out / "mmwhs/unet-clip-v3-alt-cv0_ct-mr_all/eval/CT-cv0_ct/metrics.csv")
-    assert fold[0] == list(class_names("mmwhs"))[1:]
+    assert fold[0] == list(resolve_classes("mmwhs"))[1:]
     assert collect.main([str(out), "--tables", "table4", "--out", str(tmp_path / "t4.md")]) == 0
     t4 = (tmp_path / "t4.md").read_text()
     assert t4.startswith("## Table 4") and "| UNet | " in t4 and "| SwinUNETR | " in t4
