@@ -252,6 +252,23 @@ def test_swin_eval_is_batch_independent():
     assert torch.allclose(alone, together, atol=1e-5, rtol=1e-5)
 
 
+def test_swin_compiles_to_one_graph_equal_to_eager():
+    # The window plans are constants of the geometry: no graph breaks, and no recompile once cached.
+    torch.manual_seed(0)
+    model = SwinUNETR(1, 2, feature_size=12).train()
+    x = torch.randn(2, 1, 64, 32, 32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    first, second = compiled(x), compiled(x)
+    assert len(graphs) == 1
+    assert torch.equal(first, second) and torch.allclose(first, model(x), atol=1e-6)
+
+
 def test_load_swin_weights_self_supervised_and_dataparallel_checkpoints(tmp_path):
     torch.manual_seed(0)
     source = SwinUNETR(1, 14, feature_size=12)

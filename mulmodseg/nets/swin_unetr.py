@@ -354,6 +354,10 @@ class BasicLayer(nn.Module):
         # Index maps and shift masks depend only on the input geometry; not part of the state dict.
         self._plans: Dict[Any, WindowPlan] = {}
 
+    # torch.compile: the plan is a constant of the input geometry (which the graph's shape guards pin),
+    # so dynamo calls this at trace time and bakes the result in, instead of tracing the data-dependent
+    # index building (34 graph breaks) and recompiling once the cache is filled.
+    @torch.compiler.assume_constant_result
     def _plan(self, size: Tuple[int, int, int], shifted: bool, batch: int, device: torch.device) -> WindowPlan:
         key = (size, shifted, batch, device)
         if key not in self._plans:
