@@ -110,6 +110,7 @@ def main(argv=None) -> None:
     parser.add_argument("--feature-size", type=int, default=48)
     parser.add_argument("--unet-base", type=int, default=32)
     parser.add_argument("--only", choices=["all", "swin", "unet"], default="all")
+    parser.add_argument("--skip-host", action="store_true", help="only the GPU training-step peaks")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
         rows.append(["train step 96^3 batch 2 (GPU)", "all", "not measured", "no GPU lent"])
     shape = tuple(args.shape)
     output_gib = 14 * 4 * shape[0] * shape[1] * shape[2] / 2**30
-    for backbone in [b for b in ("swin", "unet") if args.only in ("all", b)]:
+    for backbone in [b for b in ("swin", "unet") if args.only in ("all", b) and not args.skip_host]:
         for ours in (True, False):
             spec = dict(backbone=backbone, ours=ours, shape=shape, roi=args.roi, windows=args.windows,
                         feature_size=args.feature_size, unet_base=args.unet_base)

@@ -5,12 +5,15 @@ and MONAI's vision-only SwinUNETR. UNet: our MulModSeg-UNet vs our UNet3D backbo
 head (MONAI has no network of that architecture), plus our model in channels_last_3d memory format.
 All contenders use ``mulmodseg.training.train_step`` with our DiceCELoss, interleaved in one process.
 
-CPU default: 64^3 crops, feature_size 48. GPU default: 96^3, with ``--amp bf16`` and ``--compile`` options.
+CPU default: 64^3 crops, feature_size 48. GPU default: 96^3, with ``--amp bf16`` and ``--compile`` options
+that apply to every contender, and ``--also bf16 bf16+compile``, which adds our model with bf16 autocast
+(and torch.compile) beside peers that stay at ``--amp``: the issue's "2x the fp32 MONAI baseline" ratio.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +38,18 @@ def make_step(model: torch.nn.Module, batch: dict, device: torch.device, amp, ch
     return lambda: train_step(model, loss_fn, optimizer, scaler, batch, "CT", device, amp)
 
 
+def ours_variants(build, label: str, variants, batch: dict, device: torch.device) -> dict:
+    """Extra contenders: our model ``build()[label]`` (same seed, same weights) with bf16 autocast, and
+    with bf16 + torch.compile, for each name in ``variants``."""
+    fns = {}
+    for variant in variants:
+        model = build()[label]
+        if variant == "bf16+compile":
+            model = torch.compile(model)
+        fns[f"{label}, {variant}"] = make_step(model, batch, device, torch.bfloat16)
+    return fns
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -45,6 +60,8 @@ def main(argv=None) -> None:
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
     parser.add_argument("--only", choices=["all", "swin", "unet"], default="all")
+    parser.add_argument("--also", nargs="*", choices=["bf16", "bf16+compile"], default=[],
+                        help="also time our model in these settings while the peers keep --amp")
     parser.add_argument("--before", action="store_true",
                         help="also time our SwinUNETR with SDPA window attention (the code before the fix)")
     args = parser.parse_args(argv)
@@ -63,11 +80,13 @@ def main(argv=None) -> None:
         if args.before:
             before = swin_contenders(args.feature_size, size, vision_only=False)["ours MulModSeg-Swin"]
             models["ours MulModSeg-Swin, SDPA attention (before)"] = with_sdpa_attention(before)
-        groups.append(("SwinUNETR", models, "MONAI Swin + ref head"))
+        build = partial(swin_contenders, args.feature_size, size, vision_only=False)
+        groups.append(("SwinUNETR", models, "MONAI Swin + ref head", build, "ours MulModSeg-Swin"))
     if args.only in ("all", "unet"):
-        groups.append(("UNet", unet_contenders(args.unet_base), "our UNet + ref head"))
+        build = partial(unet_contenders, args.unet_base)
+        groups.append(("UNet", build(), "our UNet + ref head", build, "ours MulModSeg-UNet"))
     rows = []
-    for name, models, baseline in groups:
+    for name, models, baseline, build, ours_label in groups:
         fns = {}
         for label, model in models.items():
             if args.compile:
@@ -76,6 +95,7 @@ def main(argv=None) -> None:
         if name == "UNet" and device.type == "cpu" and not args.quick:
             cl = unet_contenders(args.unet_base)["ours MulModSeg-UNet"]
             fns["ours MulModSeg-UNet channels_last_3d"] = make_step(cl, batch, device, amp, channels_last=True)
+        fns.update(ours_variants(build, ours_label, args.also, batch, device))
         times = interleaved(fns, args.repeats, args.warmup, device)
         base = median(times[baseline])
         for label, t in times.items():
@@ -83,7 +103,8 @@ def main(argv=None) -> None:
     table = format_table(["backbone", "contender", "median s/step", "min", "max", "speed-up vs ref-head peer",
                           "crops/s"], rows)
     notes = [f"batch {args.batch} crops of {size}^3, SwinUNETR feature_size {args.feature_size}, UNet base "
-             f"{args.unet_base}, amp {args.amp}, compile {args.compile}; {args.repeats} interleaved rounds after "
+             f"{args.unet_base}, amp {args.amp}, compile {args.compile} (a row whose name ends in "
+             f"', bf16' or ', bf16+compile' runs ours in that setting instead); {args.repeats} interleaved rounds after "
              f"{args.warmup} warm-up; speed-up = peer median / contender median (same group)"]
     report("Training step (fwd + bwd + AdamW)", device, table, notes, write=not args.no_write)
 

@@ -19,9 +19,9 @@ def table_rows(text: str, first_cell: str) -> list:
 def test_train_step_quick(capsys):
     import train_step
 
-    train_step.main(["--quick", "--only", "unet", "--device", "cpu"])
+    train_step.main(["--quick", "--only", "unet", "--device", "cpu", "--also", "bf16"])
     rows = table_rows(capsys.readouterr().out, "UNet")
-    assert [r[1] for r in rows] == ["ours MulModSeg-UNet", "our UNet + ref head"]
+    assert [r[1] for r in rows] == ["ours MulModSeg-UNet", "our UNet + ref head", "ours MulModSeg-UNet, bf16"]
     assert all(float(r[2]) > 0 for r in rows)
     assert float(rows[1][5]) == pytest.approx(1.0)  # the peer against itself
 
@@ -51,3 +51,12 @@ def test_memory_quick(capsys):
     memory.main(["--quick", "--only", "unet", "--device", "cpu"])
     rows = table_rows(capsys.readouterr().out, "inference")
     assert len(rows) == 2 and all(0 < float(r[2]) < 64 for r in rows)  # GiB
+
+
+def test_gpu_script_is_valid_bash_and_runs_every_gpu_measurement():
+    import subprocess
+
+    script = BENCH / "gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    steps = [line.split()[2] for line in script.read_text().splitlines() if line.startswith("step ")]
+    assert set(steps) == {"bench/inference.py", "bench/train_step.py", "bench/memory.py"}
