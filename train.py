@@ -11,12 +11,13 @@ from pathlib import Path
 
 from mulmodseg.checkpoint import CheckpointError
 from mulmodseg.data import DataError
+from mulmodseg.device import DeviceError
 from mulmodseg.text.clip import CheckpointError as WeightsError
 from mulmodseg.text.clip import WeightsUnavailableError
 from mulmodseg.training import BUNDLED_SAMPLE, TrainConfig, TrainingError, train, write_curves
 
 # Problems with what the user gave: reported as one clear message, without a traceback.
-USER_ERRORS = (TrainingError, DataError, CheckpointError, WeightsError, WeightsUnavailableError)
+USER_ERRORS = (TrainingError, DataError, DeviceError, CheckpointError, WeightsError, WeightsUnavailableError)
 
 
 def parse_pairs(pairs: list[str], flag: str, cast=str) -> dict:

@@ -21,12 +21,12 @@ import torch
 
 from mulmodseg import data as mdata
 from mulmodseg.checkpoint import load_checkpoint
+from mulmodseg.device import autocast_dtype, resolve_device
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.metrics import (
     count_flops, count_parameters, dice_per_class, markdown_table, summarise, write_metrics_csv, write_summary_csv,
 )
 from mulmodseg.model import MulModSeg
-from mulmodseg.training import autocast_dtype, resolve_device
 from mulmodseg.viz import preview
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from mulmodseg import data as mdata
 from mulmodseg import text as mtext
 from mulmodseg.checkpoint import load_checkpoint, save_checkpoint
+from mulmodseg.device import autocast_dtype, resolve_device
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.metrics import dice_per_class, summarise
@@ -189,17 +190,6 @@ def mixed_batches(loader: EpochLoader, epoch: int) -> Iterator[tuple[list[str], 
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` on ``device`` (auto: bf16 on CUDA that supports it, else fp32)."""
-    if amp == "none" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp in ("bf16", "auto"):
-        return torch.bfloat16
-    raise ValueError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
-
-
 def train_step(
     model: nn.Module,
     loss_fn: DiceCELoss,
@@ -264,16 +254,6 @@ def validate(
 
 
 # ---------------------------------------------------------------------------------------------- run setup
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is the GPU of this rank when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    return device
 
 
 def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequence[str], cache_dir: Path):
