@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
 
+from mulmodseg.device import resolve_device
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -109,10 +111,11 @@ def add_common_args(parser) -> None:
 
 
 def setup(args) -> torch.device:
-    """Apply --threads and --quick defaults; return the device."""
+    """Apply --threads and --quick defaults; return the device, resolved as the library does (on CUDA
+    with cuDNN autotuning, which then applies to every contender alike)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.warmup = 1, 0
         args.no_write = True
-    return torch.device(args.device)
+    return resolve_device(args.device)

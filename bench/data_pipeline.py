@@ -8,6 +8,11 @@
    ``CropDataset`` items (2 crops of 96^3 each) from ``VolumeCache`` memory maps, with the default
    intensity augmentation and with the spatial warp on. A training step takes seconds per 2 crops,
    so one worker at tens of crops/s keeps a GPU fed.
+3. The spatial warp of one 96^3 crop (rotation about S/I + per-axis scale; image linear, label nearest,
+   reflected borders): our ``warp`` vs MONAI's ``Affine`` (what the reference's RandAffined runs),
+   interleaved.
+
+Crop and warp timings run with one torch thread, as in a DataLoader worker.
 """
 from __future__ import annotations
 
@@ -19,14 +24,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, format_table, median, report, setup  # noqa: E402
+from common import add_common_args, format_table, interleaved, median, report, setup  # noqa: E402
 
 from mulmodseg.data.cache import VolumeCache  # noqa: E402
 from mulmodseg.data.cases import Case, discover_modalities  # noqa: E402
 from mulmodseg.data.preprocess import default_settings, preprocess  # noqa: E402
-from mulmodseg.data.sampling import CropDataset  # noqa: E402
+from mulmodseg.data.sampling import CropDataset, warp  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 
@@ -74,6 +80,24 @@ def crops_per_second(volumes, roi: int, items: int, **aug) -> float:
     return crops / (time.perf_counter() - start)
 
 
+def warp_contenders(roi: int):
+    """Closures warping one random roi^3 crop (image + label) by the same rotation and scales."""
+    from monai.transforms import Affine
+
+    rng = np.random.default_rng(0)
+    image = rng.random((roi,) * 3).astype(np.float32)
+    label = rng.integers(0, 14, (roi,) * 3)
+    angle, scales = np.deg2rad(6.0), (1.05, 0.95, 1.1)
+    affine = Affine(rotate_params=(0.0, 0.0, angle), scale_params=scales, padding_mode="reflection",
+                    image_only=True)
+    img_t, lab_t = torch.from_numpy(image)[None], torch.from_numpy(label)[None]
+
+    def monai_warp():
+        return affine(img_t, mode="bilinear"), affine(lab_t, mode="nearest")
+
+    return {"ours warp": lambda: warp(image, label, angle, scales), "MONAI Affine": monai_warp}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -86,6 +110,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.synthetic_shape, args.items = (128, 128, 60), 2
     rows = []
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cases = [c for cs in discover_modalities(SAMPLE).values() for c in cs]
@@ -100,12 +125,19 @@ def main(argv=None) -> None:
         for case in cases:
             image, label, _ = cache.load(case, default_settings(case.modality))
             volumes.append((image, label))
+        torch.set_num_threads(1)
         for name, aug in [("intensity aug (default)", {}),
                           ("+ warp (rotate 6 deg, scale 0.1)", {"rotate_degrees": 6.0, "scale_range": 0.1,
                                                                 "aug_prob": 1.0})]:
             rate = crops_per_second(volumes, args.roi, args.items, **aug)
             rows.append(["crops from VolumeCache, 1 worker", f"{args.roi}^3, {name}", 1 / rate, "", "",
                          f"{rate:.1f} crops/s"])
+        times = interleaved(warp_contenders(args.roi), args.repeats, args.warmup, device)
+        peer = median(times["MONAI Affine"])
+        for name, t in times.items():
+            rows.append(["warp one crop, 1 thread", f"{args.roi}^3 {name}", median(t), min(t), max(t),
+                         f"{peer / median(t):.2f}x MONAI"])
+        torch.set_num_threads(threads)
     table = format_table(["stage", "case / setting", "median s (per scan or crop)", "min", "max", "throughput"],
                          rows)
     notes = [f"preprocess: {args.repeats} runs per scan, default settings (1.5 x 1.5 x 2 mm, CT window, fg crop, "

@@ -43,6 +43,8 @@ def test_data_pipeline_quick(capsys):
     assert len(table_rows(out, "preprocess")) == 3  # the bundled CT and MR, and the synthetic CT
     rates = [float(m) for m in re.findall(r"([0-9.]+) crops/s", out)]
     assert len(rates) == 2 and all(r > 0 for r in rates)
+    warps = table_rows(out, "warp one crop")
+    assert [r[1] for r in warps] == ["96^3 ours warp", "96^3 MONAI Affine"] and warps[1][5] == "1.00x MONAI"
 
 
 def test_memory_quick(capsys):

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mulmodseg.data.cache as cache_module
 from mulmodseg.data import (Case, CropDataset, DataError, VolumeCache, check_cases, collate_crops,
@@ -566,6 +567,36 @@ def test_intensity_augmentation_bounds_and_collate_modality():
     assert 0.5 < changed < 0.95  # 1 - 0.5 * 0.5 = 0.75 of the crops are altered
     batch = collate_crops([ds[0], ds[0]])
     assert batch["image"].shape == (100, 1, 10, 10, 10) and batch["modality"] == ["CT"] * 100
+
+
+def grid_sample_warp(image, label, angle, scales):
+    """Oracle: the 3D grid of source positions through torch's trilinear / nearest grid_sample."""
+    shape = image.shape
+    cos, sin = np.cos(angle), np.sin(angle)
+    matrix = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]]) @ np.diag(scales)
+    centre = (np.array(shape) - 1) / 2.0
+    offsets = np.stack(np.meshgrid(*[np.arange(n) - c for n, c in zip(shape, centre)], indexing="ij"), -1)
+    source = offsets @ matrix.T + centre
+    grid = torch.from_numpy(2.0 * source / np.maximum(np.array(shape) - 1, 1) - 1.0).flip(-1).float()[None]
+    kw = dict(padding_mode="reflection", align_corners=True)
+    img = F.grid_sample(torch.from_numpy(image)[None, None], grid, mode="bilinear", **kw)[0, 0].numpy()
+    lab = F.grid_sample(torch.from_numpy(label).double()[None, None], grid.double(), mode="nearest", **kw)
+    return img, lab[0, 0].round().long().numpy()
+
+
+@pytest.mark.parametrize("shape, seed", [((33, 40, 17), 0), ((24, 24, 24), 1), ((16, 9, 5), 2), ((12, 10, 1), 3)])
+def test_warp_equals_3d_grid_sample(shape, seed):
+    from mulmodseg.data.sampling import warp
+    rng = np.random.default_rng(seed)
+    image = rng.random(shape).astype(np.float32)
+    label = rng.integers(0, 14, shape)
+    for _ in range(4):  # large angles and scales, so that reflection at the borders is exercised
+        angle, scales = rng.uniform(-1.2, 1.2), rng.uniform(0.6, 1.4, size=3)
+        img, lab = warp(image, label, angle, scales)
+        ref_img, ref_lab = grid_sample_warp(image, label, angle, scales)
+        assert img.dtype == np.float32 and img.shape == shape and lab.shape == shape
+        np.testing.assert_allclose(img, ref_img, atol=2e-5)
+        np.testing.assert_array_equal(lab, ref_lab)
 
 
 def test_warp_identity_and_quarter_turn():

@@ -27,7 +27,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 
@@ -141,22 +140,50 @@ class CropDataset(Dataset):
 
 def warp(image: np.ndarray, label: np.ndarray, angle: float, scales: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
     """Rotate by `angle` (radians) in the plane of axes 0 and 1 and scale the sampling positions by
-    `scales` about the centre. image (X, Y, Z) linear, label (X, Y, Z) nearest; reflected borders."""
+    `scales` about the centre. image (X, Y, Z) linear, label (X, Y, Z) nearest; reflected borders.
+
+    Equal to trilinear / nearest `grid_sample` (align_corners, reflection padding) over the 3D grid of
+    source positions, computed in two cheap passes: the rotation is about axis 2, so a voxel's source
+    position along axis 2 depends only on its own z, and in the plane only on its own (x, y).
+    Linear weights and nearest indices factor per axis, so the image is interpolated along z, then
+    bilinearly in the plane (four gathers of whole z-rows), and the label is one gather.
+    """
     shape = image.shape
-    cos, sin = np.cos(angle), np.sin(angle)
-    matrix = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]]) @ np.diag(scales)
     centre = (np.array(shape) - 1) / 2.0
-    axes = [torch.arange(n, dtype=torch.float64) - c for n, c in zip(shape, centre)]
-    offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-    source = offsets @ torch.from_numpy(matrix).T + torch.from_numpy(centre)
-    # grid_sample wants (x, y, z) = (last, middle, first) array axis, normalised to [-1, 1].
-    grid = (2.0 * source / torch.tensor([max(n - 1, 1) for n in shape], dtype=torch.float64) - 1.0)
-    grid = grid.flip(-1).float()[None]
-    img = F.grid_sample(torch.from_numpy(np.ascontiguousarray(image))[None, None], grid, mode="bilinear",
-                        padding_mode="reflection", align_corners=True)
-    lab = F.grid_sample(torch.from_numpy(np.ascontiguousarray(label)).float()[None, None], grid, mode="nearest",
-                        padding_mode="reflection", align_corners=True)
-    return img[0, 0].numpy(), lab[0, 0].round().to(torch.int64).numpy()
+    z = _reflect((np.arange(shape[2]) - centre[2]) * scales[2] + centre[2], shape[2])
+    cos, sin = np.cos(angle), np.sin(angle)
+    matrix = np.array([[cos, -sin], [sin, cos]]) @ np.diag(np.asarray(scales[:2], dtype=np.float64))
+    grid = np.stack(np.meshgrid(np.arange(shape[0]) - centre[0], np.arange(shape[1]) - centre[1], indexing="ij"), -1)
+    plane = grid @ matrix.T + centre[:2]  # (X, Y, 2) source positions in the plane
+    x, y = _reflect(plane[..., 0], shape[0]), _reflect(plane[..., 1], shape[1])
+
+    near = [np.rint(c).astype(np.intp) for c in (x, y, z)]
+    lab = label[near[0][:, :, None], near[1][:, :, None], near[2][None, None, :]]
+
+    z0, z1, wz = _linear_taps(z, shape[2])
+    img = image[:, :, z0] * (1 - wz) + image[:, :, z1] * wz
+    x0, x1, wx = _linear_taps(x, shape[0])
+    y0, y1, wy = _linear_taps(y, shape[1])
+    img = (img[x0, y0] * ((1 - wx) * (1 - wy))[..., None] + img[x1, y0] * (wx * (1 - wy))[..., None]
+           + img[x0, y1] * ((1 - wx) * wy)[..., None] + img[x1, y1] * (wx * wy)[..., None])
+    return img.astype(np.float32, copy=False), lab
+
+
+def _reflect(coord: np.ndarray, size: int) -> np.ndarray:
+    """Source coordinates folded into [0, size - 1] by reflection about the end voxels' centres."""
+    if size == 1:
+        return np.zeros_like(coord)
+    span = size - 1
+    c = np.abs(coord)
+    extra = np.fmod(c, span)
+    return np.clip(np.where(np.floor(c / span) % 2 == 0, extra, span - extra), 0, span)
+
+
+def _linear_taps(coord: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lower index, upper index, float32 weight of the upper) for linear interpolation at `coord`."""
+    lower = np.minimum(np.floor(coord).astype(np.intp), max(size - 2, 0))
+    upper = np.minimum(lower + 1, size - 1)
+    return lower, upper, (coord - lower).astype(np.float32)
 
 
 def collate_crops(batch: List[Dict[str, object]]) -> Dict[str, object]:
