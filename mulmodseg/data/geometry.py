@@ -58,11 +58,16 @@ def resample(array: np.ndarray, positions: Sequence[np.ndarray], order: int, lea
     """
     if order == 1 and not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
+    # `take` first copies an array that is not C-contiguous into C order, which for a 512x512x300 CT
+    # as nibabel reads it (Fortran order) costs ~1.5 s per pass: work on the axes in memory order.
+    memory_order = sorted(range(3), key=lambda a: -abs(array.strides[lead + a]))
+    array = array.transpose(list(range(lead)) + [lead + a for a in memory_order])
+    positions = [positions[a] for a in memory_order]
     # Shrinking axes first keeps every intermediate as small as possible.
     axes = sorted(range(3), key=lambda a: len(positions[a]) / array.shape[lead + a])
     for axis in axes:
         array = _resample_axis(array, np.asarray(positions[axis], dtype=np.float64), lead + axis, order)
-    return array
+    return array.transpose(list(range(lead)) + [lead + memory_order.index(a) for a in range(3)])
 
 
 def _resample_axis(array: np.ndarray, pos: np.ndarray, axis: int, order: int) -> np.ndarray:
