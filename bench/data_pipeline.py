@@ -3,7 +3,9 @@
 1. ``preprocess`` (read NIfTI, RAS, resample to 1.5 x 1.5 x 2 mm, intensity, foreground crop, pad) on
    the bundled sample scans (data/sample, one CT and one MR) and on a synthetic full-size CT
    (512 x 512 x 300, 0.78 x 0.78 x 1.5 mm, a body-like ellipse with organ blobs, written as .nii.gz
-   first so reading and decompression are timed).
+   first so reading and decompression are timed), interleaved with the same work done by the MONAI
+   transform chain the reference uses (LoadImaged, EnsureChannelFirstd, Orientationd RAS, Spacingd
+   bilinear/nearest, intensity window or percentiles, CropForegroundd).
 2. Crops per second of one worker (one process, as each DataLoader worker is) drawing
    ``CropDataset`` items (2 crops of 96^3 each) from ``VolumeCache`` memory maps, with the default
    intensity augmentation and with the spatial warp on. A training step takes seconds per 2 crops,
@@ -59,14 +61,22 @@ def synthetic_ct(folder: Path, shape, spacing) -> Case:
     return Case("synth_ct", folder / "synth_ct.nii.gz", folder / "synth_ct_label.nii.gz", "CT")
 
 
-def time_preprocess(case: Case, repeats: int):
-    times, shape = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        image, _, _ = preprocess(case.image, case.label, case.modality, **default_settings(case.modality))
-        times.append(time.perf_counter() - start)
-        shape = image.shape
-    return times, shape
+def monai_preprocess(case: Case, settings: dict):
+    """The reference's MONAI chain doing our preprocessing's work on ``case``: a closure returning the image."""
+    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
+                                  ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd)
+
+    keys = ["image", "label"]
+    if settings["window"]:
+        low, high = settings["window"]
+        intensity = ScaleIntensityRanged("image", low, high, 0.0, 1.0, clip=True)
+    else:
+        low, high = settings["percentiles"]
+        intensity = ScaleIntensityRangePercentilesd("image", low, high, 0.0, 1.0, clip=True)
+    chain = Compose([LoadImaged(keys), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS"),
+                     Spacingd(keys, pixdim=settings["spacing"], mode=("bilinear", "nearest")), intensity,
+                     CropForegroundd(keys, source_key="image")])
+    return lambda: chain({"image": str(case.image), "label": str(case.label)})["image"]
 
 
 def crops_per_second(volumes, roi: int, items: int, **aug) -> float:
@@ -116,10 +126,14 @@ def main(argv=None) -> None:
         cases = [c for cs in discover_modalities(SAMPLE).values() for c in cs]
         cases.append(synthetic_ct(tmp, tuple(args.synthetic_shape), tuple(args.synthetic_spacing)))
         for case in cases:
+            settings = default_settings(case.modality)
             shape_in = nib.load(case.image).shape
-            times, shape = time_preprocess(case, args.repeats)
-            rows.append(["preprocess", f"{case.id} ({case.modality}) {shape_in} -> {tuple(shape)}", median(times),
-                         min(times), max(times), ""])
+            shape = preprocess(case.image, case.label, case.modality, **settings)[0].shape
+            times = interleaved({"ours": lambda: preprocess(case.image, case.label, case.modality, **settings),
+                                 "MONAI": monai_preprocess(case, settings)}, args.repeats, args.warmup, device)
+            for name, t in times.items():
+                rows.append([f"preprocess, {name}", f"{case.id} ({case.modality}) {shape_in} -> {tuple(shape)}",
+                             median(t), min(t), max(t), f"{median(times['MONAI']) / median(t):.2f}x MONAI"])
         cache = VolumeCache(tmp / "cache")
         volumes = []
         for case in cases:

@@ -40,7 +40,9 @@ def test_data_pipeline_quick(capsys):
 
     data_pipeline.main(["--quick", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert len(table_rows(out, "preprocess")) == 3  # the bundled CT and MR, and the synthetic CT
+    ours, peer = table_rows(out, "preprocess, ours"), table_rows(out, "preprocess, MONAI")
+    assert len(ours) == len(peer) == 3  # the bundled CT and MR, and the synthetic CT
+    assert all(float(r[2]) > 0 for r in ours + peer) and all(r[5] == "1.00x MONAI" for r in peer)
     rates = [float(m) for m in re.findall(r"([0-9.]+) crops/s", out)]
     assert len(rates) == 2 and all(r > 0 for r in rates)
     warps = table_rows(out, "warp one crop")
