@@ -52,6 +52,18 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
     return model.to(device).eval(), config
 
 
+def accumulation_device(device: torch.device, num_classes: int, shape: Sequence[int], free_bytes: int
+                        ) -> torch.device:
+    """Where the sliding window blends a scan of ``shape`` (X, Y, Z): on the GPU when its float32 logits
+    and weight map take at most a quarter of the ``free_bytes`` there (the rest is headroom for the
+    windows' activations), else on the CPU. Blending on the GPU avoids copying every window's
+    (K, *roi) output to the host, which would take longer than the network on a fast GPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    need = (num_classes + 1) * 4 * int(np.prod(shape))
+    return device if 4 * need <= free_bytes else torch.device("cpu")
+
+
 def output_path(image: Path, output_dir: Path, suffix: str = ".nii.gz") -> Path:
     """``scan_0000.nii.gz`` -> ``output_dir/scan.nii.gz`` (nnU-Net's channel suffix dropped)."""
     stem = mdata.nifti_stem(image) or image.name
@@ -139,12 +151,15 @@ class Segmenter:
 
     @torch.no_grad()
     def logits(self, image: np.ndarray, modality: str, progress=False) -> torch.Tensor:
-        """image: (X, Y, Z) preprocessed -> logits (K, X, Y, Z) on the CPU."""
+        """image: (X, Y, Z) preprocessed -> logits (K, X, Y, Z), on the GPU when they fit there
+        (``accumulation_device``), else on the CPU."""
         s = self.settings
         x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
         out = sliding_window_inference(
             x, self.roi_size, self.model, sw_batch_size=s.sw_batch_size, overlap=s.overlap, mode=s.mode,
-            sw_device=self.device, device="cpu", progress=progress, tta_flips=s.tta,
+            sw_device=self.device, device=accumulation_device(self.device, len(self.classes), image.shape, free),
+            progress=progress, tta_flips=s.tta,
             autocast_dtype=self.amp_dtype, modality=modality, prompt_modality=s.prompt_modality,
         )
         return out[0]
@@ -157,8 +172,8 @@ class Segmenter:
         self.check_modality(modality)
         image, _, meta = mdata.preprocess(image_path, None, modality, **self.config["preprocess"][modality])
         logits = self.logits(image, modality, progress)
-        label = mdata.restore(logits.argmax(0).numpy().astype(np.uint8), meta, "nearest")
-        return label, torch.softmax(logits, 0).numpy() if probabilities else None, meta
+        label = mdata.restore(logits.argmax(0).to(torch.uint8).cpu().numpy(), meta, "nearest")
+        return label, torch.softmax(logits, 0).cpu().numpy() if probabilities else None, meta
 
 
 def segment_files(

@@ -9,10 +9,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 import infer as infer_cli
 import train as train_cli
-from mulmodseg.predict import output_path
+from mulmodseg.predict import accumulation_device, output_path
 from mulmodseg.training import train
 from mulmodseg.viz import read_png
 
@@ -170,3 +171,12 @@ def test_label_map_runs_write_the_dataset_values(tmp_path):
     assert values <= {0, 6}
     header = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[0]
     assert header.split(",")[:3] == ["case", "modality", "liver"]
+
+
+def test_accumulation_device_prefers_the_gpu_when_the_logits_fit():
+    gpu, cpu = torch.device("cuda:1"), torch.device("cpu")
+    shape = (256, 256, 160)
+    need = 15 * 4 * 256 * 256 * 160  # 14 classes + the weight map, float32: 629 MB
+    assert accumulation_device(gpu, 14, shape, free_bytes=4 * need) == gpu
+    assert accumulation_device(gpu, 14, shape, free_bytes=4 * need - 1) == cpu
+    assert accumulation_device(cpu, 14, shape, free_bytes=10**15) == cpu
