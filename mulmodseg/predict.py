@@ -72,6 +72,13 @@ def output_path(image: Path, output_dir: Path, suffix: str = ".nii.gz") -> Path:
     return output_dir / f"{stem}{suffix}"
 
 
+def label_candidates(image: Path, labels_dir: Path) -> list[Path]:
+    """Where the label of ``image`` may be: nnU-Net's ``case.nii.gz`` (or ``.nii``) for ``case_0000.nii.gz``,
+    else a file with the image's own name."""
+    return list(dict.fromkeys([output_path(image, labels_dir), output_path(image, labels_dir, ".nii"),
+                               labels_dir / image.name]))
+
+
 def find_inputs(path: str | Path) -> list[Path]:
     """One NIfTI file, or every NIfTI file in a folder (sorted)."""
     path = Path(path)
@@ -200,17 +207,19 @@ def segment_files(
     segmenter.check_modality(modality)
     targets = {p: output_path(p, output_dir) for p in inputs}
     given = {p.resolve() for p in inputs}
-    problems = []
+    problems, writers = [], {}
     for src, dst in targets.items():
         if dst.resolve() in given:
             problems.append(f"{dst}: the output would replace an input scan; choose another --output")
         elif dst.exists() and not overwrite:
             problems.append(f"{dst}: exists; pass --overwrite to replace it")
+        if dst in writers:
+            problems.append(f"{src}: would write {dst}, as {writers[dst]} does; rename one of them")
+        writers.setdefault(dst, src)
     label_files = {}
     if labels_dir is not None:
         for src in inputs:
-            found = [p for p in (output_path(src, Path(labels_dir)), output_path(src, Path(labels_dir), ".nii"))
-                     if p.is_file()]
+            found = [p for p in label_candidates(src, Path(labels_dir)) if p.is_file()]
             if not found:
                 problems.append(f"{src}: no label file with this name in {labels_dir}")
             else:

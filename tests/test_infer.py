@@ -13,7 +13,8 @@ import torch
 
 import infer as infer_cli
 import train as train_cli
-from mulmodseg.predict import accumulation_device, output_path
+from mulmodseg.data import DataError
+from mulmodseg.predict import accumulation_device, find_inputs, output_path, segment_files
 from mulmodseg.training import train
 from mulmodseg.viz import read_png
 
@@ -180,3 +181,20 @@ def test_accumulation_device_prefers_the_gpu_when_the_logits_fit():
     assert accumulation_device(gpu, 14, shape, free_bytes=4 * need) == gpu
     assert accumulation_device(gpu, 14, shape, free_bytes=4 * need - 1) == cpu
     assert accumulation_device(cpu, 14, shape, free_bytes=10**15) == cpu
+
+
+def test_labels_with_the_image_name_and_colliding_outputs(tmp_path, checkpoint):
+    scans, labels = tmp_path / "scans", tmp_path / "labels"
+    scans.mkdir()
+    labels.mkdir()
+    # Not an nnU-Net layout: the label has the image's own name, which ends in _0000 by chance.
+    shutil.copy(CT, scans / "scan_0000.nii.gz")
+    shutil.copy(SAMPLE / "ct" / "labelsTr" / CT.name, labels / "scan_0000.nii.gz")
+    records = segment_files(checkpoint, [scans / "scan_0000.nii.gz"], tmp_path / "out", "CT",
+                            labels_dir=labels, log=lambda m: None)
+    assert records[0]["output"] == str(tmp_path / "out" / "scan.nii.gz") and len(records[0]["dice"]) == 13
+
+    shutil.copy(CT, scans / "scan.nii.gz")  # scan_0000.nii.gz and scan.nii.gz would both write scan.nii.gz
+    with pytest.raises(DataError, match=r"scan_0000.nii.gz: would write .*out2/scan.nii.gz, as .*/scan.nii.gz does"):
+        segment_files(checkpoint, find_inputs(scans), tmp_path / "out2", "CT", log=lambda m: None)
+    assert not (tmp_path / "out2").exists()
