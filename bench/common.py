@@ -38,7 +38,10 @@ def cpu_model() -> str:
 def machine(device: torch.device) -> str:
     """One line naming the device, the CPU, torch and the date (UTC)."""
     cpu = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU only"
+    dev = "CPU only"
+    if device.type == "cuda":
+        dev = (f"{torch.cuda.get_device_name(device)} (TF32 convolutions {torch.backends.cudnn.allow_tf32}, "
+               f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN autotune {torch.backends.cudnn.benchmark})")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"{now}; device: {dev}; CPU: {cpu}; torch {torch.__version__}; python {platform.python_version()}"
 
