@@ -106,7 +106,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dirs["MR"] = args.mr_dir
     dirs.update(parse_pairs(args.data_dir, "--data_dir"))
     if not dirs:
-        print(f"no --ct_dir/--mr_dir given: training on the bundled sample in {BUNDLED_SAMPLE}", file=sys.stderr)
+        if not args.resume:  # a resumed run keeps its own folders
+            print(f"no --ct_dir/--mr_dir given: training on the bundled sample in {BUNDLED_SAMPLE}", file=sys.stderr)
         dirs = {"CT": str(BUNDLED_SAMPLE / "ct"), "MR": str(BUNDLED_SAMPLE / "mr")}
     roi = args.roi_size * 3 if len(args.roi_size) == 1 else args.roi_size
     if len(roi) != 3:
@@ -117,6 +118,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         mr_percentiles=tuple(args.mr_percentiles), max_cases=parse_pairs(args.max_cases, "--max_cases", int),
     )
     return TrainConfig(**fields)
+
+
+def given_fields(argv: list[str] | None) -> set[str]:
+    """The ``TrainConfig`` fields that ``argv`` sets explicitly (a resumed run keeps the others)."""
+    probe = build_parser()
+    for action in probe._actions:  # no defaults: only what argv sets lands in the namespace
+        action.default = argparse.SUPPRESS
+    given = set(vars(probe.parse_args(argv)))
+    if given & {"ct_dir", "mr_dir", "data_dir"}:
+        given.add("data_dirs")
+    return given & set(TrainConfig.__dataclass_fields__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(Path(args.out) / "curves.png")
         return 0
     try:
-        train(config_from_args(args), resume=args.resume)
+        train(config_from_args(args), resume=args.resume, given=given_fields(argv))
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.metrics import dice_per_class, summarise
 from mulmodseg.model import MulModSeg
+from mulmodseg.nets import BACKBONES
 from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.prompts import resolve_classes
 from mulmodseg.viz import plot_curves
@@ -104,6 +105,65 @@ class TrainConfig:
             if name in fields:
                 kwargs[name] = tuple(value) if isinstance(value, list) and "tuple" in str(fields[name].type) else value
         return cls(**kwargs)
+
+
+# Settings a resumed run may change: none of them alters what the run has learned so far.
+RESUMABLE = frozenset({"epochs", "device", "out", "num_workers", "log_every", "save_every", "keep_every",
+                       "val_every", "sw_batch_size", "cache_dir"})
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise one ``TrainingError`` listing every setting that cannot work, before any data is read."""
+    problems = []
+    for name in ("epochs", "batch_size", "num_samples", "save_every", "log_every", "sw_batch_size", "lr"):
+        if not getattr(cfg, name) > 0:
+            problems.append(f"--{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("warmup_epochs", "keep_every", "val_every", "num_workers", "weight_decay", "grad_clip",
+                 "rotate_degrees", "scale_range"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.val_fraction < 1:
+        problems.append(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.val_every and not cfg.val_fraction:
+        problems.append(f"--val_every {cfg.val_every} has nothing to validate on: also pass --val_fraction, e.g. 0.2")
+    if cfg.backbone not in BACKBONES:
+        problems.append(f"--backbone {cfg.backbone!r}: choose one of {sorted(BACKBONES)}")
+    else:
+        divisor = BACKBONES[cfg.backbone].size_divisor
+        if any(r <= 0 or r % divisor for r in cfg.roi_size):
+            fit = [max(divisor, round(r / divisor) * divisor) for r in cfg.roi_size]
+            problems.append(f"--roi_size {' '.join(map(str, cfg.roi_size))}: --backbone {cfg.backbone} needs multiples "
+                            f"of {divisor}, e.g. {' '.join(map(str, fit))}")
+    for name, count in cfg.max_cases.items():
+        if name not in cfg.data_dirs:
+            problems.append(f"--max_cases {name}={count}: no modality {name!r} in this run ({list(cfg.data_dirs)})")
+        elif count < 1:
+            problems.append(f"--max_cases {name}={count} must keep at least 1 case")
+    if problems:
+        raise TrainingError(f"{len(problems)} setting problem(s):\n  - " + "\n  - ".join(problems))
+
+
+def resumed_config(saved: TrainConfig, given: TrainConfig, fields: Iterable[str]) -> TrainConfig:
+    """The saved run's settings with the ``fields`` of ``given`` applied (``out`` always); raises
+    ``TrainingError`` naming each given setting that differs and would change what was trained."""
+    changed = {name for name in fields if getattr(given, name) != getattr(saved, name)} | {"out"}
+    frozen = sorted(changed - RESUMABLE)
+    if frozen:
+        detail = "; ".join(f"{n}: saved {getattr(saved, n)!r}, given {getattr(given, n)!r}" for n in frozen)
+        raise TrainingError(f"--resume continues {given.out} with its saved settings, and these cannot change "
+                            f"mid-run: {detail}. Drop them, or start a new run in another --out")
+    return dataclasses.replace(saved, **{name: getattr(given, name) for name in changed})
+
+
+def trim_log(path: Path, epoch: int) -> None:
+    """Drop the records of ``log.jsonl`` after ``epoch`` (epochs run after the checkpoint a run resumes
+    from are run again, and would otherwise be logged twice)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -342,8 +402,12 @@ class Trainer:
     run directory) is checked in ``prepare()`` before any long work starts.
     """
 
-    def __init__(self, config: TrainConfig, log: Callable[[str], None] | None = None):
+    def __init__(self, config: TrainConfig, log: Callable[[str], None] | None = None,
+                 given: Iterable[str] | None = None):
+        """``given``: the fields of ``config`` the caller chose (None: all); on resume only these are
+        applied to the saved run's settings (see ``resumed_config``)."""
         self.config = config
+        self.given = set(given) if given is not None else {f.name for f in dataclasses.fields(TrainConfig)}
         self.out = Path(config.out)
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
@@ -369,8 +433,8 @@ class Trainer:
         if resume:
             self.resume_state = load_checkpoint(last)
             saved = TrainConfig.from_dict(self.resume_state["config"]["train"])
-            saved.epochs, saved.device, saved.out = cfg.epochs, cfg.device, cfg.out
-            self.config = cfg = saved
+            self.config = cfg = resumed_config(saved, cfg, self.given)
+        check_config(cfg)
         if not cfg.data_dirs:
             raise TrainingError("no dataset given: pass --ct_dir and/or --mr_dir")
         self.modalities = list(cfg.modality_order or cfg.data_dirs)
@@ -390,11 +454,14 @@ class Trainer:
             if name in cfg.max_cases:
                 cases = mdata.subsample(cases, cfg.max_cases[name], cfg.seed)
             train, val = mdata.split_cases(cases, cfg.val_fraction, cfg.seed) if cfg.val_fraction else (cases, [])
+            if not train:
+                raise TrainingError(f"{name}: no scans left to train on: {len(cases)} in {cfg.data_dirs[name]}, "
+                                    f"{len(val)} held out by --val_fraction {cfg.val_fraction}; lower --val_fraction")
             self.cases[name], self.val_cases[name] = train, val
         all_cases = [c for name in self.train_modalities for c in self.cases[name] + self.val_cases[name]]
         label_map = mdata.parse_label_map(cfg.label_map) if cfg.label_map else None
         for warning in mdata.check_cases(all_cases, label_map=label_map, num_classes=len(self.classes),
-                                         modalities=self.modalities):
+                                         modalities=self.modalities, require_labels=True):
             self.log(f"warning: {warning}")
 
         table = None if resume else build_table(cfg, self.modalities, self.classes, self.cache_dir)
@@ -408,6 +475,11 @@ class Trainer:
         self.start_epoch, self.iteration, self.best = 0, 0, -1.0
         if resume:
             self.load_state(self.resume_state)
+            # The optimizer state holds the saved schedule's lr; with a new --epochs it is another one.
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * warmup_cosine(self.start_epoch, cfg.warmup_epochs, cfg.epochs)
+            if self.is_main:
+                trim_log(self.out / "log.jsonl", self.start_epoch)
             self.log(f"resuming {last} at epoch {self.start_epoch + 1}/{cfg.epochs}")
 
     def build_model(self, table) -> MulModSeg:
@@ -524,9 +596,11 @@ class Trainer:
                     dice, ce = train_step(self.net, self.loss_fn, self.optimizer, self.scaler, batch, modality,
                                           self.device, self.amp_dtype, cfg.grad_clip, cfg.channels_last)
                 except FloatingPointError as exc:
+                    last = self.out / "last.pt"
+                    kept = (f"The last good checkpoint is kept: {last}" if last.is_file()
+                            else "No checkpoint had been written yet.")
                     raise TrainingError(
-                        f"training stopped at epoch {epoch + 1}, step {step} ({modality}): {exc}. "
-                        f"The last good checkpoint is kept: {self.out / 'last.pt'}"
+                        f"training stopped at epoch {epoch + 1}, step {step} ({modality}): {exc}. {kept}"
                     ) from exc
                 self.iteration += 1
                 steps_done += 1
@@ -597,10 +671,15 @@ def write_curves(log_path: str | Path, png_path: str | Path) -> None:
         plot_curves(series, png_path)
 
 
-def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Run a whole training (under ``torchrun`` too); returns the last epoch's log record."""
+def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] | None = None,
+          given: Iterable[str] | None = None) -> dict:
+    """Run a whole training (under ``torchrun`` too); returns the last epoch's log record.
+
+    ``resume``: continue ``config.out`` from its ``last.pt``, with the saved settings plus the fields
+    ``given`` of ``config`` (None: all of them), of which only ``RESUMABLE`` ones may differ.
+    """
     try:
-        trainer = Trainer(config, log)
+        trainer = Trainer(config, log, given)
         trainer.prepare(resume)
         return trainer.fit()
     finally:

@@ -1,7 +1,9 @@
 """The trainer: schedule, ALT order, exact resume after SIGKILL, NaN stop, DDP on gloo, overfitting a real crop."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,10 +23,14 @@ from mulmodseg.losses import DiceCELoss
 from mulmodseg.model import MulModSeg
 from mulmodseg.training import (
     EpochLoader,
+    TrainConfig,
     Trainer,
     TrainingError,
     alt_batches,
+    check_config,
+    resumed_config,
     train_step,
+    trim_log,
     warmup_cosine,
 )
 from mulmodseg.viz import read_png
@@ -262,6 +268,82 @@ def test_overfits_one_real_crop():
     losses = [sum(train_step(model, DiceCELoss(), opt, scaler, {"image": x, "label": y}, "CT", torch.device("cpu")))
               for _ in range(15)]
     assert min(losses[-3:]) <= 0.5 * losses[0], losses
+
+
+def test_check_config_lists_every_bad_setting_at_once():
+    check_config(TrainConfig(data_dirs={"CT": "x"}))
+    check_config(TrainConfig(data_dirs={"CT": "x"}, backbone="swinunetr", roi_size=(64, 96, 128)))
+    bad = TrainConfig(data_dirs={"CT": "x"}, roi_size=(36, 32, 32), save_every=0, log_every=0, val_every=5,
+                      max_cases={"ct": 3})
+    with pytest.raises(TrainingError) as err:
+        check_config(bad)
+    message = str(err.value)
+    assert message.startswith("5 setting problem(s)")
+    for part in ("--save_every must be > 0, got 0", "--log_every must be > 0, got 0",
+                 "--roi_size 36 32 32: --backbone unet needs multiples of 8, e.g. 32 32 32",
+                 "--val_every 5 has nothing to validate on: also pass --val_fraction",
+                 "--max_cases ct=3: no modality 'ct' in this run (['CT'])"):
+        assert part in message
+    with pytest.raises(TrainingError, match="--backbone swinunetr needs multiples of 32, e.g. 64 64 64"):
+        check_config(dataclasses.replace(bad, backbone="swinunetr", roi_size=(48, 64, 64), save_every=1,
+                                         log_every=1, val_every=0, max_cases={}))
+
+
+def test_resumed_config_applies_resumable_settings_and_refuses_the_rest():
+    saved = TrainConfig(data_dirs={"CT": "a"}, epochs=2, roi_size=(32, 32, 32), out="runs/x")
+    given = TrainConfig(data_dirs={"CT": "a"}, epochs=4, roi_size=(64, 64, 64), out="runs/y", lr=0.5)
+    resumed = resumed_config(saved, given, {"epochs"})
+    assert (resumed.epochs, resumed.out, resumed.roi_size, resumed.lr) == (4, "runs/y", (32, 32, 32), 1e-3)
+    every = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert resumed_config(saved, saved, every) == saved  # the original command again, plus --resume
+    with pytest.raises(TrainingError, match=r"cannot change mid-run: lr: saved 0.001, given 0.5; "
+                                            r"roi_size: saved \(32, 32, 32\), given \(64, 64, 64\)"):
+        resumed_config(saved, given, every)
+
+
+def test_trim_log_drops_the_epochs_after_the_checkpoint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"epoch": e, "lr": 0.1}) + "\n" for e in (1, 2, 3)))
+    trim_log(log, 2)
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
+    trim_log(tmp_path / "absent.jsonl", 1)
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_resume_with_only_out_keeps_the_saved_settings_and_follows_the_new_schedule(tmp_path, cache, capsys):
+    run = tmp_path / "run"
+    assert train_cli.main(small_args(run, cache, 2)) == 0
+    capsys.readouterr()
+    assert train_cli.main(["--out", str(run), "--resume", "--epochs", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "bundled sample" not in err and "at epoch 3/3" in err
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["epoch"] == 3 and tuple(ckpt["config"]["train"]["roi_size"]) == (32, 32, 32)
+    assert ckpt["config"]["train"]["cache_dir"] == str(cache) and ckpt["config"]["train"]["epochs"] == 3
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    # The saved optimizer held lr 0 (the end of the 2-epoch schedule); epoch 3 of 3 follows the new one.
+    assert records[2]["lr"] == pytest.approx(1e-3 * warmup_cosine(2, 1, 3)) and records[2]["lr"] > 0
+    code = train_cli.main(["--out", str(run), "--resume", "--epochs", "4", "--roi_size", "64"])
+    assert code == 2 and "roi_size: saved (32, 32, 32), given (64, 64, 64)" in capsys.readouterr().err
+
+
+def test_a_modality_left_without_training_scans_stops_before_any_work(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    code = train_cli.main(small_args(out, cache, 1) + ["--val_fraction", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no scans left to train on: 1 in" in err and "held out by --val_fraction 0.5" in err
+    assert not out.exists()
+
+
+def test_a_training_scan_without_a_label_is_reported_before_preprocessing(tmp_path, capsys):
+    data = tmp_path / "ct"
+    (data / "imagesTr").mkdir(parents=True)
+    shutil.copy(SAMPLE / "ct" / "imagesTr" / "ts_ct_001.nii.gz", data / "imagesTr" / "a.nii.gz")
+    (data / "dataset.json").write_text(json.dumps({"training": [{"image": "imagesTr/a.nii.gz"}]}))
+    code = train_cli.main(["--ct_dir", str(data), *SMALL, "--mode", "CT", "--epochs", "1", "--out", str(tmp_path / "r")])
+    assert code == 2 and f"{data / 'imagesTr' / 'a.nii.gz'}: no label file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_validation_keeps_the_best_checkpoint_and_logs_dice(tmp_path, cache):

@@ -423,6 +423,8 @@ class SwinUNETR(nn.Module):
         enc_channels: 16 F, channels of ``enc_last``. dec_channels: F, channels of ``dec_last``.
     """
 
+    size_divisor = 32  # patch embedding (2x) and four patch mergings: sizes must be multiples of this
+
     def __init__(self, in_channels: int = 1, out_channels: Optional[int] = None, feature_size: int = 48,
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, use_checkpoint: bool = False, normalize: bool = True,
@@ -458,9 +460,9 @@ class SwinUNETR(nn.Module):
 
         Returns ``(enc_last, dec_last)``: ``(B, 16F, D/32, H/32, W/32)`` and ``(B, F, D, H, W)``.
         """
-        bad = [f"{name}={s}" for name, s in zip("DHW", x.shape[2:]) if s % 32]
+        bad = [f"{name}={s}" for name, s in zip("DHW", x.shape[2:]) if s % self.size_divisor]
         if x.dim() != 5 or bad:
-            raise ValueError(f"SwinUNETR needs (B, C, D, H, W) with D, H, W divisible by 32; got shape "
+            raise ValueError(f"SwinUNETR needs (B, C, D, H, W) with D, H, W divisible by {self.size_divisor}; got shape "
                              f"{tuple(x.shape)} ({', '.join(bad) or 'not 5-D'})")
         hidden = self.swinViT(x, self.normalize)
         enc0 = self.encoder1(x)

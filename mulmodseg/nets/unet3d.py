@@ -110,6 +110,8 @@ class UNet3D(nn.Module):
         dec_channels: ``2 * base_channels`` (64), channels of ``dec_last``.
     """
 
+    size_divisor = 8  # three 2x poolings: every spatial size must be a multiple of this
+
     def __init__(self, in_channels: int = 1, out_channels: Optional[int] = None, base_channels: int = 32) -> None:
         super().__init__()
         b = base_channels
@@ -132,8 +134,8 @@ class UNet3D(nn.Module):
         Returns ``(enc_last, dec_last)``: ``(B, 512, D/8, H/8, W/8)`` and ``(B, 64, D, H, W)`` (at the
         default width).
         """
-        if any(s % 8 for s in x.shape[2:]):
-            raise ValueError(f"UNet3D needs spatial sizes divisible by 8, got {tuple(x.shape[2:])}")
+        if any(s % self.size_divisor for s in x.shape[2:]):
+            raise ValueError(f"UNet3D needs spatial sizes divisible by {self.size_divisor}, got {tuple(x.shape[2:])}")
         x, skip64 = self.down_tr64(x)
         x, skip128 = self.down_tr128(x)
         x, skip256 = self.down_tr256(x)
