@@ -1,6 +1,8 @@
 """Where and in which precision to run: the ``--device`` and ``--amp`` options as torch objects."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -9,7 +11,8 @@ class DeviceError(ValueError):
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is the GPU of this rank when there is one, else the CPU.
+    """``auto`` is the GPU of this rank when there is one, else the CPU; otherwise a torch device string
+    (``cpu``, ``cuda``, ``cuda:N``, ...), checked against the GPUs this machine has.
 
     On CUDA this also turns on cuDNN autotuning: crops and sliding windows have one fixed shape, so
     timing the 3D convolution algorithms once per shape and keeping the fastest pays off (nnU-Net
@@ -18,9 +21,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     else:
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise DeviceError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from e
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise DeviceError(f"--device {name}: no CUDA device is available here; use --device cpu")
+            count = torch.cuda.device_count()
+            if device.index is not None and device.index >= count:
+                raise DeviceError(f"--device {name}: this machine has {count} CUDA device(s), "
+                                  f"so N in cuda:N must be below {count}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return device
@@ -28,11 +39,22 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``--amp`` on ``device``: None (fp32) for ``none``, and for ``auto`` off CUDA;
-    bf16 for ``bf16`` and for ``auto`` on CUDA; fp16 for ``fp16``."""
+    bf16 for ``bf16``; fp16 for ``fp16``. ``auto`` on CUDA is bf16 where the current CUDA device computes
+    it natively (Ampere or newer), else fp16: older GPUs only emulate bf16, far slower than fp16."""
     if amp == "none" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":
         return torch.float16
-    if amp in ("bf16", "auto"):
+    if amp == "bf16":
         return torch.bfloat16
+    if amp == "auto":
+        return torch.bfloat16 if _native_bf16() else torch.float16
     raise DeviceError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
+
+
+def _native_bf16() -> bool:
+    """Whether the current CUDA device has bf16 in hardware, not only through emulation."""
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    # Older torch lacks the keyword, and its plain answer may count emulation: Ampere is compute capability 8.
+    return torch.cuda.get_device_capability()[0] >= 8

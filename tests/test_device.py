@@ -26,12 +26,38 @@ def test_cpu_leaves_cudnn_alone(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
 
 
+def test_device_names_are_checked_against_this_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for name in ("gpu", "CUDA", "cuda:x", ""):
+        with pytest.raises(DeviceError, match=f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N"):
+            resolve_device(name)
+    with pytest.raises(DeviceError, match="--device cuda:5: this machine has 1 CUDA device.*below 1"):
+        resolve_device("cuda:5")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
+
+
 @pytest.mark.parametrize("amp, device, expected", [
-    ("auto", "cpu", None), ("auto", "cuda", torch.bfloat16), ("none", "cuda", None),
-    ("bf16", "cpu", torch.bfloat16), ("fp16", "cuda", torch.float16),
+    ("auto", "cpu", None), ("none", "cuda", None),
+    ("bf16", "cpu", torch.bfloat16), ("bf16", "cuda", torch.bfloat16), ("fp16", "cuda", torch.float16),
 ])
 def test_autocast_dtype(amp, device, expected):
     assert autocast_dtype(amp, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_amp_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch, native, expected):
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation  # a pre-Ampere GPU emulates bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert autocast_dtype("auto", torch.device("cuda:0")) is expected
+    assert asked == [False]
 
 
 def test_unknown_amp_is_a_clear_error():
