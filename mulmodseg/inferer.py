@@ -96,6 +96,8 @@ def sliding_window_inference(
     Returns (B, K, *S) float32 on ``device``: the blended predictor outputs (logits if the predictor
     returns logits). Gradients are not tracked.
     """
+    if not isinstance(sw_batch_size, numbers.Integral) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive integer, got {sw_batch_size!r}")
     spatial_dims = inputs.dim() - 2
     if not isinstance(roi_size, numbers.Number) and len(roi_size) != spatial_dims:
         raise ValueError(f"roi_size {tuple(roi_size)} does not fit inputs of shape {tuple(inputs.shape)}")

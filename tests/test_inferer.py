@@ -169,3 +169,9 @@ def test_rejects_bad_arguments():
         sliding_window_inference(inputs, 4, lambda x: x, 1, overlap=1.0)
     with pytest.raises(ValueError):
         sliding_window_inference(inputs, 4, lambda x: x[..., :2], 1)
+
+
+@pytest.mark.parametrize("sw_batch_size", [0, -2, 2.5, None])
+def test_rejects_a_window_batch_that_is_not_a_positive_integer(sw_batch_size):
+    with pytest.raises(ValueError, match=f"sw_batch_size must be a positive integer, got {sw_batch_size}"):
+        sliding_window_inference(torch.zeros(1, 1, 8, 8, 8), 4, lambda x: x, sw_batch_size)
