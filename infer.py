@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes (8x slower)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp, help="mixed precision (auto: bf16 on CUDA)")
-    p.add_argument("--sw_batch_size", type=int, default=d.sw_batch_size, help="windows per forward pass")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp, help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones, none on the CPU)")
+    p.add_argument("--sw_batch_size", type=int, default=d.sw_batch_size, help="windows per forward pass (at least 1)")
     p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in [0, 1)")
     p.add_argument("--mode", choices=["gaussian", "constant"], default=d.mode, help="window blending")
     p.add_argument("--prompt_modality", help="use another modality's prompts (the paper's wrong-modality test)")
@@ -38,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = InferenceSettings(
-        sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode=args.mode, tta=args.tta,
-        device=args.device, amp=args.amp, prompt_modality=args.prompt_modality,
-    )
     try:
+        settings = InferenceSettings(
+            sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode=args.mode, tta=args.tta,
+            device=args.device, amp=args.amp, prompt_modality=args.prompt_modality,
+        )
         segment_files(
             args.checkpoint, find_inputs(args.input), args.output, args.modality, settings,
             overwrite=args.overwrite, save_probabilities=args.save_probabilities, previews=args.preview,

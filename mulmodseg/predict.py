@@ -21,6 +21,7 @@ import torch
 
 from mulmodseg import data as mdata
 from mulmodseg.checkpoint import load_checkpoint
+from mulmodseg.data.preprocess import _read_label
 from mulmodseg.device import autocast_dtype, resolve_device
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.metrics import (
@@ -41,6 +42,15 @@ class InferenceSettings:
     device: str = "auto"
     amp: str = "auto"  # auto | bf16 | fp16 | none
     prompt_modality: str | None = None  # the paper's wrong-modality test: prompts of another modality
+
+    def __post_init__(self) -> None:
+        # Checked here, so that a bad flag fails before the checkpoint loads and any scan is read.
+        if not isinstance(self.sw_batch_size, int) or self.sw_batch_size < 1:
+            raise ValueError(f"--sw_batch_size {self.sw_batch_size}: must be a whole number of windows, at least 1")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"--overlap {self.overlap}: must be in [0, 1)")
+        if self.mode not in ("gaussian", "constant"):
+            raise ValueError(f"--mode {self.mode}: must be gaussian or constant")
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[MulModSeg, dict]:
@@ -115,9 +125,14 @@ def to_dataset_values(label: np.ndarray, inverse: dict[int, int] | None) -> np.n
 
 
 def write_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
-    """Save ``array`` on ``reference``'s grid: same affine, qform/sform and codes, no intensity scaling."""
+    """Save the label map ``array`` on ``reference``'s grid: same affine, qform/sform and codes, voxel
+    sizes and units; no intensity scaling, display range, intent or description of the scan."""
     header = reference.header.copy()
     header.set_data_dtype(array.dtype)
+    # A scan's display window (e.g. cal_min -1000, cal_max 2000 HU) would show labels 1..13 as black.
+    header["cal_min"], header["cal_max"] = 0, 0
+    header.set_intent("none")
+    header["descrip"] = b"mulmodseg labels"
     out = nib.Nifti1Image(array, reference.affine, header)
     out.set_qform(reference.get_qform(), int(reference.header["qform_code"]))
     out.set_sform(reference.get_sform(), int(reference.header["sform_code"]))
@@ -142,8 +157,8 @@ class Segmenter:
     def __init__(self, checkpoint: str | Path, settings: InferenceSettings | None = None):
         self.settings = settings or InferenceSettings()
         self.device = resolve_device(self.settings.device)
-        self.model, self.config = load_model(checkpoint, self.device)
         self.amp_dtype = autocast_dtype(self.settings.amp, self.device)
+        self.model, self.config = load_model(checkpoint, self.device)
         self.roi_size = tuple(self.config["roi_size"])
         self.classes = self.config["classes"]
         self.modalities = list(self.config["preprocess"])
@@ -153,7 +168,12 @@ class Segmenter:
         if modality not in self.config["preprocess"]:
             raise ValueError(f"--modality {modality}: this checkpoint was trained on {self.modalities}")
         prompt = self.settings.prompt_modality
-        if prompt is not None and not self.model.vision_only and prompt not in self.model.modalities:
+        if prompt is None:
+            return
+        if self.model.vision_only:
+            raise ValueError(f"--prompt_modality {prompt}: this checkpoint is vision-only and has no prompts; "
+                             "leave the flag out")
+        if prompt not in self.model.modalities:
             raise ValueError(f"--prompt_modality {prompt}: the checkpoint's table has {list(self.model.modalities)}")
 
     @torch.no_grad()
@@ -162,7 +182,11 @@ class Segmenter:
         (``accumulation_device``), else on the CPU."""
         s = self.settings
         x = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
-        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        free = 0
+        if self.device.type == "cuda":
+            # Memory PyTorch's allocator has cached but not handed out is free for the logits too.
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            free = torch.cuda.mem_get_info(self.device)[0] + cached
         out = sliding_window_inference(
             x, self.roi_size, self.model, sw_batch_size=s.sw_batch_size, overlap=s.overlap, mode=s.mode,
             sw_device=self.device, device=accumulation_device(self.device, len(self.classes), image.shape, free),
@@ -198,24 +222,31 @@ def segment_files(
     """Segment ``inputs`` into ``output_dir``; returns one record per case (with Dice when labels are given).
 
     Before any inference: the checkpoint loads, the modality is one it knows, no output would
-    replace an input or (without ``overwrite``) an existing file, and every scan and label passes
-    ``mulmodseg.data.check_cases`` (readable, 3D, finite, label values known); all problems at once.
+    replace an input or (without ``overwrite``) an existing file (label maps, probabilities, previews,
+    evaluation tables), and every scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D,
+    finite, label values known); all problems at once.
     """
     output_dir = Path(output_dir)
     inputs = [Path(p) for p in inputs]
     segmenter = Segmenter(checkpoint, settings)
     segmenter.check_modality(modality)
     targets = {p: output_path(p, output_dir) for p in inputs}
+    extras = [suffix for suffix, wanted in (("_probabilities.npz", save_probabilities), (".png", previews)) if wanted]
     given = {p.resolve() for p in inputs}
     problems, writers = [], {}
+    # Nothing this call would write may already exist: write_evaluation's tables count when labels are given.
+    outputs = [] if labels_dir is None else [output_dir / n for n in ("metrics.csv", "summary.md", "summary.csv")]
     for src, dst in targets.items():
         if dst.resolve() in given:
             problems.append(f"{dst}: the output would replace an input scan; choose another --output")
-        elif dst.exists() and not overwrite:
-            problems.append(f"{dst}: exists; pass --overwrite to replace it")
+        else:
+            outputs.append(dst)
+        outputs += [output_path(src, output_dir, suffix) for suffix in extras]
         if dst in writers:
             problems.append(f"{src}: would write {dst}, as {writers[dst]} does; rename one of them")
         writers.setdefault(dst, src)
+    if not overwrite:
+        problems += [f"{path}: exists; pass --overwrite to replace it" for path in outputs if path.exists()]
     label_files = {}
     if labels_dir is not None:
         for src in inputs:
@@ -244,16 +275,18 @@ def segment_files(
         record = {"case": mdata.nifti_stem(targets[src]), "modality": modality, "output": str(targets[src])}
         if save_probabilities:
             # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
-            restored = mdata.restore(probs, meta, "linear").astype(np.float16)
+            # Outside the foreground crop is background, so probability 1 for class 0 and 0 for the rest.
+            restored = np.empty((len(probs), *reference.shape), dtype=np.float16)
+            for k, channel in enumerate(probs):
+                restored[k] = mdata.restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
             np.savez_compressed(output_path(src, output_dir, "_probabilities.npz"), probabilities=restored,
                                 classes=np.array(segmenter.classes))
         if previews:
             write_preview(reference, label, output_path(src, output_dir, ".png"))
         if src in label_files:
-            truth = np.asanyarray(nib.load(str(label_files[src])).dataobj)
-            if label_map:
-                truth = mdata.apply_label_map(truth, {int(k): int(v) for k, v in label_map.items()})
-            record["dice"] = dice_per_class(label, truth.astype(np.int64), len(segmenter.classes))
+            # Read as training reads labels: float files to integers, the run's label map applied.
+            truth = _read_label(nib.load(str(label_files[src])), str(label_files[src]), label.shape, label_map)
+            record["dice"] = dice_per_class(label, truth, len(segmenter.classes))
         record["seconds"] = time.time() - t0
         records.append(record)
         eta = (time.time() - t_all) / i * (len(inputs) - i)
@@ -275,8 +308,8 @@ def write_evaluation(records: list[dict], segmenter: Segmenter, output_dir: Path
     write_summary_csv(output_dir / "summary.csv", summary, names)
     window = (1, segmenter.model.in_channels, *segmenter.roi_size)
     kwargs = {} if segmenter.model.vision_only else {"modality": modality}
-    flops = count_flops(segmenter.model.cpu(), window, **kwargs)
-    segmenter.model.to(segmenter.device)
+    # On the model's own device: a window's forward pass on the CPU can take minutes.
+    flops = count_flops(segmenter.model, window, **kwargs)
     cost = (f"parameters {count_parameters(segmenter.model):,}; {flops / 1e9:.1f} GFLOPs per "
             f"{'x'.join(map(str, segmenter.roi_size))} window; "
             f"{np.mean([r['seconds'] for r in records]):.2f} s per case on {segmenter.device}")

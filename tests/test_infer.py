@@ -1,6 +1,7 @@
 """infer.py end to end on the real sample CT (RAS) and MR (LPS) with checkpoints trained here for one epoch."""
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,13 @@ import torch
 
 import infer as infer_cli
 import train as train_cli
+from mulmodseg import data as mdata
+from mulmodseg import predict
 from mulmodseg.data import DataError
-from mulmodseg.predict import accumulation_device, find_inputs, output_path, segment_files
+from mulmodseg.metrics import count_flops
+from mulmodseg.predict import (
+    Segmenter, accumulation_device, find_inputs, load_model, output_path, segment_files, write_evaluation, write_like,
+)
 from mulmodseg.training import train
 from mulmodseg.viz import read_png
 
@@ -68,9 +74,13 @@ def test_label_map_lands_on_the_input_grid(tmp_path, checkpoint, scan, modality)
     with np.load(output_path(scan, tmp_path, "_probabilities.npz")) as saved:
         probs, classes = saved["probabilities"], list(saved["classes"])
     assert probs.shape == (14, *src.shape) and probs.dtype == np.float16 and classes[6] == "liver"
-    total = probs.astype(np.float32).sum(0)
-    inside = total > 0.5  # voxels outside the foreground crop are zero-filled
-    assert inside.mean() > 0.2 and np.allclose(total[inside], 1.0, atol=1e-2)
+    assert np.allclose(probs.astype(np.float32).sum(0), 1.0, atol=1e-2)  # a softmax at every voxel
+    # Voxels whose centre lies outside the foreground crop are background with certainty.
+    _, config = load_model(checkpoint)
+    _, _, meta = mdata.preprocess(scan, None, modality, **config["preprocess"][modality])
+    outside = mdata.restore(np.ones(meta["shape"], np.uint8), meta, "nearest") == 0
+    assert outside.any() and not outside.all()
+    assert np.all(probs[0][outside] == 1) and np.all(probs[1:, outside] == 0)
     png = read_png(output_path(scan, tmp_path, ".png"))
     assert png.ndim == 3 and png.shape[2] == 3 and png.shape[0] > 50
     assert f"{scan.name} -> " in log and "ETA" in log
@@ -140,11 +150,84 @@ def test_wrong_modality_prompts_change_the_output(tmp_path, checkpoint):
     assert np.abs(probs[0].astype(np.float32) - probs[1].astype(np.float32)).max() > 1e-3
 
 
-def test_vision_only_checkpoint(tmp_path_factory, tmp_path):
+def test_vision_only_checkpoint(tmp_path_factory, tmp_path, capsys):
     ckpt = trained(tmp_path_factory, "none")
-    assert infer_cli.main(["--checkpoint", str(ckpt), "--modality", "MR", "--input", str(MR),
-                           "--output", str(tmp_path)]) == 0
+    args = ["--checkpoint", str(ckpt), "--modality", "MR", "--input", str(MR), "--output", str(tmp_path)]
+    assert infer_cli.main(args) == 0
     assert nib.load(str(output_path(MR, tmp_path))).shape == nib.load(str(MR)).shape
+    # It has no prompts to swap, so the wrong-modality test cannot run on it.
+    assert infer_cli.main([*args, "--overwrite", "--prompt_modality", "CT"]) == 2
+    assert "error: --prompt_modality CT: this checkpoint is vision-only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--sw_batch_size", "0", "--sw_batch_size 0: must be a whole number of windows, at least 1"),
+    ("--overlap", "1.0", r"--overlap 1.0: must be in \[0, 1\)"),
+    ("--overlap", "-0.5", r"--overlap -0.5: must be in \[0, 1\)"),
+])
+def test_bad_window_flags_fail_before_the_checkpoint_loads(tmp_path, capsys, flag, value, message):
+    code = infer_cli.main(["--checkpoint", str(tmp_path / "none.pt"), "--modality", "CT", "--input", str(CT),
+                           "--output", str(tmp_path / "out"), flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err) and "none.pt" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_probabilities_and_previews_are_not_replaced(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    extras = [output_path(CT, out, "_probabilities.npz"), output_path(CT, out, ".png")]
+    for path in extras:
+        path.write_bytes(b"earlier result")
+    with pytest.raises(DataError) as error:
+        segment_files(checkpoint, [CT], out, "CT", save_probabilities=True, previews=True, log=lambda m: None)
+    for path in extras:
+        assert f"{path}: exists; pass --overwrite" in str(error.value) and path.read_bytes() == b"earlier result"
+    assert not output_path(CT, out).exists()
+    (out / "metrics.csv").write_text("earlier,table\n")
+    with pytest.raises(DataError, match="metrics.csv: exists; pass --overwrite"):
+        segment_files(checkpoint, [CT], out, "CT", labels_dir=SAMPLE / "ct" / "labelsTr", log=lambda m: None)
+
+
+def test_label_maps_do_not_inherit_the_scans_display_settings(tmp_path):
+    scan = nib.load(str(CT))
+    header = scan.header.copy()
+    header["cal_min"], header["cal_max"] = -1000, 2000
+    header.set_intent("estimate", name="HU")
+    header["descrip"] = b"CT abdomen"
+    header.set_xyzt_units("mm", "sec")
+    reference = nib.Nifti1Image(np.asanyarray(scan.dataobj), scan.affine, header)
+    labels = np.zeros(scan.shape, np.uint8)
+    labels[40:60, 30:50, 50:70] = 6
+    write_like(labels, reference, tmp_path / "labels.nii.gz")
+    out = nib.load(str(tmp_path / "labels.nii.gz"))
+    assert float(out.header["cal_min"]) == 0 and float(out.header["cal_max"]) == 0
+    assert out.header.get_intent() == ("none", (), "")
+    assert out.header["descrip"].tobytes().rstrip(b"\0") == b"mulmodseg labels"
+    assert np.array_equal(out.affine, scan.affine) and np.array_equal(out.get_sform(), scan.get_sform())
+    assert [int(out.header[c]) for c in ("qform_code", "sform_code")] == [int(scan.header["qform_code"]),
+                                                                          int(scan.header["sform_code"])]
+    assert out.header.get_zooms() == scan.header.get_zooms() and out.header.get_xyzt_units() == ("mm", "sec")
+    assert np.array_equal(np.asanyarray(out.dataobj), labels)
+
+
+def test_flops_are_counted_where_the_model_is(tmp_path, checkpoint, monkeypatch):
+    """A meta-device model has no data to copy: moving it to the CPU (as before) would raise."""
+    segmenter = Segmenter(checkpoint)
+    expected = count_flops(segmenter.model, (1, 1, 32, 32, 32), modality="CT")
+    segmenter.model.to("meta")
+    counted = []
+
+    def spy(model, shape, **kwargs):
+        counted.append((next(model.parameters()).device.type, count_flops(model, shape, **kwargs)))
+        return counted[-1][1]
+
+    monkeypatch.setattr(predict, "count_flops", spy)
+    records = [{"case": "a", "modality": "CT", "dice": np.full(13, 0.5), "seconds": 1.0}]
+    write_evaluation(records, segmenter, tmp_path, "CT", log=lambda m: None)
+    assert counted == [("meta", expected)] and expected > 0
+    assert next(segmenter.model.parameters()).device.type == "meta"
+    assert "GFLOPs per 32x32x32 window" in (tmp_path / "summary.md").read_text()
 
 
 def test_help_explains_every_flag():
@@ -170,8 +253,17 @@ def test_label_map_runs_write_the_dataset_values(tmp_path):
     assert code == 0, log
     values = set(np.unique(np.asanyarray(nib.load(str(output_path(CT, tmp_path / "out"))).dataobj)).tolist())
     assert values <= {0, 6}
-    header = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[0]
+    header, row = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[:2]
     assert header.split(",")[:3] == ["case", "modality", "liver"]
+
+    # The same label stored as float32 (as some tools write them) is read as training reads it.
+    label = nib.load(str(SAMPLE / "ct" / "labelsTr" / CT.name))
+    (tmp_path / "float_labels").mkdir()
+    nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj).astype(np.float32), label.affine),
+             tmp_path / "float_labels" / CT.name)
+    records = segment_files(tmp_path / "run" / "last.pt", [CT], tmp_path / "out_float", "CT",
+                            labels_dir=tmp_path / "float_labels", log=lambda m: None)
+    assert f"{records[0]['dice'][0]:.6f}" == row.split(",")[2]
 
 
 def test_accumulation_device_prefers_the_gpu_when_the_logits_fit():
