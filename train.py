@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     g.add_argument("--grad_clip", type=float, default=d.grad_clip, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp, help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp, help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones, off on the CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for weights, splits and crops")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")

@@ -77,7 +77,10 @@ def _name(image: ImageLike, loaded) -> str:
     return loaded.get_filename() or "<in-memory image>"
 
 
-def _read_label(label, name: str, shape: Tuple[int, ...], label_map) -> np.ndarray:
+def read_label(label: nib.Nifti1Image, name: str, shape: Tuple[int, ...], label_map) -> np.ndarray:
+    """A label image's voxels as class ids: uint8 (X, Y, Z) in the file's own axis order, after
+    `label_map` (as `parse_label_map` takes) when given. Raises DataError naming `name` for a shape
+    other than `shape`, non-integer values, or values outside 0..255 without a map."""
     data = np.asanyarray(label.dataobj)
     if data.shape != shape:
         raise DataError(f"{name}: label shape {data.shape} differs from image shape {shape}")
@@ -148,7 +151,7 @@ def preprocess(image: ImageLike, label: Optional[ImageLike] = None, modality: st
     lab = None
     if label is not None:
         label_img = _load(label)
-        lab = _read_label(label_img, _name(label, label_img), original_shape, cfg["label_map"])
+        lab = read_label(label_img, _name(label, label_img), original_shape, cfg["label_map"])
 
     ornt = ras_orientation(img.affine)
     data = to_ras(data, ornt)
