@@ -38,5 +38,6 @@ step 200 bench/train_step.py --only swin --also bf16+compile --warmup 2
 step 60 bench/memory.py --skip-host
 step 90 bench/inference.py --warmup 2
 step 120 bench/train_step.py --only unet --also bf16+compile --warmup 2
+step 60 bench/profile_step.py --backbone swin --amp bf16
 tail -c +$((start + 1)) bench/RESULTS.md > "$out/entries.md"
 grep -v "^  round" "$out/log.txt" | tail -n 80

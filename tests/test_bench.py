@@ -63,4 +63,13 @@ def test_gpu_script_is_valid_bash_and_runs_every_gpu_measurement():
     script = BENCH / "gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     steps = [line.split()[2] for line in script.read_text().splitlines() if line.startswith("step ")]
-    assert set(steps) == {"bench/inference.py", "bench/train_step.py", "bench/memory.py"}
+    assert set(steps) == {"bench/inference.py", "bench/train_step.py", "bench/memory.py", "bench/profile_step.py"}
+
+
+def test_profile_step_quick_lists_the_costliest_operators(capsys):
+    import profile_step
+
+    profile_step.main(["--quick", "--backbone", "unet", "--device", "cpu", "--amp", "none", "--rows", "5"])
+    out = capsys.readouterr().out
+    assert "Profile of one training step: ours unet, batch 2 x 32^3" in out
+    assert "aten::" in out and "Self CPU" in out
