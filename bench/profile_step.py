@@ -2,7 +2,7 @@
 
 Prints the operators with the most self time on the device (CUDA) or the CPU, for MulModSeg-SwinUNETR
 or -UNet at the bench's sizes. Not a comparison, so nothing is appended to RESULTS.md: it is the
-"profile where we fall short" step, meant for one run on a lent GPU (bench/gpu.sh runs it last).
+"profile where we fall short" step, meant for one run on a lent GPU (bench/gpu.sh runs it after the memory step).
 """
 from __future__ import annotations
 

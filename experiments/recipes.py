@@ -1,17 +1,18 @@
 """The paper's experiments as data: one list of training runs per table, each with its evaluations.
 
 A run is trained with ``train.py`` at the paper's settings, which are train.py's defaults (96^3 crops,
-1000 epochs with 10 warm-up, AdamW 1e-3 / 1e-4, 1.5 x 1.5 x 2.0 mm, CT window [-125, 275] HU); a recipe
+1000 epochs with 10 warm-up, AdamW 1e-3 / 1e-4, 1.5 x 1.5 x 2.0 mm, CT window [-125, 275] HU as in the
+reference code, whose paper text says [-275, 125]); a recipe
 only says what differs between runs: dataset folders, backbone, text embedding and training mode.
 Each evaluation is one ``infer.py`` call on a prepared test folder (``imagesTs`` + ``labelsTs``).
 
 Runs that several tables share (Table 6 reuses Table 2's AMOS UNet runs, Tables 5, 7 and 8 reuse its
 CLIP V3 ALT run) have the same name and so the same run directory: ``run.py`` trains each once.
 
-Table numbers follow the issue that asked for these recipes: 1 text embeddings, 2 AMOS, 3 MMWHS,
-4 MMWHS cross-modality, 5 CT:MR ratios, 6 ablation grid, 7 wrong-modality prompts, 8 cost.
-The paper's numbers are the averages quoted in /work/shared/reference/method.md (Dice %, and for
-Table 8 millions of parameters and seconds per case on an A100).
+Tables are numbered by experiment here, not by the paper's own numbering: 1 text embeddings, 2 AMOS,
+3 MMWHS, 4 MMWHS cross-modality, 5 CT:MR ratios, 6 ablation grid, 7 wrong-modality prompts, 8 cost.
+The paper's numbers are its reported averages (MulModSeg, WACV 2025: Dice %, and for Table 8 millions
+of parameters and seconds per case on an A100).
 """
 
 from __future__ import annotations

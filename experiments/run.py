@@ -216,7 +216,9 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
 
 
 def missing_inputs(plan: Plan) -> list[str]:
-    """Dataset folders the steps read that do not exist (all reported at once, before any work)."""
+    """Dataset folders, CLIP weights and user embedding tables the steps read that do not exist (all
+    reported at once, before any work; tables that an earlier step builds are not expected yet)."""
+    built = {step.argv[step.argv.index("--out") + 1] for step in plan.steps if step.kind == "table"}
     problems = []
     for step in plan.steps:
         flags = {"train": ("--ct_dir", "--mr_dir"), "infer": ("--input", "--labels")}.get(step.kind, ())
@@ -225,6 +227,11 @@ def missing_inputs(plan: Plan) -> list[str]:
                 path = Path(step.argv[step.argv.index(flag) + 1])
                 if not path.is_dir():
                     problems.append(f"{flag} {path}: no such folder (see experiments/prepare.py)")
+        for flag in ("--clip_weights", "--text"):
+            if flag in step.argv:
+                value = step.argv[step.argv.index(flag) + 1]
+                if value not in ("clip", "onehot", "none") and value not in built and not Path(value).is_file():
+                    problems.append(f"{flag} {value}: no such file")
     return sorted(set(problems))
 
 

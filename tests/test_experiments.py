@@ -291,8 +291,21 @@ def test_missing_data_is_reported_before_any_work(tmp_path, capsys):
     out = tmp_path / "campaign"
     assert run.main(["table5", "--amos", str(tmp_path / "nowhere"), "--out", str(out), "--clip_weights", "w.pt"]) == 2
     err = capsys.readouterr().err
-    assert "--ct_dir" in err and "ct_x3" in err and "--input" in err
+    assert "--ct_dir" in err and "ct_x3" in err and "--input" in err and "--clip_weights w.pt: no such file" in err
     assert not out.exists()
+
+
+def test_missing_embedding_files_are_reported_before_any_work(tmp_path, capsys):
+    amos = tmp_path / "amos"
+    for sub in ("ct", "mr", "ct_test", "mr_test"):
+        (amos / sub).mkdir(parents=True)
+    weights = tmp_path / "ViT-B-32.pt"
+    weights.write_bytes(b"x")
+    code = run.main(["table1", "--amos", str(amos), "--out", str(tmp_path / "c"), "--clip_weights", str(weights),
+                     "--embedding", f"biobert={tmp_path / 'typo.pt'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--text {tmp_path / 'typo.pt'}: no such file" in err
+    assert "clip-v" not in err  # the CLIP tables are built by earlier steps, not expected to exist yet
 
 
 def test_dry_run_prints_runnable_commands(tmp_path, capsys):

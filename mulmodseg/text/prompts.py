@@ -43,7 +43,8 @@ CLASS_SETS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 
-# V1-V3 are the paper's templates; V2 is the wording active in the reference notebook, V3 the default.
+# V1-V3 are the paper's templates; V2 is worded as in the reference notebook, where it is the active one
+# (the paper prints it as "There is [CLS] in this {MOD}.", without the "a"); V3 is the default.
 TEMPLATES: dict[str, str] = {
     "v1": "A photo of a {cls}.",
     "v2": "There is a {cls} in this {mod}.",
