@@ -218,7 +218,7 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
 def missing_inputs(plan: Plan) -> list[str]:
     """Dataset folders, CLIP weights and user embedding tables the steps read that do not exist (all
     reported at once, before any work; tables that an earlier step builds are not expected yet)."""
-    built = {step.argv[step.argv.index("--out") + 1] for step in plan.steps if step.kind == "table"}
+    built = {str(step.out) for step in plan.steps if step.kind == "table"}
     problems = []
     for step in plan.steps:
         flags = {"train": ("--ct_dir", "--mr_dir"), "infer": ("--input", "--labels")}.get(step.kind, ())
