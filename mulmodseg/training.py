@@ -435,6 +435,9 @@ class Trainer:
             saved = TrainConfig.from_dict(self.resume_state["config"]["train"])
             self.config = cfg = resumed_config(saved, cfg, self.given)
         check_config(cfg)
+        if cfg.backbone == "swinunetr" and max(cfg.roi_size) < 2 * BACKBONES["swinunetr"].size_divisor:
+            self.log(f"warning: --roi_size {' '.join(map(str, cfg.roi_size))} with SwinUNETR: the 1/32 level is a "
+                     "single voxel, which instance norm sets to 0, so encoder10 learns nothing; use 64 along some axis")
         if not cfg.data_dirs:
             raise TrainingError("no dataset given: pass --ct_dir and/or --mr_dir")
         self.modalities = list(cfg.modality_order or cfg.data_dirs)

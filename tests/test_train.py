@@ -289,6 +289,18 @@ def test_check_config_lists_every_bad_setting_at_once():
                                          log_every=1, val_every=0, max_cases={}))
 
 
+def test_swin_on_single_voxel_bottleneck_crops_is_warned_about(tmp_path, cache):
+    messages = []
+    args = ["--ct_dir", str(SAMPLE / "ct"), *SMALL, "--mode", "CT", "--epochs", "1", "--out", str(tmp_path / "r"),
+            "--cache_dir", str(cache)]
+    for backbone, warned in (("unet", False), ("swinunetr", True)):
+        config = train_cli.config_from_args(train_cli.build_parser().parse_args(args + ["--backbone", backbone,
+                                                                                        "--feature_size", "12"]))
+        messages.clear()
+        Trainer(config, log=messages.append).prepare()
+        assert any("encoder10 learns nothing" in m for m in messages) == warned
+
+
 def test_resumed_config_applies_resumable_settings_and_refuses_the_rest():
     saved = TrainConfig(data_dirs={"CT": "a"}, epochs=2, roi_size=(32, 32, 32), out="runs/x")
     given = TrainConfig(data_dirs={"CT": "a"}, epochs=4, roi_size=(64, 64, 64), out="runs/y", lr=0.5)
