@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random rotation about the S/I axis up to this angle (the reference's CT augmentation used 6)")
     g.add_argument("--scale_range", type=float, default=d.scale_range,
                    help="random per-axis scaling by 1 +- this (the reference's CT augmentation used 0.1)")
+    g.add_argument("--warp_modalities", nargs="+", default=d.warp_modalities, metavar="MODALITY",
+                   help="modalities that get --rotate_degrees/--scale_range (default: all; the reference: CT)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     g.add_argument("--warmup_epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs before the cosine decay")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")

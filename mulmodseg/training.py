@@ -71,6 +71,7 @@ class TrainConfig:
     num_samples: int = 2
     rotate_degrees: float = 0.0  # random rotation about the S/I axis, up to this many degrees (reference CT: 6)
     scale_range: float = 0.0  # random per-axis scaling by 1 +- this (reference CT: 0.1)
+    warp_modalities: list[str] | None = None  # modalities that get rotation/scaling (None: all; reference: CT)
     epochs: int = 1000
     warmup_epochs: int = 10
     lr: float = 1e-3
@@ -134,6 +135,9 @@ def check_config(cfg: TrainConfig) -> None:
             fit = [max(divisor, round(r / divisor) * divisor) for r in cfg.roi_size]
             problems.append(f"--roi_size {' '.join(map(str, cfg.roi_size))}: --backbone {cfg.backbone} needs multiples "
                             f"of {divisor}, e.g. {' '.join(map(str, fit))}")
+    for name in cfg.warp_modalities or []:
+        if name not in cfg.data_dirs:
+            problems.append(f"--warp_modalities {name}: no modality {name!r} in this run ({list(cfg.data_dirs)})")
     for name, count in cfg.max_cases.items():
         if name not in cfg.data_dirs:
             problems.append(f"--max_cases {name}={count}: no modality {name!r} in this run ({list(cfg.data_dirs)})")
@@ -507,6 +511,7 @@ class Trainer:
         self.loaders, self.val_volumes = {}, {}
         datasets = {}
         for m_index, name in enumerate(self.train_modalities):
+            warped = cfg.warp_modalities is None or name in cfg.warp_modalities
             t0 = time.time()
             volumes = mdata.load_training_volumes(self.cases[name], self.settings[name], cache)
             self.val_volumes[name] = mdata.load_training_volumes(self.val_cases[name], self.settings[name], cache)
@@ -515,7 +520,7 @@ class Trainer:
             # Distinct crop streams per rank and per modality (primes keep the seeds apart).
             datasets[name] = mdata.CropDataset(
                 volumes, cfg.roi_size, num_samples=cfg.num_samples, modality=name,
-                rotate_degrees=cfg.rotate_degrees, scale_range=cfg.scale_range,
+                rotate_degrees=cfg.rotate_degrees if warped else 0.0, scale_range=cfg.scale_range if warped else 0.0,
                 seed=cfg.seed + 7919 * self.rank + 104729 * m_index,
             )
 

@@ -301,6 +301,19 @@ def test_swin_on_single_voxel_bottleneck_crops_is_warned_about(tmp_path, cache):
         assert any("encoder10 learns nothing" in m for m in messages) == warned
 
 
+def test_warp_modalities_limits_rotation_and_scaling_to_the_named_ones(tmp_path, cache):
+    args = small_args(tmp_path / "r", cache, 1) + ["--rotate_degrees", "6", "--scale_range", "0.1"]
+    for extra, expected in (([], {"CT": 6.0, "MR": 6.0}), (["--warp_modalities", "CT"], {"CT": 6.0, "MR": 0.0})):
+        trainer = Trainer(train_cli.config_from_args(train_cli.build_parser().parse_args(args + extra)),
+                          log=lambda m: None)
+        trainer.prepare()
+        datasets = {name: loader.dataset for name, loader in trainer.loaders.items()}
+        assert {n: d.rotate_degrees for n, d in datasets.items()} == expected
+        assert {n: d.scale_range for n, d in datasets.items()} == {n: v / 60 for n, v in expected.items()}
+    with pytest.raises(TrainingError, match="--warp_modalities PET: no modality 'PET'"):
+        check_config(TrainConfig(data_dirs={"CT": "x"}, warp_modalities=["PET"]))
+
+
 def test_resumed_config_applies_resumable_settings_and_refuses_the_rest():
     saved = TrainConfig(data_dirs={"CT": "a"}, epochs=2, roi_size=(32, 32, 32), out="runs/x")
     given = TrainConfig(data_dirs={"CT": "a"}, epochs=4, roi_size=(64, 64, 64), out="runs/y", lr=0.5)
