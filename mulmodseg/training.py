@@ -159,14 +159,26 @@ def resumed_config(saved: TrainConfig, given: TrainConfig, fields: Iterable[str]
     return dataclasses.replace(saved, **{name: getattr(given, name) for name in changed})
 
 
+def read_log(path: str | Path) -> list[dict]:
+    """The epoch records of a run's ``log.jsonl``, skipping a line torn by a kill mid-write (or one
+    being written while a plot is drawn)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def trim_log(path: Path, epoch: int) -> None:
     """Drop the records of ``log.jsonl`` after ``epoch`` (epochs run after the checkpoint a run resumes
-    from are run again, and would otherwise be logged twice)."""
+    from are run again, and would otherwise be logged twice), and any torn line."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epoch]
+    kept = [record for record in read_log(path) if record["epoch"] <= epoch]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
     tmp.replace(path)
 
 
@@ -670,8 +682,7 @@ class Trainer:
 def write_curves(log_path: str | Path, png_path: str | Path) -> None:
     """Loss curves per modality and validation Dice from a run's ``log.jsonl``, as a PNG."""
     series: dict[str, list[tuple[float, float]]] = {}
-    for line in Path(log_path).read_text().splitlines():
-        record = json.loads(line)
+    for record in read_log(log_path):
         for key, value in record.items():
             if key.endswith(("_loss", "/val_dice")):
                 series.setdefault(key, []).append((record["epoch"], value))

@@ -32,6 +32,7 @@ from mulmodseg.training import (
     train_step,
     trim_log,
     warmup_cosine,
+    write_curves,
 )
 from mulmodseg.viz import read_png
 
@@ -328,7 +329,9 @@ def test_resumed_config_applies_resumable_settings_and_refuses_the_rest():
 
 def test_trim_log_drops_the_epochs_after_the_checkpoint(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"epoch": e, "lr": 0.1}) + "\n" for e in (1, 2, 3)))
+    log.write_text("".join(json.dumps({"epoch": e, "CT/dice_loss": 0.5}) + "\n" for e in (1, 2, 3)) + '{"epoch": 4, "C')
+    write_curves(log, tmp_path / "curves.png")  # a line torn mid-write (or being written) is skipped
+    assert read_png(tmp_path / "curves.png").shape == (360, 640, 3)
     trim_log(log, 2)
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
     trim_log(tmp_path / "absent.jsonl", 1)
