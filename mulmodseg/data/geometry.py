@@ -76,17 +76,23 @@ def _resample_axis(array: np.ndarray, pos: np.ndarray, axis: int, order: int) ->
         return array
     if order == 0:
         return array.take(np.minimum(np.floor(pos + 0.5).astype(np.intp), n - 1), axis=axis)
-    i0 = np.floor(pos).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n - 1)
+    i0, i1, weight = linear_taps(pos, n)
     shape = [1] * array.ndim
     shape[axis] = -1
-    weight = (pos - i0).astype(array.dtype).reshape(shape)
+    weight = weight.astype(array.dtype).reshape(shape)
     low = array.take(i0, axis=axis)
     out = array.take(i1, axis=axis)
     out -= low  # in place: the output is often the largest array of the whole pipeline
     out *= weight
     out += low
     return out
+
+
+def linear_taps(pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation at coordinates `pos` (inside [0, n - 1]) of an axis of length `n`: (lower
+    index, upper index, weight of the upper as float64)."""
+    lower = np.floor(pos).astype(np.intp)
+    return lower, np.minimum(lower + 1, n - 1), pos - lower
 
 
 def separable_grid(n_out: Sequence[int], step: Sequence[float], n_in: Sequence[int]) -> List[np.ndarray]:

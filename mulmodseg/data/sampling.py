@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .geometry import linear_taps
+
 
 class CropDataset(Dataset):
     """volumes: [(image float (X, Y, Z), label int (X, Y, Z))] in the training space (e.g. memmaps from
@@ -160,10 +162,12 @@ def warp(image: np.ndarray, label: np.ndarray, angle: float, scales: Sequence[fl
     near = [np.rint(c).astype(np.intp) for c in (x, y, z)]
     lab = label[near[0][:, :, None], near[1][:, :, None], near[2][None, None, :]]
 
-    z0, z1, wz = _linear_taps(z, shape[2])
+    z0, z1, wz = linear_taps(z, shape[2])
+    wz = wz.astype(np.float32)
     img = image[:, :, z0] * (1 - wz) + image[:, :, z1] * wz
-    x0, x1, wx = _linear_taps(x, shape[0])
-    y0, y1, wy = _linear_taps(y, shape[1])
+    x0, x1, wx = linear_taps(x, shape[0])
+    y0, y1, wy = linear_taps(y, shape[1])
+    wx, wy = wx.astype(np.float32), wy.astype(np.float32)
     img = (img[x0, y0] * ((1 - wx) * (1 - wy))[..., None] + img[x1, y0] * (wx * (1 - wy))[..., None]
            + img[x0, y1] * ((1 - wx) * wy)[..., None] + img[x1, y1] * (wx * wy)[..., None])
     return img.astype(np.float32, copy=False), lab
@@ -177,13 +181,6 @@ def _reflect(coord: np.ndarray, size: int) -> np.ndarray:
     c = np.abs(coord)
     extra = np.fmod(c, span)
     return np.clip(np.where(np.floor(c / span) % 2 == 0, extra, span - extra), 0, span)
-
-
-def _linear_taps(coord: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lower index, upper index, float32 weight of the upper) for linear interpolation at `coord`."""
-    lower = np.minimum(np.floor(coord).astype(np.intp), max(size - 2, 0))
-    upper = np.minimum(lower + 1, size - 1)
-    return lower, upper, (coord - lower).astype(np.float32)
 
 
 def collate_crops(batch: List[Dict[str, object]]) -> Dict[str, object]:
