@@ -80,11 +80,9 @@ def child(spec: dict) -> dict:
 
 def gpu_train_peaks(size: int, feature_size: int, unet_base: int, device: torch.device):
     from peers import swin_contenders, unet_contenders
-    from train_step import make_step
+    from train_step import make_step, random_batch
 
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.rand(2, 1, size, size, size, generator=g),
-             "label": torch.randint(0, 14, (2, 1, size, size, size), generator=g)}
+    batch = random_batch(2, size)
     rows = []
     for amp_name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
         for builder in (lambda: swin_contenders(feature_size, size), lambda: unet_contenders(unet_base)):

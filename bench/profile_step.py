@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, machine, setup  # noqa: E402
 from peers import swin_contenders, unet_contenders  # noqa: E402
-from train_step import make_step  # noqa: E402
+from train_step import make_step, random_batch  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -38,9 +38,7 @@ def main(argv=None) -> None:
         model = swin_contenders(args.feature_size, size, vision_only=False)["ours MulModSeg-Swin"]
     else:
         model = unet_contenders(args.unet_base)["ours MulModSeg-UNet"]
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.rand(2, 1, size, size, size, generator=g),
-             "label": torch.randint(0, 14, (2, 1, size, size, size), generator=g)}
+    batch = random_batch(2, size)
     step = make_step(model, batch, device, amp)
     for _ in range(max(args.warmup, 1)):
         step()

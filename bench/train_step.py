@@ -26,6 +26,13 @@ from mulmodseg.losses import DiceCELoss  # noqa: E402
 from mulmodseg.training import train_step  # noqa: E402
 
 
+def random_batch(batch: int, size: int) -> dict:
+    """A seeded training batch: image (batch, 1, size^3) uniform in [0, 1), labels of 14 classes."""
+    g = torch.Generator().manual_seed(0)
+    return {"image": torch.rand(batch, 1, size, size, size, generator=g),
+            "label": torch.randint(0, 14, (batch, 1, size, size, size), generator=g)}
+
+
 def make_step(model: torch.nn.Module, batch: dict, device: torch.device, amp, channels_last: bool = False):
     """A closure running one train_step of ``model`` on ``batch``."""
     model.to(device).train()
@@ -71,9 +78,7 @@ def main(argv=None) -> None:
         args.feature_size, args.unet_base = 12, 4
     size = args.size or (96 if device.type == "cuda" else 64)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.rand(args.batch, 1, size, size, size, generator=g),
-             "label": torch.randint(0, 14, (args.batch, 1, size, size, size), generator=g)}
+    batch = random_batch(args.batch, size)
     groups = []
     if args.only in ("all", "swin"):
         models = swin_contenders(args.feature_size, size)
