@@ -1,8 +1,6 @@
 """Where and in which precision to run: the ``--device`` and ``--amp`` options as torch objects."""
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 
@@ -39,8 +37,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``--amp`` on ``device``: None (fp32) for ``none``, and for ``auto`` off CUDA;
-    bf16 for ``bf16``; fp16 for ``fp16``. ``auto`` on CUDA is bf16 where the current CUDA device computes
-    it natively (Ampere or newer), else fp16: older GPUs only emulate bf16, far slower than fp16."""
+    bf16 for ``bf16``; fp16 for ``fp16``. ``auto`` on CUDA is bf16 where ``device`` itself computes it
+    natively (compute capability 8, Ampere, or newer), else fp16: older GPUs only emulate bf16, far
+    slower than fp16. The chosen GPU is asked, not the current one, which matters on a machine that
+    mixes GPU generations."""
     if amp == "none" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "fp16":
@@ -48,13 +48,5 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "bf16":
         return torch.bfloat16
     if amp == "auto":
-        return torch.bfloat16 if _native_bf16() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     raise DeviceError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
-
-
-def _native_bf16() -> bool:
-    """Whether the current CUDA device has bf16 in hardware, not only through emulation."""
-    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    # Older torch lacks the keyword, and its plain answer may count emulation: Ampere is compute capability 8.
-    return torch.cuda.get_device_capability()[0] >= 8

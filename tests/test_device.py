@@ -47,17 +47,21 @@ def test_autocast_dtype(amp, device, expected):
     assert autocast_dtype(amp, torch.device(device)) is expected
 
 
-@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_auto_amp_uses_bf16_only_where_the_gpu_has_it_natively(monkeypatch, native, expected):
+def test_auto_amp_asks_the_chosen_gpu_for_native_bf16(monkeypatch):
+    # A machine with a pre-Ampere GPU 0 (bf16 only emulated) and an Ampere GPU 1; GPU 0 is current.
+    capability = {0: (7, 0), 1: (8, 0)}
     asked = []
 
-    def is_bf16_supported(including_emulation=True):
-        asked.append(including_emulation)
-        return native or including_emulation  # a pre-Ampere GPU emulates bf16
+    def get_device_capability(device=None):
+        index = 0 if device is None or device.index is None else device.index
+        asked.append(index)
+        return capability[index]
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    assert autocast_dtype("auto", torch.device("cuda:0")) is expected
-    assert asked == [False]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    assert autocast_dtype("auto", torch.device("cuda:1")) is torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cuda:0")) is torch.float16
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.float16
+    assert asked == [1, 0, 0]
 
 
 def test_unknown_amp_is_a_clear_error():
