@@ -34,10 +34,11 @@ step() {  # step LIMIT_SECONDS SCRIPT ARGS...: run it if LIMIT still fits in the
 
 step 100 bench/inference.py --amp bf16 --warmup 2
 step 100 bench/train_step.py --also bf16 --warmup 2
+step 60 bench/inference.py --amp bf16 --only unet --also channels_last sw16 --warmup 2
 step 200 bench/train_step.py --only swin --also bf16+compile --warmup 2
 step 60 bench/memory.py --skip-host
 step 60 bench/profile_step.py --backbone swin --amp bf16
 step 90 bench/inference.py --warmup 2
-step 120 bench/train_step.py --only unet --also bf16+compile --warmup 2
+step 120 bench/train_step.py --only unet --also bf16+compile bf16+channels_last --warmup 2
 tail -c +$((start + 1)) bench/RESULTS.md > "$out/entries.md"
 grep -v "^  round" "$out/log.txt" | tail -n 80

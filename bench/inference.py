@@ -13,6 +13,7 @@ GPU default: a 256 x 256 x 160 volume (an AMOS CT after resampling) with a 96^3 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from functools import partial
 from pathlib import Path
@@ -48,6 +49,9 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=["all", "swin", "unet"], default="all")
     parser.add_argument("--before", action="store_true",
                         help="also time our SwinUNETR with SDPA window attention (the code before the fix)")
+    parser.add_argument("--also", nargs="*", choices=["channels_last", "sw16"], default=[],
+                        help="also time our MulModSeg models with channels_last_3d weights, or with 16 windows "
+                             "per predictor call instead of --sw-batch-size (same weights, same peer)")
     args = parser.parse_args(argv)
     device = setup(args)
     from monai.inferers import sliding_window_inference as monai_swi
@@ -60,9 +64,19 @@ def main(argv=None) -> None:
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     volume = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
 
-    def ours(model, **kw):
-        return lambda: sliding_window_inference(volume, roi, model, args.sw_batch_size, args.overlap,
+    def ours(model, sw_batch_size=args.sw_batch_size, **kw):
+        return lambda: sliding_window_inference(volume, roi, model, sw_batch_size, args.overlap,
                                                 mode="gaussian", autocast_dtype=amp, **kw)
+
+    def variants(model, label: str, peer_label: str, fns: dict, pairs: list) -> None:
+        """Add ``--also`` rows: a copy of our ``model`` (same weights) run as each variant, against ``peer_label``."""
+        for variant in args.also:
+            twin = copy.deepcopy(model)
+            if variant == "channels_last":
+                fns[f"{label}, {variant}"] = ours(twin.to(memory_format=torch.channels_last_3d), modality="CT")
+            else:
+                fns[f"{label}, {variant}"] = ours(twin, sw_batch_size=16, modality="CT")
+            pairs.append((f"{label}, {variant}", peer_label))
 
     def theirs(model, **kw):
         def run():
@@ -84,6 +98,8 @@ def main(argv=None) -> None:
                "MONAI Swin vision-only + MONAI inferer": theirs(c["MONAI Swin vision-only"].to(device).eval())}
         pairs = [("ours MulModSeg-Swin + our inferer", "MONAI Swin + ref head + MONAI inferer"),
                  ("ours Swin vision-only + our inferer", "MONAI Swin vision-only + MONAI inferer")]
+        variants(c["ours MulModSeg-Swin"], "ours MulModSeg-Swin + our inferer", "MONAI Swin + ref head + MONAI inferer",
+                 fns, pairs)
         if args.before:
             before = with_sdpa_attention(swin_contenders(args.feature_size, roi, vision_only=False)["ours MulModSeg-Swin"])
             fns["ours MulModSeg-Swin, SDPA attention (before)"] = ours(before.to(device).eval(), modality="CT")
@@ -93,7 +109,10 @@ def main(argv=None) -> None:
         c = unet_contenders(args.unet_base)
         fns = {"ours MulModSeg-UNet + our inferer": ours(c["ours MulModSeg-UNet"].to(device).eval(), modality="CT"),
                "our UNet + ref head + MONAI inferer": theirs(c["our UNet + ref head"].to(device).eval(), modality="CT")}
-        groups.append(("UNet", fns, [tuple(fns)]))
+        pairs = [tuple(fns)]
+        variants(c["ours MulModSeg-UNet"], "ours MulModSeg-UNet + our inferer", "our UNet + ref head + MONAI inferer",
+                 fns, pairs)
+        groups.append(("UNet", fns, pairs))
     windows = n_windows(shape, roi, args.overlap)
     rows = []
     for name, fns, pairs in groups:
@@ -112,7 +131,8 @@ def main(argv=None) -> None:
                           "speed-up vs peer", "max abs diff vs peer"], rows)
     notes = [f"volume {shape}, window {roi}^3, overlap {args.overlap}, gaussian, sw_batch_size {args.sw_batch_size}, "
              f"{windows} windows; SwinUNETR feature_size {args.feature_size}, UNet base {args.unet_base}; amp {args.amp}; "
-             f"{args.repeats} interleaved rounds after {args.warmup} warm-up"]
+             f"{args.repeats} interleaved rounds after {args.warmup} warm-up; a row ending in ', channels_last' runs "
+             f"our model with channels_last_3d weights, one ending in ', sw16' with 16 windows per call"]
     report("Whole-scan inference", device, table, notes, write=not args.no_write)
 
 

@@ -6,8 +6,9 @@ head (MONAI has no network of that architecture), plus our model in channels_las
 All contenders use ``mulmodseg.training.train_step`` with our DiceCELoss, interleaved in one process.
 
 CPU default: 64^3 crops, feature_size 48. GPU default: 96^3, with ``--amp bf16`` and ``--compile`` options
-that apply to every contender, and ``--also bf16 bf16+compile``, which adds our model with bf16 autocast
-(and torch.compile) beside peers that stay at ``--amp``: the issue's "2x the fp32 MONAI baseline" ratio.
+that apply to every contender, and ``--also bf16 bf16+compile bf16+channels_last``, which adds our model
+with bf16 autocast (alone, with torch.compile, or in channels_last_3d) beside peers that stay at ``--amp``:
+the issue's "2x the fp32 MONAI baseline" ratio.
 """
 from __future__ import annotations
 
@@ -46,14 +47,16 @@ def make_step(model: torch.nn.Module, batch: dict, device: torch.device, amp, ch
 
 
 def ours_variants(build, label: str, variants, batch: dict, device: torch.device) -> dict:
-    """Extra contenders: our model ``build()[label]`` (same seed, same weights) with bf16 autocast, and
-    with bf16 + torch.compile, for each name in ``variants``."""
+    """Extra contenders: our model ``build()[label]`` (same seed, same weights) with bf16 autocast, alone
+    (``bf16``), with torch.compile (``bf16+compile``) or in channels_last_3d (``bf16+channels_last``),
+    for each name in ``variants``."""
     fns = {}
     for variant in variants:
         model = build()[label]
         if variant == "bf16+compile":
             model = torch.compile(model)
-        fns[f"{label}, {variant}"] = make_step(model, batch, device, torch.bfloat16)
+        fns[f"{label}, {variant}"] = make_step(model, batch, device, torch.bfloat16,
+                                               channels_last=variant == "bf16+channels_last")
     return fns
 
 
@@ -67,7 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
     parser.add_argument("--only", choices=["all", "swin", "unet"], default="all")
-    parser.add_argument("--also", nargs="*", choices=["bf16", "bf16+compile"], default=[],
+    parser.add_argument("--also", nargs="*", choices=["bf16", "bf16+compile", "bf16+channels_last"], default=[],
                         help="also time our model in these settings while the peers keep --amp")
     parser.add_argument("--before", action="store_true",
                         help="also time our SwinUNETR with SDPA window attention (the code before the fix)")
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
                           "crops/s"], rows)
     notes = [f"batch {args.batch} crops of {size}^3, SwinUNETR feature_size {args.feature_size}, UNet base "
              f"{args.unet_base}, amp {args.amp}, compile {args.compile} (a row whose name ends in "
-             f"', bf16' or ', bf16+compile' runs ours in that setting instead); {args.repeats} interleaved rounds after "
+             f"', bf16', ', bf16+compile' or ', bf16+channels_last' runs ours in that setting instead); {args.repeats} interleaved rounds after "
              f"{args.warmup} warm-up; speed-up = peer median / contender median (same group)"]
     report("Training step (fwd + bwd + AdamW)", device, table, notes, write=not args.no_write)
 
