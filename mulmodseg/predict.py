@@ -284,7 +284,7 @@ def segment_files(
             write_preview(reference, label, output_path(src, output_dir, ".png"))
         if src in label_files:
             # Read as training reads labels: float files to integers, the run's label map applied.
-            truth = mdata.read_label(nib.load(str(label_files[src])), str(label_files[src]), label.shape, label_map)
+            truth = mdata.read_label(nib.load(str(label_files[src])), str(label_files[src]), reference, label_map)
             record["dice"] = dice_per_class(label, truth, len(segmenter.classes))
         record["seconds"] = time.time() - t0
         records.append(record)

@@ -28,6 +28,17 @@ def write_nifti(path, array, affine=None, dtype=None):
     return path
 
 
+def with_sform(path, affine):
+    """Rewrite the NIfTI at `path` with `affine` as its sform and no qform: nibabel writes no qform for a
+    NaN or collapsed affine, so such broken headers are made this way."""
+    img = nib.load(str(path))
+    header = img.header.copy()
+    header.set_qform(None, code=0)
+    header.set_sform(affine, code=1)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), None, header), str(path))
+    assert np.array_equal(nib.load(str(path)).affine, affine, equal_nan=True)
+
+
 def tiny(value=0, shape=(8, 8, 8), dtype=np.int16):
     return np.full(shape, value, dtype=dtype)
 
@@ -72,6 +83,18 @@ def test_discover_nnunet_test_folder_and_multichannel(tmp_path):
         discover_cases(tmp_path, "CT", "test")
     assert err.value.problems == [f"{tmp_path / 'imagesTs' / 'p_008_0001.nii.gz'}: multi-channel input "
                                   "(nnU-Net channel 0001) is not supported"]
+
+
+def test_discover_ids_ending_in_four_digits_with_a_missing_label(tmp_path):
+    # The labels name ct_0000 in full, so ct_0001 is a case of its own (whose label is missing), not a
+    # second channel of "ct".
+    for i in range(3):
+        write_nifti(tmp_path / "imagesTr" / f"ct_000{i}.nii.gz", tiny())
+    for i in (0, 2):
+        write_nifti(tmp_path / "labelsTr" / f"ct_000{i}.nii.gz", tiny(dtype=np.uint8))
+    cases = discover_cases(tmp_path, "CT")
+    assert [c.id for c in cases] == ["ct_0000", "ct_0001", "ct_0002"]
+    assert cases[1].label == tmp_path / "labelsTr" / "ct_0001.nii.gz" and not cases[1].label.exists()
 
 
 def test_discover_msd_datalist(tmp_path):
@@ -252,9 +275,21 @@ def test_check_cases_reports_every_problem_in_one_error(tmp_path):
     expected["four_d"] = (img, "is 4D")
     img, lab = case("pet", modality="PET", ext=".nii")
     expected["pet"] = (img, "unknown modality 'PET'")
+    img, lab = case("rgb", img=np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    expected["rgb"] = (img, "voxels are of type")
+    img, lab = case("collapsed")
+    with_sform(img, np.diag([1.0, 1.0, 0.0, 1.0]))
+    expected["collapsed"] = (img, "affine is degenerate")
+    nan_affine = np.eye(4)
+    nan_affine[0, 0] = np.nan
+    img, lab = case("nan_affine")
+    with_sform(img, nan_affine)
+    expected["nan_affine"] = (img, "affine has NaN or infinite entries")
     drift = np.eye(4)
     drift[0, 3] = 0.5
     img, lab = case("drift", lab_affine=drift)  # warning only
+    img, lab = case("label_nan_affine")  # warning only: voxels correspond
+    with_sform(lab, nan_affine)
 
     label_map = {205: 1, 420: 2, 1: 1}
     with pytest.raises(DataError) as err:
@@ -266,11 +301,51 @@ def test_check_cases_reports_every_problem_in_one_error(tmp_path):
         assert len(hits) == 1, (name, text, problems)
     assert f"{len(problems)} data problem(s)" in str(err.value)
 
-    good = [c for c in cases if c.id in ("drift", "pet")]
+    good = [c for c in cases if c.id in ("drift", "pet", "label_nan_affine")]
     warnings = check_cases(good, label_map=label_map, num_classes=2)
-    assert len(warnings) == 1 and warnings[0].startswith(str(tmp_path / "drift_gt.nii.gz"))
-    assert "0.5" in warnings[0]
-    assert check_cases(good, label_map=label_map, affine_tol=1.0) == []
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"{tmp_path / 'drift_gt.nii.gz'}: affine differs from the image's by up to 0.5")
+    assert warnings[1] == (f"{tmp_path / 'label_nan_affine_gt.nii.gz'}: its affine has NaN or infinite entries; "
+                           f"its voxels are taken to be the image's ({tmp_path / 'label_nan_affine.nii.gz'})")
+    assert check_cases(good, label_map=label_map, affine_tol=1.0) == warnings[1:]
+
+
+def test_a_label_stored_in_another_axis_order_lands_on_its_image(tmp_path):
+    """The bundled CT's label saved as I, R, P (axes permuted and flipped, same world content) gives
+    the training label of the label saved like its image, passes the check without a warning, and the
+    shape check compares the label on the image's axes."""
+    ct = nib.load(str(SAMPLE / "ct" / "imagesTr" / "ts_ct_001.nii.gz"))
+    lab = nib.load(str(SAMPLE / "ct" / "labelsTr" / "ts_ct_001.nii.gz"))
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(lab.affine),
+                                                [[2, -1], [0, 1], [1, -1]])
+    moved = lab.as_reoriented(transform)
+    assert nib.aff2axcodes(moved.affine) == ("I", "R", "P") and moved.shape == (112, 122, 101)
+    nib.save(moved, str(tmp_path / "irp.nii.gz"))
+    _, expected, _ = preprocess(ct, lab, "CT")
+    _, got, _ = preprocess(ct, tmp_path / "irp.nii.gz", "CT")
+    assert np.array_equal(got, expected) and expected.max() == 13
+    assert check_cases([Case("ts_ct_001", SAMPLE / "ct" / "imagesTr" / "ts_ct_001.nii.gz",
+                             tmp_path / "irp.nii.gz", "CT")], num_classes=14) == []
+    # Same axes as the image, wrong shape: still a shape problem, named with the label's file.
+    write_nifti(tmp_path / "short.nii.gz", np.zeros((122, 101, 111), np.uint8), ct.affine)
+    with pytest.raises(DataError, match=r"short.nii.gz: label shape \(122, 101, 111\) differs from image shape"):
+        check_cases([Case("x", SAMPLE / "ct" / "imagesTr" / "ts_ct_001.nii.gz", tmp_path / "short.nii.gz", "CT")])
+
+
+def test_preprocess_names_the_file_for_unreadable_input_and_a_degenerate_affine(tmp_path):
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"this is not a nifti file")
+    with pytest.raises(DataError, match=f"{garbage}: unreadable"):
+        preprocess(garbage, modality="CT")
+    noise = np.random.default_rng(0).integers(0, 999, (16, 16, 16)).astype(np.int16)
+    truncated = write_nifti(tmp_path / "truncated.nii.gz", noise)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    with pytest.raises(DataError, match=f"{truncated}: unreadable or truncated data"):
+        preprocess(truncated, modality="CT")
+    flat = write_nifti(tmp_path / "flat.nii.gz", tiny(5))
+    with_sform(flat, np.diag([1.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(DataError, match=f"{flat}: its affine is degenerate"):
+        preprocess(flat, modality="CT")
 
 
 def test_check_cases_duplicates_and_required_labels(tmp_path):

@@ -81,13 +81,15 @@ def _from_folders(images_dir: Path, labels_dir: Optional[Path], modality: str, l
     images = _nifti_files(images_dir)
     labels = _nifti_files(labels_dir) if labels_dir is not None and labels_dir.is_dir() else {}
     # "_0000" is nnU-Net's channel suffix when every image has it or when the label lacks it: AMOS ids
-    # such as amos_0001 end in four digits too.
+    # such as amos_0001 end in four digits too. X_0001 beside X_0000 is a second channel, unless the
+    # labels name X_0000 in full: then the ids carry the digits, and X_0001 is a case whose label is missing.
     all_suffixed = all(s.endswith("_0000") for s in images)
     by_id: Dict[str, Path] = {}
     problems = []
     for stem, path in images.items():
         base = stem[:-5] if _CHANNEL.search(stem) else None
-        if base is not None and f"{base}_0000" in images and not stem.endswith("_0000") and stem not in labels:
+        if (base is not None and f"{base}_0000" in images and not stem.endswith("_0000") and stem not in labels
+                and f"{base}_0000" not in labels):
             problems.append(f"{path}: multi-channel input (nnU-Net channel {stem[-4:]}) is not supported")
             continue
         nnunet = stem.endswith("_0000") and stem not in labels and (base in labels or all_suffixed)

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from .cases import Case, DataError
+from .geometry import affine_problem, onto_axes
 from .labels import LabelMapSpec, label_map_problems, parse_label_map
 
 
@@ -41,6 +42,9 @@ def _read(path: Path, what: str, problems: List[str]):
     except Exception as e:  # truncated gzip -> EOFError, zlib.error, OSError, ValueError
         problems.append(f"{path}: unreadable or truncated {what} data ({type(e).__name__}: {e})")
         return None, None
+    if data.dtype.kind not in "biuf":  # RGB (a structured dtype) or complex voxels
+        problems.append(f"{path}: {what} voxels are of type {data.dtype}; one real number per voxel is required")
+        return None, None
     return img, data
 
 
@@ -55,6 +59,10 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
     problems: List[str] = []
     warnings: List[str] = []
     img, data = _read(Path(case.image), "image", problems)
+    unusable = None if img is None else affine_problem(img.affine)
+    if unusable:
+        problems.append(f"{case.image}: {unusable}")
+        img = None
     if data is not None and np.issubdtype(data.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
@@ -64,14 +72,20 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
     lab, values = _read(Path(case.label), "label", problems)
     if values is None:
         return problems, warnings
-    if img is not None and tuple(lab.shape) != tuple(img.shape):
-        problems.append(f"{case.label}: label shape {tuple(lab.shape)} differs from image shape "
-                        f"{tuple(img.shape)} ({case.image})")
     if img is not None:
-        drift = float(np.abs(np.asarray(lab.affine) - np.asarray(img.affine)).max())
-        if drift > affine_tol:
-            warnings.append(f"{case.label}: affine differs from the image's by up to {drift:.4g} "
-                            f"(> {affine_tol}); the image affine ({case.image}) is used")
+        unusable = affine_problem(lab.affine)
+        if unusable:
+            warnings.append(f"{case.label}: {unusable}; its voxels are taken to be the image's ({case.image})")
+        else:
+            # As read_label does: a label stored in another axis order goes onto the image's axes first.
+            values, lab_affine = onto_axes(values, lab.affine, img.affine)
+            drift = float(np.abs(lab_affine - np.asarray(img.affine)).max())
+            if not drift <= affine_tol:
+                warnings.append(f"{case.label}: affine differs from the image's by up to {drift:.4g} "
+                                f"(> {affine_tol}); the image affine ({case.image}) is used")
+        if values.shape != tuple(img.shape):
+            problems.append(f"{case.label}: label shape {values.shape} differs from image shape "
+                            f"{tuple(img.shape)} ({case.image})")
     if not np.issubdtype(values.dtype, np.integer):
         if not np.all(np.isfinite(values)):
             problems.append(f"{case.label}: NaN/Inf voxels in the label")
@@ -102,11 +116,13 @@ def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
                 modalities: Optional[Sequence[str]] = None, require_labels: bool = False,
                 num_workers: Optional[int] = None) -> List[str]:
     """Read every image and label once and check: missing file, unreadable/truncated file, 2D or 4D
-    volume, NaN/Inf voxels, image/label shape mismatch, non-integer labels, label values outside
+    volume, voxels that are not one real number, an image affine that places no voxel, NaN/Inf voxels,
+    image/label shape mismatch (after putting the label on the image's axes), non-integer labels, label values outside
     `label_map` or >= `num_classes`, unknown modality (not in `modalities`), duplicate ids, a case
     without a label when `require_labels`.
 
-    Returns the warnings (affine drift > `affine_tol`); raises one DataError listing every problem.
+    Returns the warnings (affine drift > `affine_tol`, an unusable label affine); raises one DataError
+    listing every problem.
     """
     if not cases:
         raise DataError("no cases to check")

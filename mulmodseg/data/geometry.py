@@ -15,6 +15,36 @@ import nibabel as nib
 import numpy as np
 
 
+def affine_problem(affine: np.ndarray) -> str | None:
+    """Why ``affine`` (4, 4) cannot place voxels in the world, or None: an entry that is not finite, or
+    voxel axes of zero size or lying in one plane (no orientation can be read from it)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        return "its affine has NaN or infinite entries"
+    sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    # |det| / product of the axis lengths is 1 for orthogonal axes and 0 for collapsed ones.
+    if sizes.min() == 0 or abs(np.linalg.det(affine[:3, :3])) < 1e-6 * np.prod(sizes):
+        return f"its affine is degenerate (voxel axes of zero size or in one plane: {affine[:3, :3].tolist()})"
+    return None
+
+
+def onto_axes(array: np.ndarray, affine: np.ndarray, target_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` (X, Y, Z) with ``affine``, flipped and transposed so that its voxel axes run as those of
+    an image with ``target_affine`` (a view), and the affine of that view: each world position keeps its
+    value. Both come back unchanged when the axes already run alike.
+
+    This is how a label stored in another axis order or direction than its image (LPS next to RAS,
+    say) lands on the image's voxels, as MONAI's Orientation puts each file on RAS by its own affine.
+    """
+    have = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    want = nib.orientations.io_orientation(np.asarray(target_affine, dtype=np.float64))
+    if np.array_equal(have, want):
+        return array, affine
+    transform = nib.orientations.ornt_transform(have, want)
+    return (nib.orientations.apply_orientation(array, transform),
+            np.asarray(affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(transform, array.shape))
+
+
 def ras_orientation(affine: np.ndarray) -> np.ndarray:
     """(3, 2) int array: for array axis i, [RAS axis it becomes, +1 or -1 (flip)] (closest canonical)."""
     return nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64)).astype(int)

@@ -30,7 +30,8 @@ import nibabel as nib
 import numpy as np
 
 from .cases import DataError
-from .geometry import from_ras, inverse_grid, ras_affine, ras_orientation, resample, separable_grid, to_ras
+from .geometry import (affine_problem, from_ras, inverse_grid, onto_axes, ras_affine, ras_orientation, resample,
+                       separable_grid, to_ras)
 from .labels import apply_label_map, parse_label_map
 
 ImageLike = Union[str, Path, "nib.spatialimages.SpatialImage"]
@@ -68,7 +69,12 @@ def resolve_settings(modality: str, settings: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _load(image: ImageLike):
-    return nib.load(str(image)) if isinstance(image, (str, Path)) else image
+    if not isinstance(image, (str, Path)):
+        return image
+    try:
+        return nib.load(str(image))
+    except Exception as e:  # nibabel raises many types for a missing file or a bad header
+        raise DataError(f"{image}: unreadable ({type(e).__name__}: {e})") from e
 
 
 def _name(image: ImageLike, loaded) -> str:
@@ -77,13 +83,18 @@ def _name(image: ImageLike, loaded) -> str:
     return loaded.get_filename() or "<in-memory image>"
 
 
-def read_label(label: nib.Nifti1Image, name: str, shape: Tuple[int, ...], label_map) -> np.ndarray:
-    """A label image's voxels as class ids: uint8 (X, Y, Z) in the file's own axis order, after
-    `label_map` (as `parse_label_map` takes) when given. Raises DataError naming `name` for a shape
-    other than `shape`, non-integer values, or values outside 0..255 without a map."""
+def read_label(label: nib.Nifti1Image, name: str, image: nib.Nifti1Image, label_map) -> np.ndarray:
+    """A label image's voxels as class ids on the voxel grid of `image`: uint8 (X, Y, Z) in the image
+    file's axis order, after `label_map` (as `parse_label_map` takes) when given. A label stored in
+    another axis order or direction is flipped/transposed onto the image's axes by its own affine
+    (`geometry.onto_axes`); otherwise voxel i of the label belongs to voxel i of the image. Raises
+    DataError naming `name` for a shape other than the image's, non-integer values, or values outside
+    0..255 without a map."""
     data = np.asanyarray(label.dataobj)
-    if data.shape != shape:
-        raise DataError(f"{name}: label shape {data.shape} differs from image shape {shape}")
+    if affine_problem(label.affine) is None:  # an unusable label affine leaves voxel correspondence
+        data, _ = onto_axes(data, label.affine, image.affine)
+    if data.shape != tuple(image.shape):
+        raise DataError(f"{name}: label shape {data.shape} differs from image shape {tuple(image.shape)}")
     if not np.issubdtype(data.dtype, np.integer):
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
             raise DataError(f"{name}: label values are not integers")
@@ -139,19 +150,26 @@ def preprocess(image: ImageLike, label: Optional[ImageLike] = None, modality: st
     Returns image: float32 (X, Y, Z) in RAS array order, label: uint8 (X, Y, Z) of class indices (None
     without a label), meta: JSON-serialisable dict for `restore` (also "affine": the training-space
     affine, "spacing", "intensity"). Settings: see `default_settings`; label_map as `parse_label_map`.
-    Raises DataError (naming the file) for non-3D images, shape mismatch or bad label values.
+    Raises DataError (naming the file) for unreadable files, non-3D images, an affine that places no
+    voxel, shape mismatch or bad label values.
     """
     cfg = resolve_settings(modality, settings)
     img = _load(image)
     name = _name(image, img)
     if len(img.shape) != 3:
         raise DataError(f"{name}: expected a 3D volume, got shape {tuple(img.shape)}")
+    problem = affine_problem(img.affine)
+    if problem:
+        raise DataError(f"{name}: {problem}")
     original_shape = tuple(int(n) for n in img.shape)
-    data = img.get_fdata(dtype=np.float32)
+    try:
+        data = img.get_fdata(dtype=np.float32)
+    except Exception as e:  # truncated gzip -> EOFError, zlib.error, OSError, ValueError
+        raise DataError(f"{name}: unreadable or truncated data ({type(e).__name__}: {e})") from e
     lab = None
     if label is not None:
         label_img = _load(label)
-        lab = read_label(label_img, _name(label, label_img), original_shape, cfg["label_map"])
+        lab = read_label(label_img, _name(label, label_img), img, cfg["label_map"])
 
     ornt = ras_orientation(img.affine)
     data = to_ras(data, ornt)
