@@ -10,7 +10,7 @@ crash leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,11 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A unique name opened exclusively, not mkstemp: its files are 0o600, and the checkpoint should get
+    # the umask's mode like any file the user makes (a lab shares runs between accounts).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
