@@ -250,7 +250,6 @@ def random_table(path: Path, classes: str, template: str | None, dim: int) -> No
     else:
         names = resolve_classes(classes)
         table = EmbeddingTable(("CT", "MR"), names, torch.randn(2, len(names), dim), None, "random")
-    path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)
 
 
@@ -264,6 +263,7 @@ def execute(step: Step) -> None:
     if step.kind == "table":
         if step.out.is_file():
             return
+        step.out.parent.mkdir(parents=True, exist_ok=True)  # the text CLI writes only into existing folders
         if step.random_table is not None:
             return random_table(step.out, *step.random_table)
         rc = text_main(argv)

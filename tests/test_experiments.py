@@ -146,6 +146,22 @@ def test_random_tables_have_clip_shape_and_fit_the_trainer(tmp_path):
     assert not torch.allclose(clip[0], clip[1])  # the modality phrase changes every prompt
 
 
+def test_a_clip_table_step_builds_into_a_new_tables_folder(tmp_path):
+    # A real (not smoke) table step runs the text CLI, which writes only into an existing folder.
+    from mulmodseg.text import CLIPTextEncoder
+    from mulmodseg.text.clip import TextConfig
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(CLIPTextEncoder(TextConfig(width=64, layers=1, heads=1, embed_dim=16)).state_dict(), weights)
+    plan = plan_for(["table3"], tmp_path, "--mmwhs", str(tmp_path / "mmwhs"), "--clip_weights", str(weights))
+    table_step = steps(plan, "table")[0]
+    assert table_step.out.parent == tmp_path / "campaign" / "tables" and not table_step.out.parent.exists()
+    run.execute(table_step)
+    table = EmbeddingTable.load(table_step.out, classes=resolve_classes("mmwhs"))
+    assert tuple(table.embeddings.shape) == (2, 8, 16) and table.template == "A {mod} of a {cls}."
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 
