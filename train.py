@@ -14,10 +14,12 @@ from mulmodseg.data import DataError
 from mulmodseg.device import DeviceError
 from mulmodseg.text.clip import CheckpointError as WeightsError
 from mulmodseg.text.clip import WeightsUnavailableError
+from mulmodseg.text.prompts import TableError
 from mulmodseg.training import BUNDLED_SAMPLE, TrainConfig, TrainingError, train, write_curves
 
 # Problems with what the user gave: reported as one clear message, without a traceback.
-USER_ERRORS = (TrainingError, DataError, DeviceError, CheckpointError, WeightsError, WeightsUnavailableError)
+USER_ERRORS = (TrainingError, DataError, DeviceError, CheckpointError, WeightsError, WeightsUnavailableError,
+               TableError)
 
 
 def parse_pairs(pairs: list[str], flag: str, cast=str) -> dict:

@@ -3,6 +3,8 @@ here), every checkpoint format giving the same embeddings, clear errors, and the
 
 import hashlib
 import io
+import json
+import os
 import urllib.error
 import urllib.request
 
@@ -15,6 +17,7 @@ from mulmodseg.text.clip import (
     OPENAI_VIT_B_32_URL,
     CLIPTextEncoder,
     TextConfig,
+    default_file_mode,
     download_weights,
     read_safetensors,
     read_weights,
@@ -206,6 +209,95 @@ def test_hugging_face_layouts(small, prompts_ids, tmp_path):
         assert torch.equal(_loaded_embeddings(tmp_path / path, prompts_ids), expected), path
 
 
+def _randomize(model: torch.nn.Module) -> None:
+    """Random biases and LayerNorm affines, so that the mapping of each matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.05)
+            elif "layer_norm" in name:
+                p.normal_(1, 0.1)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new"])
+def test_hugging_face_config_sets_activation_heads_and_eps(prompts_ids, tmp_path, activation):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = transformers.CLIPTextConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, projection_dim=48,
+        hidden_act=activation, layer_norm_eps=1e-3,
+    )  # fmt: skip
+    hf = transformers.CLIPTextModelWithProjection(config).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        theirs = hf(input_ids=prompts_ids).text_embeds
+    for path in [tmp_path / "hf", tmp_path / "hf" / "model.safetensors"]:  # config.json beside the file counts
+        encoder = load_text_encoder(path)
+        assert (encoder.config.activation, encoder.config.heads, encoder.config.layer_norm_eps) == (activation, 4, 1e-3)
+        with torch.no_grad():
+            assert (encoder(prompts_ids) - theirs).abs().max() < 1e-5, path
+    # without config.json the same tensors mean OpenAI's tower (QuickGELU, 64 // 64 = 1 head): clearly other numbers
+    torch.save(hf.state_dict(), tmp_path / "bare.bin")
+    bare = load_text_encoder(tmp_path / "bare.bin")
+    assert (bare.config.activation, bare.config.heads, bare.config.layer_norm_eps) == ("quick_gelu", 1, 1e-5)
+    with torch.no_grad():
+        assert (bare(prompts_ids) - theirs).abs().max() > 1e-2
+
+
+def test_hugging_face_clip_model_config_and_bad_configs(prompts_ids, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2, projection_dim=32,
+                hidden_act="gelu")  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16)  # fmt: skip
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+    model.eval()
+    _randomize(model)
+    model.save_pretrained(tmp_path / "clip")
+    with torch.no_grad():
+        theirs = model.text_projection(model.text_model(input_ids=prompts_ids).pooler_output)
+        encoder = load_text_encoder(tmp_path / "clip")
+        assert (encoder.config.activation, encoder.config.heads) == ("gelu", 2)  # read from text_config
+        assert (encoder(prompts_ids) - theirs).abs().max() < 1e-5
+
+    config_file = tmp_path / "clip" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text_config"]["hidden_act"] = "relu"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: hidden_act 'relu' is not supported; supported: gelu,"):
+        load_text_encoder(tmp_path / "clip")
+    config["text_config"].update(hidden_act="gelu", num_attention_heads=3)  # 64 is not divisible by 3
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="clip: the weights do not fit.*width 64 is not divisible by heads 3"):
+        load_text_encoder(tmp_path / "clip")
+    config["text_config"]["num_attention_heads"] = "4"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="num_attention_heads must be a positive integer, got '4'"):
+        load_text_encoder(tmp_path / "clip")
+    config_file.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"cannot read .*config\.json"):
+        load_text_encoder(tmp_path / "clip")
+
+
+def test_hugging_face_keys_without_text_model_prefix(small, prompts_ids, tmp_path):
+    sd, expected = small
+    hf_sd = {k.removeprefix("text_model."): v for k, v in _openai_to_hf(sd).items()}
+    assert "embeddings.token_embedding.weight" in hf_sd and "text_projection.weight" in hf_sd
+    torch.save(hf_sd, tmp_path / "unprefixed.bin")
+    assert torch.equal(_loaded_embeddings(tmp_path / "unprefixed.bin", prompts_ids), expected)
+    # a CLIPTextModel has no projection: say so, not that positional_embedding etc. are missing
+    torch.save({k: v for k, v in hf_sd.items() if k != "text_projection.weight"}, tmp_path / "noproj.bin")
+    with pytest.raises(CheckpointError, match=r"noproj\.bin: the text tower lacks 'text_projection\.weight'"):
+        load_text_encoder(tmp_path / "noproj.bin")
+
+
+def test_activation_names_are_checked():
+    with pytest.raises(ValueError, match="activation 'swish' is not supported"):
+        CLIPTextEncoder(TextConfig(width=64, layers=1, heads=1, embed_dim=8, activation="swish"))
+
+
 def test_safetensors_reader(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     tensors = {
@@ -274,6 +366,27 @@ def test_download_offline_fails_fast_and_clearly(monkeypatch, tmp_path):
     with pytest.raises(WeightsUnavailableError, match="--clip_weights PATH"):
         load_text_encoder(cache_dir=tmp_path)  # nothing cached, no download allowed
     assert len(calls) == 1
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, restored afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+def test_downloaded_file_gets_the_umask_mode(monkeypatch, tmp_path, umask):
+    content = b"weights"
+    url = f"https://example.invalid/clip/models/{hashlib.sha256(content).hexdigest()}/ViT-B-32.pt"
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(content))
+    for mask, mode in [(0o027, 0o640), (0o002, 0o664)]:
+        umask(mask)
+        assert default_file_mode() == mode
+        (tmp_path / "ViT-B-32.pt").unlink(missing_ok=True)
+        path = download_weights(url, cache_dir=tmp_path)
+        assert path.stat().st_mode & 0o777 == mode  # not mkstemp's 0o600
+        assert umask(mask) == mask  # reading the umask left it as it was
 
 
 def test_download_checks_hash_and_caches(monkeypatch, tmp_path, small, prompts_ids):

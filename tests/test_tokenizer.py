@@ -168,6 +168,10 @@ def test_too_long_text():
     assert ids[1, 1:-1].eq(12639).all()
     assert tokenize("liver " * 75).ne(0).all()  # 75 + SOT + EOT = 77 exactly fits
     assert tokenize("liver", context_length=5).tolist() == [[SOT_ID, 12639, EOT_ID, 0, 0]]
+    assert tokenize("liver", context_length=2, truncate=True).tolist() == [[SOT_ID, EOT_ID]]
+    for length in (0, 1, -3):
+        with pytest.raises(ValueError, match=f"context_length must be at least 2 .*got {length}"):
+            tokenize("liver", context_length=length, truncate=True)
 
 
 def test_decode_round_trips():

@@ -11,7 +11,7 @@ or from the shell: ``python -m mulmodseg.text --help``.
 """
 
 from .clip import CheckpointError, CLIPTextEncoder, WeightsUnavailableError, load_text_encoder
-from .prompts import CLASS_SETS, MODALITY_PHRASES, TEMPLATES, EmbeddingTable, build_embedding_table
+from .prompts import CLASS_SETS, MODALITY_PHRASES, TEMPLATES, EmbeddingTable, TableError, build_embedding_table
 from .tokenizer import decode, tokenize
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "CLIPTextEncoder",
     "CheckpointError",
     "EmbeddingTable",
+    "TableError",
     "WeightsUnavailableError",
     "build_embedding_table",
     "decode",

@@ -7,11 +7,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
-from .clip import DEFAULT_CACHE_DIR, CheckpointError, WeightsUnavailableError, load_text_encoder
+from .clip import (
+    DEFAULT_CACHE_DIR,
+    OPENAI_VIT_B_32_URL,
+    CheckpointError,
+    WeightsUnavailableError,
+    load_text_encoder,
+)
 from .prompts import (
     CLASS_SETS,
     DEFAULT_TEMPLATE,
@@ -73,9 +81,61 @@ def build_parser() -> argparse.ArgumentParser:
         "name). Repeat for several, e.g. --phrase 'T1=T1-weighted magnetic resonance imaging'",
     )
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings (the reference does not)")
-    parser.add_argument("--device", default="cpu", help="torch device for the encoder (default cpu)")
-    parser.add_argument("--out", required=True, metavar="PATH", help="output table file (.pt)")
+    parser.add_argument("--device", default="cpu", help="torch device for the encoder: cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="output table file (.pt), in an existing folder; never the --clip_weights or --classes file",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists (without this flag an existing --out is an error, checked before any work)",
+    )
     return parser
+
+
+def output_problem(args: argparse.Namespace) -> str | None:
+    """Why the table cannot be written to ``--out`` (None when it can), found before anything is loaded."""
+    out = Path(args.out).expanduser()
+    target = out.resolve()
+    weights = args.clip_weights or Path(args.cache_dir or DEFAULT_CACHE_DIR) / OPENAI_VIT_B_32_URL.rsplit("/", 1)[1]
+    inputs = [("--clip_weights", Path(weights))]
+    if args.classes not in CLASS_SETS:
+        inputs.append(("--classes", Path(args.classes)))
+    for flag, path in inputs:
+        source = path.expanduser().resolve()
+        if target == source:
+            return f"--out {args.out} is the {flag} file {path}; write the table elsewhere"
+        if source in target.parents:  # a Hugging Face weights folder
+            return f"--out {args.out} is inside the {flag} folder {path}; write the table elsewhere"
+    if out.is_dir():
+        return f"--out {args.out} is a folder; give the table's file name, e.g. --out {out / 'table.pt'}"
+    if not out.parent.is_dir():
+        return f"--out {args.out}: the folder {out.parent} does not exist; create it first"
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        return f"--out {args.out}: cannot write in the folder {out.parent}"
+    if out.exists() and not args.overwrite:
+        return f"--out {args.out} exists; pass --overwrite to replace it"
+    return None
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``--device name`` cannot run the encoder here (None when it can)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name}: not a device name; use cpu, cuda or cuda:N"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name}: no CUDA device is available here; use --device cpu"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"--device {name}: this machine has {count} CUDA device(s), so N in cuda:N must be below {count}"
+    elif device.type != "cpu":
+        return f"--device {name}: use cpu, cuda or cuda:N"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --phrase expects NAME=WORDS, got {item!r}", file=sys.stderr)
             return 2
         phrases[name] = words
+    problem = output_problem(args) or device_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         classes = resolve_classes(args.classes)
         encoder = load_text_encoder(

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +54,10 @@ class WeightsUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Shape of a CLIP text tower; the defaults are ViT-B/32's."""
+    """Shape of a CLIP text tower; the defaults are ViT-B/32's.
+
+    activation is a key of ACTIVATIONS (Hugging Face's ``hidden_act`` names); OpenAI's CLIP uses quick_gelu.
+    """
 
     vocab_size: int = 49408
     context_length: int = 77
@@ -62,10 +65,16 @@ class TextConfig:
     layers: int = 12
     heads: int = 8
     embed_dim: int = 512
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> TextConfig:
-        """Read the shape off an OpenAI-layout text state dict (heads = width // 64, as CLIP does)."""
+        """Read the shape off an OpenAI-layout text state dict (heads = width // 64, as CLIP does).
+
+        A state dict does not record the activation, heads or LayerNorm eps: these stay OpenAI's
+        unless a Hugging Face config.json says otherwise (see `load_text_encoder`).
+        """
         width = state_dict["ln_final.weight"].shape[0]
         layers = {k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks.")}
         return cls(
@@ -94,6 +103,15 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+# Hugging Face hidden_act names -> modules; gelu_new is the tanh approximation under another name.
+ACTIVATIONS = {
+    "quick_gelu": QuickGELU,
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with packed q/k/v projections (nn.MultiheadAttention's names)."""
 
@@ -116,12 +134,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """width -> 4 width -> width with QuickGELU."""
+    """width -> 4 width -> width with the activation named `activation` (a key of ACTIVATIONS)."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, activation: str = "quick_gelu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
         self.c_fc = nn.Linear(width, 4 * width)
-        self.gelu = QuickGELU()
+        self.gelu = ACTIVATIONS[activation]()
         self.c_proj = nn.Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,12 +151,12 @@ class MLP(nn.Module):
 class ResidualBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, activation: str = "quick_gelu", eps: float = 1e-5) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=eps)
         self.attn = CausalSelfAttention(width, heads)
-        self.ln_2 = LayerNorm(width)
-        self.mlp = MLP(width)
+        self.ln_2 = LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -146,9 +166,9 @@ class ResidualBlock(nn.Module):
 class Transformer(nn.Module):
     """The block stack; a module of its own only so that keys read ``transformer.resblocks.N``."""
 
-    def __init__(self, width: int, layers: int, heads: int) -> None:
+    def __init__(self, width: int, layers: int, heads: int, activation: str = "quick_gelu", eps: float = 1e-5) -> None:
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, activation, eps) for _ in range(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -170,8 +190,10 @@ class CLIPTextEncoder(nn.Module):
         self.name = name
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
-        self.transformer = Transformer(config.width, config.layers, config.heads)
-        self.ln_final = LayerNorm(config.width)
+        self.transformer = Transformer(
+            config.width, config.layers, config.heads, config.activation, config.layer_norm_eps
+        )
+        self.ln_final = LayerNorm(config.width, eps=config.layer_norm_eps)
         self.text_projection = nn.Parameter(torch.empty(config.width, config.embed_dim))
         self.reset_parameters()
 
@@ -326,16 +348,24 @@ def _common_prefix(state_dict: dict[str, torch.Tensor], suffix: str) -> str | No
     return min(prefixes, key=len) if prefixes else None
 
 
-def _from_hf(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """OpenAI-layout text tower from Hugging Face keys: q/k/v packed, text_projection transposed back."""
-    t = prefix + "text_model."
+_HF_TOKEN_KEY = "embeddings.token_embedding.weight"
+
+
+def _from_hf(state_dict: dict[str, torch.Tensor], text_prefix: str) -> dict[str, torch.Tensor]:
+    """OpenAI-layout text tower from Hugging Face keys: q/k/v packed, text_projection transposed back.
+
+    `text_prefix` comes before ``embeddings.``; text_projection sits beside ``text_model.``, or beside
+    ``embeddings.`` when the keys have no ``text_model.`` level.
+    """
+    t = text_prefix
+    outer = t[: -len("text_model.")] if t.endswith("text_model.") else t
     out = {
         "token_embedding.weight": state_dict[t + "embeddings.token_embedding.weight"],
         "positional_embedding": state_dict[t + "embeddings.position_embedding.weight"],
         "ln_final.weight": state_dict[t + "final_layer_norm.weight"],
         "ln_final.bias": state_dict[t + "final_layer_norm.bias"],
         # HF keeps a Linear (out x in); CLIP right-multiplies a (width x embed_dim) matrix
-        "text_projection": state_dict[prefix + "text_projection.weight"].t(),
+        "text_projection": state_dict[outer + "text_projection.weight"].t(),
     }
     layer_prefix = t + "encoder.layers."
     layers = {int(k[len(layer_prefix) :].split(".")[0]) for k in state_dict if k.startswith(layer_prefix)}
@@ -355,7 +385,7 @@ def text_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
     Raises CheckpointError when no text tower is found or a key is missing.
     """
-    hf_prefix = _common_prefix(state_dict, "text_model.embeddings.token_embedding.weight")
+    hf_prefix = _common_prefix(state_dict, _HF_TOKEN_KEY)
     try:
         if hf_prefix is not None:
             return _from_hf(state_dict, hf_prefix)
@@ -376,6 +406,42 @@ def text_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         return text
     except KeyError as error:
         raise CheckpointError(f"the text tower lacks {error}") from error
+
+
+def hf_text_options(config_path: Path) -> dict:
+    """TextConfig fields that a Hugging Face ``config.json`` sets: activation, heads, LayerNorm eps.
+
+    A CLIPModel config keeps them under ``text_config``; keys it lacks are left out. Raises
+    CheckpointError naming the file when it is unreadable, names an unsupported activation, or gives
+    heads or eps that are not positive numbers.
+    """
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {config_path}: {error}") from error
+    if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} is not a JSON object")
+    options = {}
+    if "hidden_act" in config:
+        if config["hidden_act"] not in ACTIVATIONS:
+            raise CheckpointError(
+                f"{config_path}: hidden_act {config['hidden_act']!r} is not supported; "
+                f"supported: {', '.join(sorted(ACTIVATIONS))}"
+            )
+        options["activation"] = config["hidden_act"]
+    if "num_attention_heads" in config:
+        heads = config["num_attention_heads"]
+        if type(heads) is not int or heads < 1:
+            raise CheckpointError(f"{config_path}: num_attention_heads must be a positive integer, got {heads!r}")
+        options["heads"] = heads
+    if "layer_norm_eps" in config:
+        eps = config["layer_norm_eps"]
+        if type(eps) not in (int, float) or not eps > 0:
+            raise CheckpointError(f"{config_path}: layer_norm_eps must be a positive number, got {eps!r}")
+        options["layer_norm_eps"] = float(eps)
+    return options
 
 
 def load_text_encoder(
@@ -403,19 +469,41 @@ def load_text_encoder(
             raise WeightsUnavailableError(f"no CLIP weights given and none in {cached}: {_HOW_TO_FIX}")
     path = Path(path).expanduser()
     weights = read_weights(path)
+    # A state dict alone does not say how the tower computes; a Hugging Face folder's config.json does.
+    hf_config = (path if path.is_dir() else path.parent) / "config.json"
+    is_hf = _common_prefix(weights, _HF_TOKEN_KEY) is not None
+    options = hf_text_options(hf_config) if is_hf and hf_config.is_file() else {}
     try:
         text = text_state_dict(weights)
-        encoder = CLIPTextEncoder(TextConfig.from_state_dict(text), normalize=normalize, name=f"clip:{path.name}")
+        config = replace(TextConfig.from_state_dict(text), **options)
+        encoder = CLIPTextEncoder(config, normalize=normalize, name=f"clip:{path.name}")
         encoder.load_state_dict(text)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from error
-    except (RuntimeError, KeyError) as error:
+    except (RuntimeError, KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: the weights do not fit a CLIP text tower: {error}") from error
     return encoder.requires_grad_(False).eval().to(device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Download
+
+
+def default_file_mode() -> int:
+    """The mode a plainly created file gets, 0o666 less the umask (mkstemp's files are 0o600).
+
+    Linux shows the umask in /proc/self/status; elsewhere it can only be read by setting it, which
+    briefly changes it for other threads too.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _sha256(path: Path) -> str:
@@ -458,6 +546,7 @@ def download_weights(
                 f"the file downloaded from {url} has SHA-256 {digest.hexdigest()}, expected {expected}; "
                 f"it was discarded. {_HOW_TO_FIX[0].upper()}{_HOW_TO_FIX[1:]}"
             )
+        os.chmod(tmp_name, default_file_mode())
         os.replace(tmp_name, target)
     finally:
         Path(tmp_name).unlink(missing_ok=True)

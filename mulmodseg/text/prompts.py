@@ -25,6 +25,7 @@ from string import Formatter
 import torch
 from torch import nn
 
+from .clip import default_file_mode
 from .tokenizer import tokenize
 
 CLASS_SETS: dict[str, tuple[str, ...]] = {
@@ -61,6 +62,11 @@ MODALITY_PHRASES: dict[str, str] = {
 REFERENCE_MODALITIES = ("MR", "CT")
 TABLE_FORMAT = "mulmodseg.embedding_table"
 TABLE_VERSION = 1
+_TABLE_KEYS = ("format", "version", "modalities", "classes", "template", "encoder", "embeddings")
+
+
+class TableError(ValueError):
+    """An embedding table (file, dict or arguments) that cannot be used, with the reason."""
 
 
 def resolve_classes(spec: str | Path | Sequence[str]) -> tuple[str, ...]:
@@ -80,11 +86,12 @@ def resolve_classes(spec: str | Path | Sequence[str]) -> tuple[str, ...]:
             names = [n for n in names if n and not n.startswith("#")]
     else:
         names = list(spec)
-    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise ValueError(f"class names must be a non-empty list of non-empty strings, got {names!r}")
+    names = [n.strip() for n in names]  # before the repeat check: "liver " is "liver"
     if len(set(names)) != len(names):
         raise ValueError(f"class names repeat: {names}")
-    return tuple(n.strip() for n in names)
+    return tuple(names)
 
 
 def resolve_template(spec: str) -> str:
@@ -101,13 +108,16 @@ def resolve_template(spec: str) -> str:
 
 
 def modality_phrase(modality: str, phrases: Mapping[str, str] | None = None) -> str:
-    """The words a prompt uses for `modality`: from `phrases` (over MODALITY_PHRASES), matched exactly
-    then case-insensitively; an unknown modality (PET, T1, ...) is written as its own name."""
-    table = {**MODALITY_PHRASES, **(phrases or {})}
-    if modality in table:
-        return table[modality]
-    by_upper = {k.upper(): v for k, v in table.items()}
-    return by_upper.get(modality.upper(), modality)
+    """The words a prompt uses for `modality`: from `phrases`, else MODALITY_PHRASES, each matched exactly
+    then case-insensitively (so a user's "ct" replaces the built-in "CT"); an unknown modality (PET, T1,
+    ...) is written as its own name."""
+    for table in (phrases or {}, MODALITY_PHRASES):
+        if modality in table:
+            return table[modality]
+        by_upper = {k.upper(): v for k, v in table.items()}
+        if modality.upper() in by_upper:
+            return by_upper[modality.upper()]
+    return modality
 
 
 def make_prompts(
@@ -116,6 +126,15 @@ def make_prompts(
     """Prompts `(M, K)`: row m, column k is the template filled with modality m and class k."""
     template = resolve_template(template)
     return tuple(tuple(template.format(mod=modality_phrase(m, phrases), cls=c) for c in classes) for m in modalities)
+
+
+def _names(values: object, what: str) -> tuple[str, ...]:
+    """`values` as a tuple, checked to be a non-empty list or tuple of distinct non-empty strings."""
+    if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise TableError(f"{what} must be a non-empty list of non-empty strings, got {values!r}")
+    if len(set(values)) != len(values):
+        raise TableError(f"{what} repeat: {list(values)}")
+    return tuple(values)
 
 
 @dataclass(eq=False)  # tensors have no single truth value, so no field-wise ==
@@ -134,17 +153,26 @@ class EmbeddingTable:
     encoder: str = ""
 
     def __post_init__(self) -> None:
-        self.modalities = tuple(self.modalities)
-        self.classes = tuple(self.classes)
-        self.embeddings = self.embeddings.detach().to(device="cpu", dtype=torch.float32)
+        """Check every field (TableError) and store the embeddings as float32 on the CPU."""
+        self.modalities = _names(self.modalities, "modalities")
+        self.classes = _names(self.classes, "classes")
+        if not isinstance(self.embeddings, torch.Tensor) or not self.embeddings.is_floating_point():
+            found = getattr(self.embeddings, "dtype", type(self.embeddings).__name__)
+            raise TableError(f"embeddings must be a floating-point tensor, got {found}")
         expected = (len(self.modalities), len(self.classes))
-        if self.embeddings.dim() != 3 or tuple(self.embeddings.shape[:2]) != expected:
-            raise ValueError(
+        if self.embeddings.dim() != 3 or tuple(self.embeddings.shape[:2]) != expected or self.embeddings.shape[2] < 1:
+            raise TableError(
                 f"embeddings of shape {tuple(self.embeddings.shape)} do not match "
-                f"{expected[0]} modalities x {expected[1]} classes"
+                f"{expected[0]} modalities x {expected[1]} classes x D (D >= 1)"
             )
-        if len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modalities repeat: {self.modalities}")
+        self.embeddings = self.embeddings.detach().to(device="cpu", dtype=torch.float32)
+        bad = (~torch.isfinite(self.embeddings)).sum().item()
+        if bad:
+            raise TableError(f"embeddings hold {bad} NaN or infinite value(s) (in float32)")
+        if self.template is not None and not isinstance(self.template, str):
+            raise TableError(f"template must be a string or None, got {type(self.template).__name__}")
+        if not isinstance(self.encoder, str):
+            raise TableError(f"encoder must be a string, got {type(self.encoder).__name__}")
 
     @property
     def dim(self) -> int:
@@ -171,11 +199,18 @@ class EmbeddingTable:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> EmbeddingTable:
-        """Inverse of `to_dict`."""
-        if data.get("format") != TABLE_FORMAT:
-            raise ValueError(f"not an embedding table (format {data.get('format')!r})")
-        if data.get("version", 0) > TABLE_VERSION:
-            raise ValueError(f"embedding table version {data['version']} is newer than this code ({TABLE_VERSION})")
+        """Inverse of `to_dict`; raises TableError (a ValueError) saying what is wrong."""
+        if not isinstance(data, Mapping) or data.get("format") != TABLE_FORMAT:
+            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise TableError(f"not an embedding table (format {found!r})")
+        missing = [key for key in _TABLE_KEYS if key not in data]
+        if missing:
+            raise TableError(f"the embedding table lacks {missing}")
+        version = data["version"]
+        if type(version) is not int or version < 1:
+            raise TableError(f"embedding table version must be a positive integer, got {version!r}")
+        if version > TABLE_VERSION:
+            raise TableError(f"embedding table version {version} is newer than this code ({TABLE_VERSION})")
         return cls(data["modalities"], data["classes"], data["embeddings"], data["template"], data["encoder"])
 
     def save(self, path: str | Path) -> None:
@@ -185,6 +220,7 @@ class EmbeddingTable:
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(self.to_dict(), f)
+            os.chmod(tmp_name, default_file_mode())
             os.replace(tmp_name, path)
         finally:
             Path(tmp_name).unlink(missing_ok=True)
@@ -193,22 +229,39 @@ class EmbeddingTable:
     def load(cls, path: str | Path, classes: Sequence[str] | None = None) -> EmbeddingTable:
         """Read a table written by `save`, or the reference's raw tensor `(2, K, D)`.
 
-        A raw tensor's rows are MR (index 0) then CT (index 1), as the reference stores them; its class
-        names are `classes`, by default CLASS_SETS["amos_reference"] when K is 14.
+        A saved table must hold exactly `classes`, in that order, when they are given. A raw tensor's
+        rows are MR (index 0) then CT (index 1), as the reference stores them; its class names are
+        `classes`, by default CLASS_SETS["amos_reference"] when K is 14. Every problem raises TableError
+        (a ValueError) naming the file.
         """
-        data = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if isinstance(data, dict):
-            return cls.from_dict(data)
-        if not isinstance(data, torch.Tensor) or data.dim() != 3 or data.shape[0] != len(REFERENCE_MODALITIES):
-            raise ValueError(
-                f"{path} is neither an embedding table nor a reference tensor of shape (2, K, D) "
-                f"(found {type(data).__name__} {tuple(getattr(data, 'shape', ()))})"
+        try:
+            data = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except FileNotFoundError as error:
+            raise TableError(f"embedding table not found: {path}") from error
+        except Exception as error:  # torch.load fails in many ways on a file that is not a table
+            reason = str(error).strip().split("\n")[0][:200]
+            raise TableError(f"cannot read the embedding table {path} ({type(error).__name__}: {reason})") from error
+        try:
+            if isinstance(data, dict):
+                table = cls.from_dict(data)
+            elif isinstance(data, torch.Tensor) and data.dim() == 3 and data.shape[0] == len(REFERENCE_MODALITIES):
+                if classes is None and data.shape[1] != len(CLASS_SETS["amos_reference"]):
+                    raise TableError(f"it holds {data.shape[1]} classes; pass their names as `classes`")
+                names = CLASS_SETS["amos_reference"] if classes is None else tuple(classes)
+                table = cls(REFERENCE_MODALITIES, names, data, None, "reference")
+            else:
+                raise TableError(
+                    "neither an embedding table nor a reference tensor of shape (2, K, D) "
+                    f"(found {type(data).__name__} {tuple(getattr(data, 'shape', ()))})"
+                )
+        except TableError as error:
+            raise TableError(f"{path}: {error}") from error
+        if classes is not None and table.classes != tuple(classes):
+            raise TableError(
+                f"{path} was built for other classes or another order: the table has {list(table.classes)}, "
+                f"expected {list(classes)}; rebuild it with these classes, in this order"
             )
-        if classes is None:
-            if data.shape[1] != len(CLASS_SETS["amos_reference"]):
-                raise ValueError(f"{path} holds {data.shape[1]} classes; pass their names as `classes`")
-            classes = CLASS_SETS["amos_reference"]
-        return cls(REFERENCE_MODALITIES, tuple(classes), data, None, "reference")
+        return table
 
     @classmethod
     def onehot(cls, modalities: Sequence[str], classes: Sequence[str]) -> EmbeddingTable:

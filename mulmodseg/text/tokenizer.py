@@ -153,7 +153,10 @@ class Tokenizer:
 
         Text longer than `context_length` (counting SOT and EOT) raises ValueError unless `truncate`,
         which keeps the first `context_length` ids and makes the last one EOT, as CLIP does.
+        `context_length` must be at least 2, room for SOT and EOT.
         """
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
         if isinstance(texts, str):
             texts = [texts]
         out = torch.zeros(len(texts), context_length, dtype=torch.long)
