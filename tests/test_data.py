@@ -1,6 +1,7 @@
 """Tests of mulmodseg.data: discovery, label maps, splits, integrity checks, preprocess/restore, cache,
 crop sampling. Synthetic NIfTIs are tiny and written per test; the real sample lives in data/sample."""
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -528,7 +529,13 @@ def test_cache_hit_invalidation_and_recovery(tmp_path, monkeypatch):
     calls = _counting_preprocess(monkeypatch)
     case = _small_case(tmp_path)
     cache = VolumeCache(tmp_path / "cache")
-    image, label, meta = cache.load(case, SMALL)
+    old_umask = os.umask(0o022)
+    try:
+        image, label, meta = cache.load(case, SMALL)
+    finally:
+        os.umask(old_umask)
+    entry = tmp_path / "cache" / cache.key(case, SMALL)
+    assert entry.stat().st_mode & 0o777 == 0o755  # a shared --cache_dir: others can read the entry
     expected_image, expected_label, expected_meta = preprocess(case.image, case.label, "CT", **SMALL)
     assert len(calls) == 1 and isinstance(image, np.memmap) and isinstance(label, np.memmap)
     np.testing.assert_array_equal(image, expected_image)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -89,7 +89,10 @@ class VolumeCache:
             return None
 
     def _write(self, entry: Path, image: np.ndarray, label: Optional[np.ndarray], meta: Dict[str, Any]) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name[:16]}-", dir=self.cache_dir))
+        # A unique name made with mkdir, not mkdtemp, whose 0o700 would lock other accounts out of a
+        # shared --cache_dir: the entry gets the umask's mode.
+        tmp = self.cache_dir / f".tmp-{entry.name[:16]}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
         try:
             arrays = {}
             for name, array in (("image", image), ("label", label)):
