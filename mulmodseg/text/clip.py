@@ -21,8 +21,8 @@ import json
 import math
 import mmap
 import os
+import secrets
 import sys
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass, replace
@@ -489,23 +489,6 @@ def load_text_encoder(
 # Download
 
 
-def default_file_mode() -> int:
-    """The mode a plainly created file gets, 0o666 less the umask (mkstemp's files are 0o600).
-
-    Linux shows the umask in /proc/self/status; elsewhere it can only be read by setting it, which
-    briefly changes it for other threads too.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    umask = os.umask(0o077)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -530,10 +513,11 @@ def download_weights(
     if target.is_file() and _sha256(target) == expected:
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=f".{target.name}.", suffix=".part")
+    # A unique name opened exclusively, not mkstemp, whose 0o600 would keep the shared cache from others.
+    tmp_name = cache / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp_name, "xb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     for chunk in iter(lambda: response.read(1 << 20), b""):
@@ -546,7 +530,6 @@ def download_weights(
                 f"the file downloaded from {url} has SHA-256 {digest.hexdigest()}, expected {expected}; "
                 f"it was discarded. {_HOW_TO_FIX[0].upper()}{_HOW_TO_FIX[1:]}"
             )
-        os.chmod(tmp_name, default_file_mode())
         os.replace(tmp_name, target)
     finally:
         Path(tmp_name).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,6 @@ from string import Formatter
 import torch
 from torch import nn
 
-from .clip import default_file_mode
 from .tokenizer import tokenize
 
 CLASS_SETS: dict[str, tuple[str, ...]] = {
@@ -216,11 +215,11 @@ class EmbeddingTable:
     def save(self, path: str | Path) -> None:
         """Write the table with torch.save, atomically (temporary file, then rename)."""
         path = Path(path)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # A unique name opened exclusively, not mkstemp: the table gets the umask's mode, not 0o600.
+        tmp_name = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp_name, "xb") as f:
                 torch.save(self.to_dict(), f)
-            os.chmod(tmp_name, default_file_mode())
             os.replace(tmp_name, path)
         finally:
             Path(tmp_name).unlink(missing_ok=True)
