@@ -266,7 +266,7 @@ def segment_files(
     records, t_all = [], time.time()
     for i, src in enumerate(inputs, 1):
         t0 = time.time()
-        reference = nib.load(str(src))
+        reference = mdata.load_volume(src)
         # A live window count with ETA when a person watches; one line per case otherwise.
         label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities,
                                                progress=sys.stderr.isatty())
@@ -284,7 +284,7 @@ def segment_files(
             write_preview(reference, label, output_path(src, output_dir, ".png"))
         if src in label_files:
             # Read as training reads labels: float files to integers, the run's label map applied.
-            truth = mdata.read_label(nib.load(str(label_files[src])), str(label_files[src]), reference, label_map)
+            truth = mdata.read_label(mdata.load_volume(label_files[src]), str(label_files[src]), reference, label_map)
             record["dice"] = dice_per_class(label, truth, len(segmenter.classes))
         record["seconds"] = time.time() - t0
         records.append(record)

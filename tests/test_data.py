@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import mulmodseg.data.cache as cache_module
 from mulmodseg.data import (Case, CropDataset, DataError, VolumeCache, check_cases, collate_crops,
                             default_settings, discover_amos, discover_cases, discover_modalities, kfold_split,
-                            load_training_volumes, parse_label_map, preprocess, restore, restore_argmax, split_cases,
+                            load_training_volumes, load_volume, parse_label_map, preprocess, restore, restore_argmax, split_cases,
                             subsample)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -499,6 +499,29 @@ def test_preprocess_rejects_4d_and_restore_checks_shape(tmp_path):
     _, _, meta = preprocess(good, min_size=None)
     with pytest.raises(ValueError):
         restore(np.zeros((3, 3, 3)), meta)
+
+
+def test_a_trailing_axis_of_length_one_is_a_3d_volume(tmp_path):
+    # (X, Y, Z, 1) files (a time or channel axis of one) are what some exporters write; ITK reads them
+    # as 3D, and so do the checks, preprocess and read_label, with the same numbers as the 3D file.
+    rng = np.random.default_rng(0)
+    image = rng.integers(-200, 300, (12, 10, 8)).astype(np.int16)
+    label = (rng.random((12, 10, 8)) > 0.7).astype(np.uint8)
+    affine = np.array([[-2.0, 0, 0, 10], [0, 0, 3.0, -5], [0, 2.5, 0, 7], [0, 0, 0, 1]])
+    flat = Case("a", write_nifti(tmp_path / "3d" / "a.nii.gz", image, affine),
+                write_nifti(tmp_path / "3d" / "a_gt.nii.gz", label, affine), "CT")
+    extra = Case("a", write_nifti(tmp_path / "4d" / "a.nii.gz", image[..., None], affine),
+                 write_nifti(tmp_path / "4d" / "a_gt.nii.gz", label[..., None, None], affine), "CT")
+    assert check_cases([extra]) == []
+    loaded = load_volume(extra.image)
+    assert loaded.shape == (12, 10, 8) and np.array_equal(loaded.affine, affine)
+    assert np.array_equal(np.asanyarray(loaded.dataobj), image)
+    want_image, want_label, want_meta = preprocess(flat.image, flat.label, min_size=[8, 8, 8])
+    got_image, got_label, got_meta = preprocess(extra.image, extra.label, min_size=[8, 8, 8])
+    assert np.array_equal(got_image, want_image) and np.array_equal(got_label, want_label)
+    assert got_meta["original_shape"] == [12, 10, 8] and got_meta["shape"] == want_meta["shape"]
+    with pytest.raises(DataError, match="is 4D"):
+        check_cases([Case("b", write_nifti(tmp_path / "b.nii.gz", np.zeros((8, 8, 8, 2), np.int16)), None, "CT")])
 
 
 # ---------------------------------------------------------------- cache

@@ -290,3 +290,20 @@ def test_labels_with_the_image_name_and_colliding_outputs(tmp_path, checkpoint):
     with pytest.raises(DataError, match=r"scan_0000.nii.gz: would write .*out2/scan.nii.gz, as .*/scan.nii.gz does"):
         segment_files(checkpoint, find_inputs(scans), tmp_path / "out2", "CT", log=lambda m: None)
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_scan_stored_with_a_trailing_axis_of_one(tmp_path, checkpoint):
+    # The sample MR written as (X, Y, Z, 1), label too: same label map as the 3D file, written 3D on its grid.
+    src = nib.load(str(MR))
+    scans, labels = tmp_path / "scans", tmp_path / "labels"
+    for folder, path in ((scans, MR), (labels, SAMPLE / "mr" / "labelsTr" / MR.name)):
+        img = nib.load(str(path))
+        folder.mkdir()
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[..., None], img.affine, img.header), folder / MR.name)
+    want = segment_files(checkpoint, [MR], tmp_path / "want", "MR", labels_dir=SAMPLE / "mr" / "labelsTr",
+                         log=lambda m: None)
+    got = segment_files(checkpoint, [scans / MR.name], tmp_path / "got", "MR", labels_dir=labels, log=lambda m: None)
+    out = nib.load(got[0]["output"])
+    assert out.shape == src.shape and np.array_equal(out.affine, src.affine)
+    assert np.array_equal(np.asanyarray(out.dataobj), np.asanyarray(nib.load(want[0]["output"]).dataobj))
+    assert np.array_equal(got[0]["dice"], want[0]["dice"], equal_nan=True)

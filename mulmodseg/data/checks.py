@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
-import nibabel as nib
 import numpy as np
 
 from .cases import Case, DataError
 from .geometry import affine_problem, onto_axes
 from .labels import LabelMapSpec, label_map_problems, parse_label_map
+from .preprocess import load_volume
 
 
 def _read(path: Path, what: str, problems: List[str]):
@@ -26,7 +26,7 @@ def _read(path: Path, what: str, problems: List[str]):
         problems.append(f"{path}: missing {what} file")
         return None, None
     try:
-        img = nib.load(str(path))
+        img = load_volume(path)
     except Exception as e:  # nibabel raises many types for a bad header
         problems.append(f"{path}: unreadable or truncated {what} ({type(e).__name__}: {e})")
         return None, None

@@ -68,11 +68,21 @@ def resolve_settings(modality: str, settings: Dict[str, Any]) -> Dict[str, Any]:
     return resolved
 
 
+def load_volume(path: Union[str, Path]) -> nib.Nifti1Image:
+    """nib.load(path) with trailing axes of length 1 dropped: an (X, Y, Z, 1) file is the 3D volume
+    (X, Y, Z) with the same affine, as ITK and 3D Slicer read it. Other shapes are returned as stored."""
+    img = nib.load(str(path))
+    extra = tuple(img.shape[3:])
+    if extra and all(n == 1 for n in extra):
+        return img.slicer[(slice(None),) * 3 + (0,) * len(extra)]
+    return img
+
+
 def _load(image: ImageLike):
     if not isinstance(image, (str, Path)):
         return image
     try:
-        return nib.load(str(image))
+        return load_volume(image)
     except Exception as e:  # nibabel raises many types for a missing file or a bad header
         raise DataError(f"{image}: unreadable ({type(e).__name__}: {e})") from e
 
