@@ -12,6 +12,7 @@ from pathlib import Path
 from mulmodseg.checkpoint import CheckpointError
 from mulmodseg.data import DataError
 from mulmodseg.device import DeviceError
+from mulmodseg.text.clip import ACTIVATIONS
 from mulmodseg.text.clip import CheckpointError as WeightsError
 from mulmodseg.text.clip import WeightsUnavailableError
 from mulmodseg.text.prompts import TableError
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text", default=d.text, help="class embeddings: clip (CLIP ViT-B/32 prompts), onehot, none (vision-only), or a saved table file")
     g.add_argument("--clip_weights", default=d.clip_weights,
                    help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt, open_clip or Hugging Face files); without it --text clip downloads the official file once")
+    g.add_argument("--clip_activation", choices=sorted(ACTIVATIONS), default=d.clip_activation,
+                   help="the text tower's activation, for weights that do not record it (default: quick_gelu, OpenAI's, "
+                   "unless a Hugging Face config.json says otherwise); open_clip's nn.GELU models such as LAION's need gelu")
     g.add_argument("--template", default=d.template, help="prompt template: v1, v2, v3 or a text with {mod} and {cls}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
     g.add_argument("--channels_last", action="store_true", help="channels_last_3d memory format (faster UNet steps on CPU, see bench/RESULTS.md)")

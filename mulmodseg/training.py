@@ -62,6 +62,7 @@ class TrainConfig:
     base_channels: int = 32  # UNet only: width of the first conv (the reference's 32)
     text: str = "clip"  # clip | onehot | none | path of a saved table
     clip_weights: str | None = None
+    clip_activation: str | None = None  # the text tower's MLP activation when its weights do not say it
     template: str = "v3"
     classes: str = "amos"
     mode: str = "alt"  # alt | mix | a modality name
@@ -336,7 +337,7 @@ def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequenc
     """The embedding table for ``--text``: None (vision-only), one-hot, CLIP prompts, or a saved file.
 
     CLIP tables are cached in ``cache_dir`` under a key of the weights file (path, size, mtime), the
-    classes, modalities and template, so later runs skip loading the 250 MB text tower.
+    classes, modalities, template and activation, so later runs skip loading the 250 MB text tower.
     """
     if config.text == "none":
         return None
@@ -346,11 +347,11 @@ def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequenc
         weights = Path(config.clip_weights).expanduser().resolve() if config.clip_weights else None
         stat = weights.stat() if weights and weights.is_file() else None
         key = json.dumps([str(weights), stat and stat.st_size, stat and stat.st_mtime_ns, list(classes),
-                          list(modalities), config.template])
+                          list(modalities), config.template, config.clip_activation])
         cached = cache_dir / f"text_table_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if weights is not None and stat is not None and cached.is_file():
             return EmbeddingTable.load(cached)
-        encoder = mtext.load_text_encoder(weights, download=weights is None)
+        encoder = mtext.load_text_encoder(weights, download=weights is None, activation=config.clip_activation)
         table = mtext.build_embedding_table(encoder, classes, modalities, config.template)
         if stat is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)

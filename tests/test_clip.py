@@ -244,6 +244,28 @@ def test_hugging_face_config_sets_activation_heads_and_eps(prompts_ids, tmp_path
         assert (bare(prompts_ids) - theirs).abs().max() > 1e-2
 
 
+def test_activation_option_for_state_dicts_that_do_not_record_it(prompts_ids, tmp_path):
+    # open_clip's LAION towers are OpenAI's layout with nn.GELU; nothing in their state dict says so.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    config = transformers.CLIPTextConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1, projection_dim=48,
+        hidden_act="gelu",
+    )  # fmt: skip
+    hf = transformers.CLIPTextModelWithProjection(config).eval()
+    _randomize(hf)
+    with torch.no_grad():
+        theirs = hf(input_ids=prompts_ids).text_embeds
+    torch.save(hf.state_dict(), tmp_path / "bare.bin")
+    with torch.no_grad():
+        assert (load_text_encoder(tmp_path / "bare.bin")(prompts_ids) - theirs).abs().max() > 1e-3
+        encoder = load_text_encoder(tmp_path / "bare.bin", activation="gelu")
+        assert encoder.config.activation == "gelu"
+        assert (encoder(prompts_ids) - theirs).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="activation 'swish' is not supported"):
+        load_text_encoder(tmp_path / "missing.bin", activation="swish")
+
+
 def test_hugging_face_clip_model_config_and_bad_configs(prompts_ids, tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(3)

@@ -1,6 +1,7 @@
 """Class vocabularies, templates, modality phrases, and the embedding table (build, file format, one-hot,
 the reference's raw tensor)."""
 
+import dataclasses
 import json
 import os
 
@@ -258,6 +259,15 @@ def test_command_line(encoder, tmp_path, capsys):
     (tmp_path / "out.pt").write_bytes(b"old")
     assert main([*argv, "--overwrite"]) == 0
     assert EmbeddingTable.load(tmp_path / "out.pt").modalities == ("CT", "T1")
+
+    # --activation reaches the tower: the same weights computed with exact GELU
+    assert main([*argv, "--overwrite", "--activation", "gelu"]) == 0
+    gelu = CLIPTextEncoder(dataclasses.replace(SMALL, activation="gelu")).eval()
+    gelu.load_state_dict(encoder.state_dict())
+    with torch.no_grad():
+        expected_gelu = gelu(tokenize("A T1-weighted imaging of a liver."))[0]
+    got = EmbeddingTable.load(tmp_path / "out.pt").row("T1")[1]
+    assert torch.allclose(got, expected_gelu, atol=1e-5) and not torch.allclose(got, expected, atol=1e-3)
 
 
 @pytest.fixture

@@ -436,6 +436,12 @@ def test_text_clip_builds_the_table_from_given_weights_and_caches_it(tmp_path, c
     table = load_checkpoint(tmp_path / "run" / "last.pt")["model"]["text_embeddings"]
     expected = text.build_embedding_table(text.load_text_encoder(weights), "amos", ["CT", "MR"], "v2").embeddings
     assert table.shape == (2, 14, 32) and torch.allclose(table, expected, atol=1e-6)
+    # --clip_activation reaches the tower and is part of the cache key: not the quick_gelu table again
+    assert train_cli.main([*args, "--clip_activation", "gelu", "--out", str(tmp_path / "gelu")]) == 0
+    gelu = load_checkpoint(tmp_path / "gelu" / "last.pt")["model"]["text_embeddings"]
+    encoder = text.load_text_encoder(weights, activation="gelu")
+    assert torch.allclose(gelu, text.build_embedding_table(encoder, "amos", ["CT", "MR"], "v2").embeddings, atol=1e-6)
+    assert not torch.allclose(gelu, table, atol=1e-3)
 
     def unavailable(*a, **k):
         raise AssertionError("the cached table should be used")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .clip import (
+    ACTIVATIONS,
     DEFAULT_CACHE_DIR,
     OPENAI_VIT_B_32_URL,
     CheckpointError,
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=WORDS",
         help=f"words used for a modality in prompts (built in: {phrases}; others are written as their "
         "name). Repeat for several, e.g. --phrase 'T1=T1-weighted magnetic resonance imaging'",
+    )
+    parser.add_argument(
+        "--activation",
+        choices=sorted(ACTIVATIONS),
+        help="the tower's MLP activation when the weights do not say it: a state dict never records it, so "
+        "it is OpenAI's quick_gelu unless a Hugging Face config.json names another. open_clip models "
+        "trained with nn.GELU (names without -quickgelu, e.g. LAION's ViT-B-32 laion2b_s34b_b79k) need gelu",
     )
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings (the reference does not)")
     parser.add_argument("--device", default="cpu", help="torch device for the encoder: cpu, cuda or cuda:N (default cpu)")
@@ -155,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         classes = resolve_classes(args.classes)
         encoder = load_text_encoder(
-            args.clip_weights, download=args.download, cache_dir=args.cache_dir, normalize=args.normalize
+            args.clip_weights, download=args.download, cache_dir=args.cache_dir, normalize=args.normalize,
+            activation=args.activation,
         )
         table = build_embedding_table(
             encoder, classes, args.modalities, args.template, phrases=phrases, device=torch.device(args.device)

@@ -452,13 +452,19 @@ def load_text_encoder(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     normalize: bool = False,
+    activation: str | None = None,
 ) -> CLIPTextEncoder:
     """A frozen CLIP text tower (eval mode, no grad) from `path`, in `dtype` on `device`.
 
     With no `path`, uses ``ViT-B-32.pt`` in `cache_dir` (default ``~/.cache/mulmodseg``), downloading
-    it first when `download`. Raises CheckpointError (unreadable file, no text tower) or
-    WeightsUnavailableError (nothing to load, download failed), each saying what to do.
+    it first when `download`. `activation` (a key of ACTIVATIONS) overrides what the weights' files
+    say, or OpenAI's quick_gelu when they say nothing: open_clip models trained with ``nn.GELU`` (e.g.
+    LAION's ViT-B-32) need ``"gelu"``. Raises ValueError for an unknown `activation`, CheckpointError
+    (unreadable file, no text tower) or WeightsUnavailableError (nothing to load, download failed),
+    each saying what to do.
     """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
     if path is None:
         cached = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / OPENAI_VIT_B_32_URL.rsplit("/", 1)[1]
         if download:
@@ -473,6 +479,8 @@ def load_text_encoder(
     hf_config = (path if path.is_dir() else path.parent) / "config.json"
     is_hf = _common_prefix(weights, _HF_TOKEN_KEY) is not None
     options = hf_text_options(hf_config) if is_hf and hf_config.is_file() else {}
+    if activation is not None:
+        options["activation"] = activation
     try:
         text = text_state_dict(weights)
         config = replace(TextConfig.from_state_dict(text), **options)
