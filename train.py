@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random per-axis scaling by 1 +- this (the reference's CT augmentation used 0.1)")
     g.add_argument("--warp_modalities", nargs="+", default=d.warp_modalities, metavar="MODALITY",
                    help="modalities that get --rotate_degrees/--scale_range (default: all; the reference: CT)")
+    g.add_argument("--warp_prob", type=float, default=d.warp_prob,
+                   help="share of crops that get --rotate_degrees/--scale_range (the reference's: 1)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     g.add_argument("--warmup_epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs before the cosine decay")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")

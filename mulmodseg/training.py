@@ -73,6 +73,7 @@ class TrainConfig:
     rotate_degrees: float = 0.0  # random rotation about the S/I axis, up to this many degrees (reference CT: 6)
     scale_range: float = 0.0  # random per-axis scaling by 1 +- this (reference CT: 0.1)
     warp_modalities: list[str] | None = None  # modalities that get rotation/scaling (None: all; reference: CT)
+    warp_prob: float = 1.0  # share of crops that get them (the reference's RandAffine: prob 1.0)
     epochs: int = 1000
     warmup_epochs: int = 10
     lr: float = 1e-3
@@ -124,6 +125,8 @@ def check_config(cfg: TrainConfig) -> None:
                  "rotate_degrees", "scale_range"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warp_prob <= 1:
+        problems.append(f"--warp_prob must be in [0, 1], got {cfg.warp_prob}")
     if not 0 <= cfg.val_fraction < 1:
         problems.append(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.val_every and not cfg.val_fraction:
@@ -534,6 +537,7 @@ class Trainer:
             datasets[name] = mdata.CropDataset(
                 volumes, cfg.roi_size, num_samples=cfg.num_samples, modality=name,
                 rotate_degrees=cfg.rotate_degrees if warped else 0.0, scale_range=cfg.scale_range if warped else 0.0,
+                warp_prob=cfg.warp_prob,
                 seed=cfg.seed + 7919 * self.rank + 104729 * m_index,
             )
 

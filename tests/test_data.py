@@ -732,3 +732,16 @@ def test_warp_identity_and_quarter_turn():
     turned_image, turned_label = warp(image, label, np.pi / 2, [1.0, 1.0, 1.0])
     np.testing.assert_allclose(turned_image, np.rot90(image, -1, axes=(0, 1)), atol=1e-5)
     np.testing.assert_array_equal(turned_label, np.rot90(label, -1, axes=(0, 1)))
+
+
+@pytest.mark.parametrize("warp_prob, low, high", [(1.0, 1.0, 1.0), (0.5, 0.35, 0.65), (0.0, 0.0, 0.0)])
+def test_warp_prob_is_the_share_of_warped_crops(warp_prob, low, high):
+    # The crop is the whole volume and intensity augmentation is off, so a crop differs only when warped.
+    rng = np.random.default_rng(0)
+    image = rng.random((12, 12, 6)).astype(np.float32)
+    label = (image > 0.5).astype(np.uint8)
+    ds = CropDataset([(image, label)], (12, 12, 6), num_samples=60, aug_prob=0.0, rotate_degrees=10,
+                     scale_range=0.1, warp_prob=warp_prob, seed=4)
+    crops = ds[0]["image"][:, 0].numpy()
+    warped = np.mean([not np.allclose(c, image) for c in crops])
+    assert low <= warped <= high

@@ -311,8 +311,11 @@ def test_warp_modalities_limits_rotation_and_scaling_to_the_named_ones(tmp_path,
         datasets = {name: loader.dataset for name, loader in trainer.loaders.items()}
         assert {n: d.rotate_degrees for n, d in datasets.items()} == expected
         assert {n: d.scale_range for n, d in datasets.items()} == {n: v / 60 for n, v in expected.items()}
+        assert {d.warp_prob for d in datasets.values()} == {1.0}  # every crop, as the reference's RandAffine
     with pytest.raises(TrainingError, match="--warp_modalities PET: no modality 'PET'"):
         check_config(TrainConfig(data_dirs={"CT": "x"}, warp_modalities=["PET"]))
+    with pytest.raises(TrainingError, match=r"--warp_prob must be in \[0, 1\], got 1.5"):
+        check_config(TrainConfig(data_dirs={"CT": "x"}, warp_prob=1.5))
 
 
 def test_resumed_config_applies_resumable_settings_and_refuses_the_rest():

@@ -7,7 +7,7 @@ the other is used, and the centre is shifted so that the crop stays inside the v
 
 Augmentation, applied per crop in this order:
 - optional spatial warp (off by default; on when `rotate_degrees` or `scale_range` > 0), with probability
-  `aug_prob`: rotation by U(-rotate_degrees, rotate_degrees) about the S/I axis (in the axial plane, as the
+  `warp_prob` (default 1, the reference's RandAffine prob=1.0): rotation by U(-rotate_degrees, rotate_degrees) about the S/I axis (in the axial plane, as the
   reference's RandAffine rotate_range=(0, 0, pi/30)) and per-axis sampling scale 1 + U(-scale_range,
   scale_range) about the crop centre; linear for the image, nearest for the label, reflected borders;
 - optional flips (off by default): `flip=True` flips each axis with probability 0.5, or give the axes,
@@ -43,7 +43,7 @@ class CropDataset(Dataset):
     def __init__(self, volumes: Sequence[Tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int] = (96, 96, 96),
                  num_samples: int = 2, pos_fraction: float = 0.5, intensity_shift: float = 0.1,
                  intensity_scale: float = 0.1, aug_prob: float = 0.5, rotate_degrees: float = 0.0,
-                 scale_range: float = 0.0, flip: Union[bool, Sequence[int]] = False, seed: int = 0,
+                 scale_range: float = 0.0, warp_prob: float = 1.0, flip: Union[bool, Sequence[int]] = False, seed: int = 0,
                  modality: Optional[str] = None):
         if any(label is None for _, label in volumes):
             raise ValueError("CropDataset needs a label for every volume")
@@ -58,6 +58,7 @@ class CropDataset(Dataset):
         self.aug_prob = float(aug_prob)
         self.rotate_degrees = float(rotate_degrees)
         self.scale_range = float(scale_range)
+        self.warp_prob = float(warp_prob)
         self.flip_axes = (0, 1, 2) if flip is True else tuple(flip or ())
         self.seed = int(seed)
         self.modality = modality
@@ -126,7 +127,7 @@ class CropDataset(Dataset):
         return crop
 
     def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-        if (self.rotate_degrees > 0 or self.scale_range > 0) and rng.random() < self.aug_prob:
+        if (self.rotate_degrees > 0 or self.scale_range > 0) and rng.random() < self.warp_prob:
             angle = np.deg2rad(rng.uniform(-self.rotate_degrees, self.rotate_degrees))
             scales = 1.0 + rng.uniform(-self.scale_range, self.scale_range, size=3)
             image, label = warp(image, label, angle, scales)
