@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the text tower's activation, for weights that do not record it (default: quick_gelu, OpenAI's, "
                    "unless a Hugging Face config.json says otherwise); open_clip's nn.GELU models such as LAION's need gelu")
     g.add_argument("--template", default=d.template, help="prompt template: v1, v2, v3 or a text with {mod} and {cls}")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory: the SwinUNETR blocks and the head (the UNet's BatchNorm stages are not recomputed)")
     g.add_argument("--channels_last", action="store_true", help="channels_last_3d memory format (faster UNet steps on CPU, see bench/RESULTS.md)")
 
     g = p.add_argument_group("optimisation")

@@ -150,6 +150,16 @@ class MulModSeg(nn.Module):
         self.controller = nn.Conv3d(512, NUM_DYNAMIC_PARAMS, 1)
         self.register_buffer("text_embeddings", table)
 
+    def set_gradient_checkpointing(self, enabled: bool) -> "MulModSeg":
+        """Recompute activations during backward instead of keeping them: the dynamic head and every
+        backbone module with a ``use_checkpoint`` switch (SwinUNETR's blocks). The UNet's stages are
+        not checkpointed: recomputing a BatchNorm in training would update its running statistics twice."""
+        self.gradient_checkpointing = enabled
+        for module in self.backbone.modules():
+            if hasattr(module, "use_checkpoint"):
+                module.use_checkpoint = enabled
+        return self
+
     def modality_index(self, modality: Modality, batch_size: int) -> torch.Tensor:
         """Row indices (B,) into the table for one modality name or one name per sample."""
         names = [modality] * batch_size if isinstance(modality, str) else list(modality)

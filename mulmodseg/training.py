@@ -516,7 +516,7 @@ class Trainer:
                       else {"base_channels": cfg.base_channels})
             model = MulModSeg(cfg.backbone, num_classes=len(self.classes), embeddings=table,
                               modalities=self.modalities, classes=self.classes, **kwargs)
-        model.gradient_checkpointing = cfg.gradient_checkpointing
+        model.set_gradient_checkpointing(cfg.gradient_checkpointing)
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last_3d) if cfg.channels_last else model
 

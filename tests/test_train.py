@@ -318,6 +318,15 @@ def test_warp_modalities_limits_rotation_and_scaling_to_the_named_ones(tmp_path,
         check_config(TrainConfig(data_dirs={"CT": "x"}, warp_prob=1.5))
 
 
+def test_gradient_checkpointing_reaches_the_swin_blocks(tmp_path, cache):
+    args = small_args(tmp_path / "r", cache, 1) + ["--gradient_checkpointing", "--feature_size", "12"]
+    args[args.index("unet")] = "swinunetr"
+    trainer = Trainer(train_cli.config_from_args(train_cli.build_parser().parse_args(args)), log=lambda m: None)
+    trainer.prepare()
+    blocks = [m for m in trainer.model.modules() if hasattr(m, "use_checkpoint")]
+    assert trainer.model.gradient_checkpointing and len(blocks) == 8 and all(m.use_checkpoint for m in blocks)
+
+
 def test_resumed_config_applies_resumable_settings_and_refuses_the_rest():
     saved = TrainConfig(data_dirs={"CT": "a"}, epochs=2, roi_size=(32, 32, 32), out="runs/x")
     given = TrainConfig(data_dirs={"CT": "a"}, epochs=4, roi_size=(64, 64, 64), out="runs/y", lr=0.5)
