@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the disk filled up while writing
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

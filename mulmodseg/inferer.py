@@ -200,7 +200,8 @@ def _progress_reporter(progress: Progress, total: int) -> Callable[[int], None]:
         eta = elapsed / done * (total - done)
         end = "\n" if done == total else ""
         percent = 100 * done // total
-        sys.stderr.write(f"\rsliding window {done}/{total} ({percent}%), {elapsed:.0f} s, ETA {eta:.0f} s{end}")
+        # \x1b[K clears the rest of the line, so a shorter update leaves nothing of the longer one.
+        sys.stderr.write(f"\r\x1b[Ksliding window {done}/{total} ({percent}%), {elapsed:.0f} s, ETA {eta:.0f} s{end}")
         sys.stderr.flush()
 
     return report

@@ -10,6 +10,7 @@ used a label map.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,11 +95,25 @@ def find_inputs(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and mdata.nifti_stem(p))
+        # Hidden files are macOS's ._ copies or a write left unfinished, never scans (as in training).
+        files = sorted(p for p in path.iterdir() if p.is_file() and mdata.nifti_stem(p) and not p.name.startswith("."))
         if files:
             return files
         raise mdata.DataError([f"{path}: no .nii or .nii.gz files in this folder"])
     raise mdata.DataError([f"{path}: no such file or folder"])
+
+
+def output_dir_problems(output_dir: Path) -> list[str]:
+    """Why ``output_dir`` cannot receive the outputs (empty when it can), found before any inference:
+    an existing file in its place, or a folder (or its nearest existing parent) that cannot be written."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{existing}: a file, so --output {output_dir} cannot be a folder; choose another --output"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{existing}: cannot write in this folder; choose another --output"]
+    return []
 
 
 def invert_label_map(settings: dict) -> dict[int, int] | None:
@@ -114,13 +129,16 @@ def invert_label_map(settings: dict) -> dict[int, int] | None:
 
 
 def to_dataset_values(label: np.ndarray, inverse: dict[int, int] | None) -> np.ndarray:
-    """Training ids -> dataset values (uint8, or uint16 when a value does not fit)."""
-    if inverse:
-        lut = np.zeros(max(max(inverse), int(label.max())) + 1, dtype=np.int64)
-        for dst, src in inverse.items():
-            lut[dst] = src
-        label = lut[label]
-    return label.astype(np.uint8 if label.max(initial=0) <= 255 else np.uint16)
+    """Training ids -> dataset values, in the smallest unsigned type that holds them (uint8 unless a
+    label map's values need more): a lookup table of that type, so no 8-byte copy of the scan is made."""
+    top = max(inverse.values()) if inverse else int(label.max(initial=0))
+    dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32
+    if not inverse:
+        return label.astype(dtype, copy=False)
+    lut = np.zeros(max(max(inverse), int(label.max(initial=0))) + 1, dtype=dtype)
+    for dst, src in inverse.items():
+        lut[dst] = src
+    return lut[label]
 
 
 def write_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
@@ -220,9 +238,9 @@ def segment_files(
 ) -> list[dict]:
     """Segment ``inputs`` into ``output_dir``; returns one record per case (with Dice when labels are given).
 
-    Before any inference: the checkpoint loads, the modality is one it knows, no output would
-    replace an input or (without ``overwrite``) an existing file (label maps, probabilities, previews,
-    evaluation tables), and every scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D,
+    Before any inference: the checkpoint loads, the modality is one it knows, ``output_dir`` can be
+    written, no output would replace an input scan or label file (even with ``overwrite``) or, without
+    ``overwrite``, an existing file (label maps, probabilities, previews, evaluation tables), and every scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D,
     finite, label values known); all problems at once.
     """
     output_dir = Path(output_dir)
@@ -231,22 +249,7 @@ def segment_files(
     segmenter.check_modality(modality)
     targets = {p: output_path(p, output_dir) for p in inputs}
     extras = [suffix for suffix, wanted in (("_probabilities.npz", save_probabilities), (".png", previews)) if wanted]
-    given = {p.resolve() for p in inputs}
-    problems, writers = [], {}
-    # Nothing this call would write may already exist: write_evaluation's tables count when labels are given.
-    outputs = [] if labels_dir is None else [output_dir / n for n in ("metrics.csv", "summary.md", "summary.csv")]
-    for src, dst in targets.items():
-        if dst.resolve() in given:
-            problems.append(f"{dst}: the output would replace an input scan; choose another --output")
-        else:
-            outputs.append(dst)
-        outputs += [output_path(src, output_dir, suffix) for suffix in extras]
-        if dst in writers:
-            problems.append(f"{src}: would write {dst}, as {writers[dst]} does; rename one of them")
-        writers.setdefault(dst, src)
-    if not overwrite:
-        problems += [f"{path}: exists; pass --overwrite to replace it" for path in outputs if path.exists()]
-    label_files = {}
+    problems, writers, label_files = output_dir_problems(output_dir), {}, {}
     if labels_dir is not None:
         for src in inputs:
             found = [p for p in label_candidates(src, Path(labels_dir)) if p.is_file()]
@@ -254,6 +257,20 @@ def segment_files(
                 problems.append(f"{src}: no label file with this name in {labels_dir}")
             else:
                 label_files[src] = found[0]
+    # Scans and labels are never written over, even with --overwrite.
+    given = {p.resolve(): "scan" for p in inputs} | {p.resolve(): "label file" for p in label_files.values()}
+    # Nothing else this call would write may already exist: write_evaluation's tables count when labels are given.
+    outputs = [] if labels_dir is None else [output_dir / n for n in ("metrics.csv", "summary.md", "summary.csv")]
+    for src, dst in targets.items():
+        outputs += [dst, *(output_path(src, output_dir, suffix) for suffix in extras)]
+        if dst in writers:
+            problems.append(f"{src}: would write {dst}, as {writers[dst]} does; rename one of them")
+        writers.setdefault(dst, src)
+    for path in outputs:
+        if path.resolve() in given:
+            problems.append(f"{path}: the output would replace an input {given[path.resolve()]}; choose another --output")
+        elif path.exists() and not overwrite:
+            problems.append(f"{path}: exists; pass --overwrite to replace it")
     if problems:
         raise mdata.DataError(problems)
     label_map = segmenter.config["preprocess"][modality].get("label_map")
@@ -270,6 +287,10 @@ def segment_files(
         # A live window count with ETA when a person watches; one line per case otherwise.
         label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities,
                                                progress=sys.stderr.isatty())
+        truth = None
+        if src in label_files:  # read before anything is written, whatever --output holds
+            # Read as training reads labels: float files to integers, the run's label map applied.
+            truth = mdata.read_label(mdata.load_volume(label_files[src]), str(label_files[src]), reference, label_map)
         write_like(to_dataset_values(label, inverse), reference, targets[src])
         record = {"case": mdata.nifti_stem(targets[src]), "modality": modality, "output": str(targets[src])}
         if save_probabilities:
@@ -282,9 +303,7 @@ def segment_files(
                                 classes=np.array(segmenter.classes))
         if previews:
             write_preview(reference, label, output_path(src, output_dir, ".png"))
-        if src in label_files:
-            # Read as training reads labels: float files to integers, the run's label map applied.
-            truth = mdata.read_label(mdata.load_volume(label_files[src]), str(label_files[src]), reference, label_map)
+        if truth is not None:
             record["dice"] = dice_per_class(label, truth, len(segmenter.classes))
         record["seconds"] = time.time() - t0
         records.append(record)

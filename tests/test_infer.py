@@ -307,3 +307,49 @@ def test_a_scan_stored_with_a_trailing_axis_of_one(tmp_path, checkpoint):
     assert out.shape == src.shape and np.array_equal(out.affine, src.affine)
     assert np.array_equal(np.asanyarray(out.dataobj), np.asanyarray(nib.load(want[0]["output"]).dataobj))
     assert np.array_equal(got[0]["dice"], want[0]["dice"], equal_nan=True)
+
+
+def test_label_files_are_inputs_too(tmp_path, checkpoint):
+    # --output is the labels folder and the label has the output's name: refused even with --overwrite,
+    # never a label replaced by the prediction and then scored against itself.
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    label = labels / CT.name
+    shutil.copy(SAMPLE / "ct" / "labelsTr" / CT.name, label)
+    before = sha(label)
+    with pytest.raises(DataError, match=r"ts_ct_001.nii.gz: the output would replace an input label file") as err:
+        segment_files(checkpoint, [CT], labels, "CT", labels_dir=labels, overwrite=True, log=lambda m: None)
+    assert "--overwrite" not in str(err.value)
+    assert sha(label) == before and sorted(p.name for p in labels.iterdir()) == [CT.name]
+
+
+def test_output_folder_problems_come_before_any_work(tmp_path, checkpoint, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("segmented although --output cannot be written")
+    monkeypatch.setattr(Segmenter, "segment", never)
+    taken = tmp_path / "result.nii.gz"
+    taken.write_bytes(b"an earlier result")
+    for output in (taken, taken / "sub"):
+        with pytest.raises(DataError, match=f"{taken}: a file, so --output {output} cannot be a folder"):
+            segment_files(checkpoint, [CT], output, "CT", log=lambda m: None)
+    assert taken.read_bytes() == b"an earlier result"
+    monkeypatch.setattr(predict.os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    with pytest.raises(DataError, match=f"{tmp_path}: cannot write in this folder"):
+        segment_files(checkpoint, [CT], tmp_path / "new", "CT", log=lambda m: None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_folder_input_skips_hidden_files(tmp_path):
+    shutil.copy(CT, tmp_path / CT.name)
+    (tmp_path / f"._{CT.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS's resource fork copy
+    (tmp_path / f".{CT.name}.tmp.nii.gz").write_bytes(b"cut short")
+    assert find_inputs(tmp_path) == [tmp_path / CT.name]
+
+
+def test_label_map_values_need_two_bytes_a_voxel():
+    label = np.array([[[0, 1, 2, 3]]], dtype=np.uint8)
+    out = predict.to_dataset_values(label, {1: 205, 2: 500, 3: 850})
+    assert out.dtype == np.uint16 and out.ravel().tolist() == [0, 205, 500, 850]
+    assert predict.to_dataset_values(label, {1: 5, 2: 6, 3: 7}).dtype == np.uint8
+    assert predict.to_dataset_values(label, {1: 70000}).ravel().tolist() == [0, 70000, 0, 0]
+    assert predict.to_dataset_values(label, None).dtype == np.uint8

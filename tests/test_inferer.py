@@ -158,7 +158,11 @@ def test_progress_callback_and_line(capsys):
     sliding_window_inference(inputs, 8, lambda x: x, 3, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(3, 8), (6, 8), (8, 8)]
     sliding_window_inference(inputs, 8, lambda x: x, 3, progress=True)
-    assert "8/8 (100%)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "8/8 (100%)" in err
+    # Every update clears the line first: "ETA 10 s" followed by "ETA 8 s" must not show "ETA 8 ss".
+    updates = err.split("\r")[1:]
+    assert len(updates) == 3 and all(u.startswith("\x1b[Ksliding window ") for u in updates)
 
 
 def test_rejects_bad_arguments():
