@@ -311,6 +311,25 @@ def test_check_cases_reports_every_problem_in_one_error(tmp_path):
     assert check_cases(good, label_map=label_map, affine_tol=1.0) == warnings[1:]
 
 
+def test_check_cases_reads_scaled_images_as_stored(tmp_path, monkeypatch):
+    # CT files often carry scl_inter -1024: the check reads the stored int16 voxels, not float64 copies.
+    scaled = nib.Nifti1Image(np.arange(512, dtype=np.int16).reshape(8, 8, 8), np.eye(4))
+    scaled.header.set_slope_inter(1.0, -1024.0)
+    nib.save(scaled, tmp_path / "ct.nii.gz")
+    floats = np.ones((8, 8, 8), np.float32)
+    floats[1, 2, 3] = np.nan
+    with_nan = nib.Nifti1Image(floats, np.eye(4))
+    with_nan.header.set_slope_inter(2.0, 1.0)
+    nib.save(with_nan, tmp_path / "nan.nii.gz")
+    read = []
+    original = nib.arrayproxy.ArrayProxy.get_unscaled
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "get_unscaled", lambda self: read.append(original(self)) or read[-1])
+    assert check_cases([Case("ct", tmp_path / "ct.nii.gz", None, "CT")]) == []
+    assert read[0].dtype == np.int16
+    with pytest.raises(DataError, match="1 NaN/Inf voxels in the image"):
+        check_cases([Case("nan", tmp_path / "nan.nii.gz", None, "CT")])
+
+
 def test_a_label_stored_in_another_axis_order_lands_on_its_image(tmp_path):
     """The bundled CT's label saved as I, R, P (axes permuted and flipped, same world content) gives
     the training label of the label saved like its image, passes the check without a warning, and the

@@ -20,8 +20,10 @@ from .labels import LabelMapSpec, label_map_problems, parse_label_map
 from .preprocess import load_volume
 
 
-def _read(path: Path, what: str, problems: List[str]):
-    """(nibabel image, data) or (None, None) after recording why not."""
+def _read(path: Path, what: str, problems: List[str], scaled: bool = True):
+    """(nibabel image, data) or (None, None) after recording why not. Without `scaled`, the data are the
+    stored values before the header's slope and intercept: a CT's int16 voxels stay 2 bytes each, not
+    the 8 of the float64 that scaling makes, and they are finite whenever the stored values are."""
     if not path.is_file():
         problems.append(f"{path}: missing {what} file")
         return None, None
@@ -38,7 +40,8 @@ def _read(path: Path, what: str, problems: List[str]):
         problems.append(f"{path}: {what} is {len(shape)}D (shape {shape}); a 3D volume is required")
         return None, None
     try:
-        data = np.asanyarray(img.dataobj)
+        proxy = img.dataobj
+        data = np.asanyarray(proxy) if scaled or not hasattr(proxy, "get_unscaled") else proxy.get_unscaled()
     except Exception as e:  # truncated gzip -> EOFError, zlib.error, OSError, ValueError
         problems.append(f"{path}: unreadable or truncated {what} data ({type(e).__name__}: {e})")
         return None, None
@@ -58,7 +61,7 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
                 affine_tol: float) -> Tuple[List[str], List[str]]:
     problems: List[str] = []
     warnings: List[str] = []
-    img, data = _read(Path(case.image), "image", problems)
+    img, data = _read(Path(case.image), "image", problems, scaled=False)
     unusable = None if img is None else affine_problem(img.affine)
     if unusable:
         problems.append(f"{case.image}: {unusable}")
