@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from mulmodseg.checkpoint import CheckpointError
+from mulmodseg.cli import HelpFormatter
 from mulmodseg.data import DataError
 from mulmodseg.predict import InferenceSettings, find_inputs, segment_files
 
@@ -16,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = InferenceSettings()
     p = argparse.ArgumentParser(
         description="Segment NIfTI scans with a MulModSeg checkpoint; label maps are written on each input's own grid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (last.pt or best.pt)")
     p.add_argument("--modality", required=True, help="the scans' modality, as named in training (CT, MR, ...)")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mulmodseg.checkpoint import CheckpointError
+from mulmodseg.cli import HelpFormatter
 from mulmodseg.data import DataError
 from mulmodseg.device import DeviceError
 from mulmodseg.text.clip import ACTIVATIONS
@@ -29,8 +30,11 @@ def parse_pairs(pairs: list[str], flag: str, cast=str) -> dict:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise SystemExit(f"{flag} expects NAME=VALUE, got {pair!r}")
-        out[name] = cast(value)
+            raise TrainingError(f"{flag} expects NAME=VALUE, got {pair!r}")
+        try:
+            out[name] = cast(value)
+        except ValueError:
+            raise TrainingError(f"{flag} {pair}: {value!r} is not a valid {cast.__name__}") from None
     return out
 
 
@@ -38,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
         description="Train one segmentation model on unpaired CT and MR scans (MulModSeg, alternating training).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--ct_dir", help="CT dataset folder (imagesTr/labelsTr, MSD dataset.json, or <id>.nii.gz + <id>_gt.nii.gz). "
@@ -46,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mr_dir", help="MR dataset folder, same layouts as --ct_dir")
     g.add_argument("--data_dir", action="append", default=[], metavar="MODALITY=DIR",
                    help="a folder for any other modality name (repeatable), e.g. PET=/data/pet")
-    g.add_argument("--classes", default=d.classes, help="class names: amos, mmwhs, or a file with one name per line (background first)")
+    g.add_argument("--classes", default=d.classes, help="class names: amos, amos_reference (the reference's spellings), mmwhs, "
+                   "or a file with one name per line or a JSON list (background first)")
     g.add_argument("--label_map", default=d.label_map, help="map label values, JSON file or 'src:dst,...' (MMWHS: 205:1,420:2,...)")
     g.add_argument("--max_cases", action="append", default=[], metavar="MODALITY=N",
-                   help="keep N training cases of a modality, drawn with --seed (CT:MR ratio experiments)")
+                   help="keep N training cases of a modality, drawn with --seed after --val_fraction holds its share out (CT:MR ratio experiments)")
     g.add_argument("--val_fraction", type=float, default=d.val_fraction, help="fraction of cases held out for validation")
     g.add_argument("--spacing", type=float, nargs=3, default=d.spacing, help="target voxel spacing in mm (RAS axes)")
     g.add_argument("--ct_window", type=float, nargs=2, default=d.ct_window, help="CT intensity window in HU, scaled to [0, 1]")
@@ -121,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dirs = {"CT": str(BUNDLED_SAMPLE / "ct"), "MR": str(BUNDLED_SAMPLE / "mr")}
     roi = args.roi_size * 3 if len(args.roi_size) == 1 else args.roi_size
     if len(roi) != 3:
-        raise SystemExit(f"--roi_size takes one or three numbers, got {args.roi_size}")
+        raise TrainingError(f"--roi_size takes one or three numbers, got {args.roi_size}")
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     fields.update(
         data_dirs=dirs, roi_size=tuple(roi), spacing=tuple(args.spacing), ct_window=tuple(args.ct_window),

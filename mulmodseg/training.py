@@ -122,9 +122,22 @@ def check_config(cfg: TrainConfig) -> None:
         if not getattr(cfg, name) > 0:
             problems.append(f"--{name} must be > 0, got {getattr(cfg, name)}")
     for name in ("warmup_epochs", "keep_every", "val_every", "num_workers", "weight_decay", "grad_clip",
-                 "rotate_degrees", "scale_range"):
+                 "rotate_degrees", "scale_range", "seed"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.backbone == "unet" and not cfg.base_channels >= 1:
+        problems.append(f"--base_channels must be >= 1, got {cfg.base_channels}")
+    if cfg.backbone == "swinunetr" and (cfg.feature_size < 12 or cfg.feature_size % 12):
+        problems.append(f"--feature_size must be a positive multiple of 12 (the paper's 48), got {cfg.feature_size}")
+    try:
+        resolve_classes(cfg.classes)
+    except (ValueError, OSError) as e:
+        problems.append(f"--classes {cfg.classes}: {e}")
+    if cfg.label_map:
+        try:
+            mdata.parse_label_map(cfg.label_map)
+        except (ValueError, OSError) as e:
+            problems.append(f"--label_map {cfg.label_map}: {e}")
     if not 0 <= cfg.warp_prob <= 1:
         problems.append(f"--warp_prob must be in [0, 1], got {cfg.warp_prob}")
     if not 0 <= cfg.val_fraction < 1:
@@ -284,7 +297,8 @@ def train_step(
 ) -> tuple[float, float]:
     """One forward/backward/optimizer step on ``batch`` ({"image": (B, 1, *roi), "label": (B, 1, *roi)}).
 
-    Returns the (dice, ce) loss terms. Raises ``FloatingPointError`` before stepping if the loss is
+    Minimises ``loss_fn.lambda_dice * dice + loss_fn.lambda_ce * ce`` and returns the unweighted (dice, ce)
+    loss terms. Raises ``FloatingPointError`` before stepping if the loss is
     not finite, so the weights stay as they were. ``channels_last`` lays the image out as
     channels_last_3d, for a model already converted to that format.
     """
@@ -295,7 +309,7 @@ def train_step(
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = model(image, modality)
     dice, ce = loss_fn.terms(logits.float(), label)
-    loss = dice + ce
+    loss = loss_fn.lambda_dice * dice + loss_fn.lambda_ce * ce
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} (dice {dice.item()}, ce {ce.item()})")
     scaler.scale(loss).backward()
@@ -450,10 +464,19 @@ class Trainer:
             raise TrainingError(
                 f"{self.out} already holds a checkpoint ({last}); pass --resume to continue it or choose another --out"
             )
+        leftovers = sorted(p.name for p in (self.out / "log.jsonl", self.out / "best.pt") if p.is_file())
+        leftovers += sorted(p.name for p in self.out.glob("epoch_*.pt"))
+        if not resume and leftovers:  # a run stopped before its first last.pt: a new one would mix with it
+            raise TrainingError(f"{self.out} holds files of an earlier run ({', '.join(leftovers)}) but no last.pt "
+                                "to resume from; choose another --out, or delete them to start over")
         if resume:
             self.resume_state = load_checkpoint(last)
             saved = TrainConfig.from_dict(self.resume_state["config"]["train"])
             self.config = cfg = resumed_config(saved, cfg, self.given)
+            done = self.resume_state["epoch"]
+            if done >= cfg.epochs:  # before any data is read or config.json rewritten
+                raise TrainingError(f"--resume: {last} has finished {done} of {cfg.epochs} epochs; "
+                                    f"pass --epochs above {done} to train on")
         check_config(cfg)
         if cfg.backbone == "swinunetr" and max(cfg.roi_size) < 2 * BACKBONES["swinunetr"].size_divisor:
             self.log(f"warning: --roi_size {' '.join(map(str, cfg.roi_size))} with SwinUNETR: the 1/32 level is a "
@@ -474,13 +497,17 @@ class Trainer:
         self.cases, self.val_cases = {}, {}
         for name in self.train_modalities:
             cases = mdata.discover_cases(cfg.data_dirs[name], name)
-            if name in cfg.max_cases:
-                cases = mdata.subsample(cases, cfg.max_cases[name], cfg.seed)
             train, val = mdata.split_cases(cases, cfg.val_fraction, cfg.seed) if cfg.val_fraction else (cases, [])
             if not train:
                 raise TrainingError(f"{name}: no scans left to train on: {len(cases)} in {cfg.data_dirs[name]}, "
                                     f"{len(val)} held out by --val_fraction {cfg.val_fraction}; lower --val_fraction")
+            if name in cfg.max_cases:  # N training scans, as --max_cases says, whatever validation holds
+                train = mdata.subsample(train, cfg.max_cases[name], cfg.seed)
             self.cases[name], self.val_cases[name] = train, val
+        if cfg.val_every and not any(self.val_cases.values()):
+            counts = ", ".join(f"{len(self.cases[n])} {n}" for n in self.train_modalities)
+            raise TrainingError(f"--val_every {cfg.val_every}: --val_fraction {cfg.val_fraction} holds out no scan "
+                                f"of {counts}; raise --val_fraction or drop --val_every")
         all_cases = [c for name in self.train_modalities for c in self.cases[name] + self.val_cases[name]]
         label_map = mdata.parse_label_map(cfg.label_map) if cfg.label_map else None
         for warning in mdata.check_cases(all_cases, label_map=label_map, num_classes=len(self.classes),

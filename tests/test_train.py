@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -271,6 +272,27 @@ def test_overfits_one_real_crop():
     assert min(losses[-3:]) <= 0.5 * losses[0], losses
 
 
+def test_train_step_minimises_the_weighted_loss():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 1, 8, 8, 8), torch.randint(0, 3, (2, 1, 8, 8, 8))
+    weights = {}
+    for lambdas in ((1.0, 1.0), (1.0, 0.0), (0.0, 5.0)):
+        for how in ("train_step", "by hand"):
+            torch.manual_seed(1)
+            model = MulModSeg("unet", num_classes=3, embeddings="onehot", base_channels=2)
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            loss_fn = DiceCELoss(*lambdas)
+            if how == "train_step":
+                train_step(model, loss_fn, opt, torch.amp.GradScaler("cpu", enabled=False), {"image": x, "label": y},
+                           "CT", torch.device("cpu"))
+            else:
+                loss_fn(model(x, "CT"), y).backward()
+                opt.step()
+            weights[lambdas, how] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        torch.testing.assert_close(weights[lambdas, "train_step"], weights[lambdas, "by hand"])
+    assert not torch.allclose(weights[(1.0, 1.0), "by hand"], weights[(1.0, 0.0), "by hand"])
+
+
 def test_check_config_lists_every_bad_setting_at_once():
     check_config(TrainConfig(data_dirs={"CT": "x"}))
     check_config(TrainConfig(data_dirs={"CT": "x"}, backbone="swinunetr", roi_size=(64, 96, 128)))
@@ -366,6 +388,11 @@ def test_resume_with_only_out_keeps_the_saved_settings_and_follows_the_new_sched
     assert records[2]["lr"] == pytest.approx(1e-3 * warmup_cosine(2, 1, 3)) and records[2]["lr"] > 0
     code = train_cli.main(["--out", str(run), "--resume", "--epochs", "4", "--roi_size", "64"])
     assert code == 2 and "roi_size: saved (32, 32, 32), given (64, 64, 64)" in capsys.readouterr().err
+    # Nothing left to train: said at once, and config.json keeps the run's own epochs.
+    for epochs in ("3", "2"):
+        assert train_cli.main(["--out", str(run), "--resume", "--epochs", epochs]) == 2
+        assert f"has finished 3 of {epochs} epochs; pass --epochs above 3" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
 
 
 def test_a_modality_left_without_training_scans_stops_before_any_work(tmp_path, cache, capsys):
@@ -374,6 +401,60 @@ def test_a_modality_left_without_training_scans_stops_before_any_work(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "no scans left to train on: 1 in" in err and "held out by --val_fraction 0.5" in err
     assert not out.exists()
+
+
+def test_validation_that_would_hold_out_nothing_stops_before_any_work(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    code = train_cli.main(small_args(out, cache, 1) + ["--val_fraction", "0.2", "--val_every", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--val_every 1: --val_fraction 0.2 holds out no scan of 1 CT, 1 MR" in err
+    assert not out.exists()
+
+
+def test_max_cases_counts_training_scans_after_the_validation_split(tmp_path):
+    data = tmp_path / "ct"
+    for i in range(8):
+        for folder in ("imagesTr", "labelsTr"):
+            path = data / folder / f"case_{i:03d}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), path)
+    config = TrainConfig(data_dirs={"CT": str(data)}, val_fraction=0.5, max_cases={"CT": 3}, text="onehot",
+                         out=str(tmp_path / "r"))
+    trainer = Trainer(config, log=lambda m: None)
+    trainer.setup_data = trainer.setup_optimisation = lambda: None  # the case lists are what is tested
+    trainer.build_model = lambda table: None
+    trainer.prepare()
+    assert len(trainer.cases["CT"]) == 3 and len(trainer.val_cases["CT"]) == 4
+    assert not {c.id for c in trainer.cases["CT"]} & {c.id for c in trainer.val_cases["CT"]}
+
+
+def test_a_new_run_refuses_a_folder_with_an_earlier_runs_epochs(tmp_path, cache, capsys):
+    # A run killed before its first last.pt (e.g. --save_every 3, stopped in epoch 3) leaves log.jsonl.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    (out / "epoch_2.pt").write_bytes(b"")
+    assert train_cli.main(small_args(out, cache, 1)) == 2
+    assert (f"{out} holds files of an earlier run (log.jsonl, epoch_2.pt) but no last.pt to resume from"
+            in capsys.readouterr().err)
+    assert (out / "log.jsonl").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_cases", "CT=abc"], "--max_cases CT=abc: 'abc' is not a valid int"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--backbone", "swinunetr", "--feature_size", "13"], "--feature_size must be a positive multiple of 12"),
+    (["--base_channels", "0"], "--base_channels must be >= 1, got 0"),
+    (["--classes", "nosuch"], "--classes nosuch: unknown class set 'nosuch'"),
+    (["--label_map", "1:x"], "--label_map 1:x: could not convert string to float: 'x'"),
+    (["--roi_size", "32", "32"], "--roi_size takes one or three numbers, got [32, 32]"),
+])
+def test_bad_flag_values_are_one_line_errors_before_any_work(tmp_path, cache, capsys, flags, message):
+    out = tmp_path / "run"
+    assert train_cli.main(small_args(out, tmp_path / "cache", 1) + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_training_scan_without_a_label_is_reported_before_preprocessing(tmp_path, capsys):
@@ -413,6 +494,8 @@ def test_mix_mode_trains_on_mixed_batches(tmp_path, cache):
 
 def test_help_explains_every_flag():
     text = train_cli.build_parser().format_help()
+    assert "(default: None)" not in text and "(default: [])" not in text
+    assert "(default: OUT/cache)" in " ".join(text.split()) and "(default: 1000)" in text
     for flag in ("--ct_dir", "--mr_dir", "--backbone", "--text", "--clip_weights", "--template", "--classes", "--mode",
                  "--roi_size", "--batch_size", "--epochs", "--out", "--resume", "--seed", "--device"):
         assert flag in text
