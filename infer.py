@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them (never modified)")
     p.add_argument("--output", required=True, help="folder for the label maps, named like the inputs")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
-    p.add_argument("--labels", help="folder of ground-truth label maps with the inputs' names: writes metrics.csv and summary.md")
+    p.add_argument("--labels", help="folder of ground-truth label maps with the inputs' names: writes metrics.csv (Dice per case and class), summary.md and summary.csv (the paper's table layout)")
     p.add_argument("--save_probabilities", action="store_true", help="also write NAME_probabilities.npz: softmax (classes, X, Y, Z) as float16 on the input's voxel grid")
     p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes (8x slower)")

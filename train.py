@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_weights", default=d.clip_weights,
                    help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt, open_clip or Hugging Face files); without it --text clip downloads the official file once")
     g.add_argument("--clip_activation", choices=sorted(ACTIVATIONS), default=d.clip_activation,
-                   help="the text tower's activation, for weights that do not record it (default: quick_gelu, OpenAI's, "
-                   "unless a Hugging Face config.json says otherwise); open_clip's nn.GELU models such as LAION's need gelu")
+                   help="the text tower's MLP activation, overriding what the weights' files say (default: quick_gelu, OpenAI's, "
+                   "unless a Hugging Face config.json names another); open_clip's nn.GELU models such as LAION's need gelu")
     g.add_argument("--template", default=d.template, help="prompt template: v1, v2, v3 or a text with {mod} and {cls}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory: the SwinUNETR blocks and the head (the UNet's BatchNorm stages are not recomputed)")
     g.add_argument("--channels_last", action="store_true", help="channels_last_3d memory format (faster UNet steps on CPU, see bench/RESULTS.md)")

@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mulmodseg import data as mdata  # noqa: E402
+from mulmodseg.cli import HelpFormatter  # noqa: E402
 
 MMWHS_FILE = re.compile(r"^(ct|mr)_train_(\d+)_(image|label)\.nii(\.gz)?$")
 
@@ -135,12 +136,14 @@ def prepare_mmwhs(src: Path, out: Path, seed: int = 0, test_fraction: float = 0.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Lay out AMOS or MMWHS for the paper's recipes (links, never copies).")
     sub = p.add_subparsers(dest="dataset", required=True)
-    amos = sub.add_parser("amos", help="AMOS 2022 (folder with dataset.json, imagesTr, labelsTr, ...)")
+    amos = sub.add_parser("amos", help="AMOS 2022 (folder with dataset.json, imagesTr, labelsTr, ...)",
+                          formatter_class=HelpFormatter)
     amos.add_argument("--train", type=int, default=35, help="training scans per modality (balanced)")
     amos.add_argument("--test", type=int, default=19, help="test scans per modality")
     amos.add_argument("--ratios", type=int, nargs="*", default=[2, 3],
                       help="also lay out ct_xR with R * --train CT scans")
-    mmwhs = sub.add_parser("mmwhs", help="MMWHS 2017 (ct_train_1001_image.nii.gz, ... in any sub-folders)")
+    mmwhs = sub.add_parser("mmwhs", help="MMWHS 2017 (ct_train_1001_image.nii.gz, ... in any sub-folders)",
+                           formatter_class=HelpFormatter)
     mmwhs.add_argument("--test_fraction", type=float, default=0.25, help="share of each modality held out for testing")
     for q in (amos, mmwhs):
         q.add_argument("--src", required=True, help="the unpacked download")

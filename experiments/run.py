@@ -66,7 +66,7 @@ class Plan:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train and evaluate the runs of the paper's tables (see experiments/README.md).",
-        epilog="Extra train.py flags go after --, e.g. -- --num_workers 8 --amp bf16",
+        epilog="Extra train.py flags go after --, e.g. -- --num_workers 8",
     )
     p.add_argument("tables", nargs="+", metavar="TABLE", help=f"table names ({', '.join(TABLES)}) or all")
     p.add_argument("--amos", help="AMOS prepared by experiments/prepare.py amos (ct/, mr/, ct_x2/, ct_x3/)")
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a table file for {' and '.join(USER_TABLES)} (Table 1); runs without one are skipped")
     p.add_argument("--backbone", choices=list(BACKBONES), help="only the runs with this backbone")
     p.add_argument("--device", help="train.py/infer.py --device (default: auto)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"],
+                   help="train.py/infer.py --amp (default: auto, bf16 on a recent GPU; the reference ran fp32: none)")
     p.add_argument("--smoke", action="store_true",
                    help="bundled sample, tiny settings, random tables: checks the recipes run")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
@@ -141,6 +143,10 @@ class Planner:
                 self.plan.steps.append(Step("table", argv, path))
         return ["--text", str(path)]
 
+    def device_flags(self) -> list[str]:
+        """--device and --amp, the same for training and evaluation."""
+        return [f"--{name}={value}" for name in ("device", "amp") if (value := getattr(self.args, name))]
+
     def train_step(self, run: Run) -> Path | None:
         """The run's folder, adding its training step unless an identical one is planned."""
         text = self.text_flags(run)
@@ -156,8 +162,7 @@ class Planner:
         argv += ["--classes", classes, "--label_map", label_map, "--backbone", run.backbone, *text, "--mode", run.mode]
         if self.args.smoke:
             argv += SMOKE_WIDTH[run.backbone] + SMOKE_TRAIN
-        if self.args.device:
-            argv += ["--device", self.args.device]
+        argv += self.device_flags()
         argv += ["--cache_dir", str(self.out / "cache"), *self.extra]
         key = tuple(argv)
         if key not in self.trained:
@@ -175,8 +180,7 @@ class Planner:
                 "--input", str(test / images), "--labels", str(test / labels)]
         if ev.prompt:
             argv += ["--prompt_modality", ev.prompt]
-        if self.args.device:
-            argv += ["--device", self.args.device]
+        argv += self.device_flags()
         key = (run_dir, tuple(argv))
         if key not in self.evaluated:
             name = "-".join([ev.modality, *([f"prompt{ev.prompt}"] if ev.prompt else []),

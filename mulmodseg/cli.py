@@ -1,4 +1,4 @@
-"""What train.py and infer.py share on the command line."""
+"""What the command-line programs (train.py, infer.py, experiments/) share."""
 from __future__ import annotations
 
 import argparse

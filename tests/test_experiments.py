@@ -118,6 +118,15 @@ def test_user_tables_are_skipped_without_a_file_and_extra_flags_reach_train(tmp_
         plan_for(["table3"], tmp_path)
 
 
+def test_device_and_amp_reach_training_and_evaluation(tmp_path):
+    plan = plan_for(["table8"], tmp_path, "--amos", str(tmp_path), "--device", "cuda:1", "--amp", "none")
+    assert steps(plan, "train") and steps(plan, "infer")
+    for step in steps(plan, "train") + steps(plan, "infer"):
+        assert "--device=cuda:1" in step.argv and "--amp=none" in step.argv
+    plain = plan_for(["table8"], tmp_path, "--amos", str(tmp_path))
+    assert not any(a.startswith(("--device", "--amp")) for s in plain.steps for a in s.argv)
+
+
 def test_smoke_plan_uses_the_sample_and_dedupes(tmp_path):
     plan = plan_for(["all"], tmp_path, "--smoke")
     sample = run.SAMPLE

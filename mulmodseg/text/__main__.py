@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--activation",
         choices=sorted(ACTIVATIONS),
-        help="the tower's MLP activation when the weights do not say it: a state dict never records it, so "
-        "it is OpenAI's quick_gelu unless a Hugging Face config.json names another. open_clip models "
+        help="the tower's MLP activation, overriding what the weights' files say: a state dict never records it, "
+        "so without this flag it is OpenAI's quick_gelu unless a Hugging Face config.json names another. open_clip models "
         "trained with nn.GELU (names without -quickgelu, e.g. LAION's ViT-B-32 laion2b_s34b_b79k) need gelu",
     )
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings (the reference does not)")
