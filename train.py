@@ -6,6 +6,7 @@ A thin command line over ``mulmodseg.training``; see ``python train.py --help``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -112,14 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def absolute(path: str) -> str:
+    """``path`` from the current folder as an absolute one, so a saved run resumes from anywhere and
+    ``data/ct``, ``./data/ct/`` and ``/home/me/data/ct`` name the same folder."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's ``TrainConfig`` from parsed flags (bundled sample when no folder is given)."""
+    """The run's ``TrainConfig`` from parsed flags (bundled sample when no folder is given). Folders and
+    files are absolute paths; a ``--text``, ``--classes`` or ``--label_map`` that is not a file stays as given."""
     dirs = {}
     if args.ct_dir:
         dirs["CT"] = args.ct_dir
     if args.mr_dir:
         dirs["MR"] = args.mr_dir
     dirs.update(parse_pairs(args.data_dir, "--data_dir"))
+    dirs = {name: absolute(folder) for name, folder in dirs.items()}
     if not dirs:
         if not args.resume:  # a resumed run keeps its own folders
             print(f"no --ct_dir/--mr_dir given: training on the bundled sample in {BUNDLED_SAMPLE}", file=sys.stderr)
@@ -128,6 +137,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if len(roi) != 3:
         raise TrainingError(f"--roi_size takes one or three numbers, got {args.roi_size}")
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    for name in ("cache_dir", "clip_weights"):
+        if fields[name]:
+            fields[name] = absolute(fields[name])
+    for name in ("text", "classes", "label_map"):
+        if fields[name] and os.path.isfile(os.path.expanduser(fields[name])):
+            fields[name] = absolute(fields[name])
     fields.update(
         data_dirs=dirs, roi_size=tuple(roi), spacing=tuple(args.spacing), ct_window=tuple(args.ct_window),
         mr_percentiles=tuple(args.mr_percentiles), max_cases=parse_pairs(args.max_cases, "--max_cases", int),

@@ -395,6 +395,23 @@ def test_resume_with_only_out_keeps_the_saved_settings_and_follows_the_new_sched
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
 
 
+def test_a_run_resumes_from_any_folder_and_paths_compare_by_location(tmp_path, cache, monkeypatch, capsys):
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    relative = os.path.relpath(SAMPLE, tmp_path / "a")
+    args = small_args(tmp_path / "run", cache, 1)
+    args[args.index(str(SAMPLE / "ct"))] = f"{relative}/ct"
+    args[args.index(str(SAMPLE / "mr"))] = f"./{relative}/mr/"
+    assert train_cli.main(args) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["data_dirs"]
+    assert saved == {"CT": str(SAMPLE / "ct"), "MR": str(SAMPLE / "mr")}
+    monkeypatch.chdir(tmp_path)  # elsewhere, with the folders spelled another way
+    capsys.readouterr()
+    assert train_cli.main(["--out", str(tmp_path / "run"), "--resume", "--epochs", "2",
+                           "--ct_dir", str(SAMPLE / "ct") + "/", "--mr_dir", os.path.relpath(SAMPLE / "mr")]) == 0
+    assert "at epoch 2/2" in capsys.readouterr().err
+
+
 def test_a_modality_left_without_training_scans_stops_before_any_work(tmp_path, cache, capsys):
     out = tmp_path / "run"
     code = train_cli.main(small_args(out, cache, 1) + ["--val_fraction", "0.5"])
