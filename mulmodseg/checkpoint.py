@@ -41,6 +41,20 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def folder_problem(folder: str | Path, flag: str) -> str | None:
+    """Why files cannot be written into ``folder`` (None when they can), said about the option ``flag``:
+    a file in its place or on its path, or a folder (or its nearest existing parent) that cannot be written."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{flag} {folder}: {existing} is a file, not a folder; choose another {flag}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{flag} {folder}: cannot write in {existing}; choose another {flag}"
+    return None
+
+
 def save_checkpoint(path: str | Path, config: dict, model_state: dict, **extra: Any) -> None:
     """Write a versioned checkpoint: ``config`` (JSON-like), ``model`` state dict, and ``extra`` fields."""
     atomic_save({"format_version": FORMAT_VERSION, "config": config, "model": model_state, **extra}, path)
@@ -49,6 +63,9 @@ def save_checkpoint(path: str | Path, config: dict, model_state: dict, **extra: 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by ``save_checkpoint``, or raise ``CheckpointError`` saying why not."""
     path = Path(path)
+    if path.is_dir():
+        hint = f"; use {path / 'last.pt'}" if (path / "last.pt").is_file() else ""
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:

@@ -10,7 +10,6 @@ used a label map.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from mulmodseg import data as mdata
-from mulmodseg.checkpoint import load_checkpoint
+from mulmodseg.checkpoint import folder_problem, load_checkpoint
 from mulmodseg.device import autocast_dtype, resolve_device
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.metrics import (
@@ -105,15 +104,12 @@ def find_inputs(path: str | Path) -> list[Path]:
 
 def output_dir_problems(output_dir: Path) -> list[str]:
     """Why ``output_dir`` cannot receive the outputs (empty when it can), found before any inference:
-    an existing file in its place, or a folder (or its nearest existing parent) that cannot be written."""
-    existing = output_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return [f"{existing}: a file, so --output {output_dir} cannot be a folder; choose another --output"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"{existing}: cannot write in this folder; choose another --output"]
-    return []
+    a NIfTI file name (it is the folder the label maps go into), or a folder that cannot be written."""
+    if mdata.nifti_stem(output_dir) and not output_dir.is_dir():
+        return [f"--output {output_dir}: a file name, but --output is the folder the label maps go into "
+                f"(each named like its scan), e.g. --output {output_dir.parent}"]
+    problem = folder_problem(output_dir, "--output")
+    return [problem] if problem else []
 
 
 def invert_label_map(settings: dict) -> dict[int, int] | None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from mulmodseg import data as mdata
 from mulmodseg import text as mtext
-from mulmodseg.checkpoint import load_checkpoint, save_checkpoint
+from mulmodseg.checkpoint import folder_problem, load_checkpoint, save_checkpoint
 from mulmodseg.device import autocast_dtype, resolve_device
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.losses import DiceCELoss
@@ -138,6 +138,10 @@ def check_config(cfg: TrainConfig) -> None:
             mdata.parse_label_map(cfg.label_map)
         except (ValueError, OSError) as e:
             problems.append(f"--label_map {cfg.label_map}: {e}")
+    for flag, folder in (("--out", cfg.out), ("--cache_dir", cfg.cache_dir)):
+        problem = folder and folder_problem(folder, flag)
+        if problem:
+            problems.append(problem)
     if not 0 <= cfg.warp_prob <= 1:
         problems.append(f"--warp_prob must be in [0, 1], got {cfg.warp_prob}")
     if not 0 <= cfg.val_fraction < 1:

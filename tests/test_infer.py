@@ -1,6 +1,7 @@
 """infer.py end to end on the real sample CT (RAS) and MR (LPS) with checkpoints trained here for one epoch."""
 
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -109,6 +110,8 @@ def test_clear_errors_for_bad_arguments(tmp_path, checkpoint):
     assert code == 2 and "trained on ['CT', 'MR']" in log
     code, log = run("--checkpoint", tmp_path / "none.pt", "--modality", "CT", "--input", CT, "--output", tmp_path)
     assert code == 2 and "none.pt: no such checkpoint file" in log
+    code, log = run("--checkpoint", checkpoint.parent, "--modality", "CT", "--input", CT, "--output", tmp_path)
+    assert code == 2 and f"{checkpoint.parent}: a folder, not a checkpoint file; use {checkpoint}" in log
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     code, log = run("--checkpoint", bad, "--modality", "CT", "--input", CT, "--output", tmp_path)
@@ -329,14 +332,17 @@ def test_output_folder_problems_come_before_any_work(tmp_path, checkpoint, monke
     monkeypatch.setattr(Segmenter, "segment", never)
     taken = tmp_path / "result.nii.gz"
     taken.write_bytes(b"an earlier result")
-    for output in (taken, taken / "sub"):
-        with pytest.raises(DataError, match=f"{taken}: a file, so --output {output} cannot be a folder"):
-            segment_files(checkpoint, [CT], output, "CT", log=lambda m: None)
+    with pytest.raises(DataError, match=f"--output {taken}: a file name, but --output is the folder"):
+        segment_files(checkpoint, [CT], taken, "CT", log=lambda m: None)
+    with pytest.raises(DataError, match=f"--output {taken / 'sub'}: {taken} is a file, not a folder"):
+        segment_files(checkpoint, [CT], taken / "sub", "CT", log=lambda m: None)
     assert taken.read_bytes() == b"an earlier result"
-    monkeypatch.setattr(predict.os, "access", lambda path, mode: False)  # a read-only folder, even for root
-    with pytest.raises(DataError, match=f"{tmp_path}: cannot write in this folder"):
+    with pytest.raises(DataError, match=f"--output {tmp_path / 'pred.nii.gz'}: a file name"):  # not made a folder
+        segment_files(checkpoint, [CT], tmp_path / "pred.nii.gz", "CT", log=lambda m: None)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    with pytest.raises(DataError, match=f"--output {tmp_path / 'new'}: cannot write in {tmp_path}"):
         segment_files(checkpoint, [CT], tmp_path / "new", "CT", log=lambda m: None)
-    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists() and not (tmp_path / "pred.nii.gz").exists()
 
 
 def test_a_folder_input_skips_hidden_files(tmp_path):

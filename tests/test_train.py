@@ -474,6 +474,18 @@ def test_bad_flag_values_are_one_line_errors_before_any_work(tmp_path, cache, ca
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
+def test_an_out_that_cannot_be_written_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert train_cli.main(small_args(taken / "run", tmp_path / "cache", 1)) == 2
+    assert f"--out {taken / 'run'}: {taken} is a file, not a folder; choose another --out" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder, even for root
+    assert train_cli.main(small_args(tmp_path / "run", tmp_path / "elsewhere", 1)) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'run'}: cannot write in {tmp_path}" in err and "--cache_dir" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing read, nothing written
+
+
 def test_a_training_scan_without_a_label_is_reported_before_preprocessing(tmp_path, capsys):
     data = tmp_path / "ct"
     (data / "imagesTr").mkdir(parents=True)
