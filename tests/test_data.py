@@ -234,6 +234,7 @@ def test_subsample_ratio_control():
 
 def test_check_cases_reports_every_problem_in_one_error(tmp_path):
     good_img = tiny(5)
+    good_img[0, 0, 0] = -1000  # air, as in every CT
     good_lab = tiny(1, dtype=np.uint8)
     cases, expected = [], {}
 
@@ -309,6 +310,25 @@ def test_check_cases_reports_every_problem_in_one_error(tmp_path):
     assert warnings[1] == (f"{tmp_path / 'label_nan_affine_gt.nii.gz'}: its affine has NaN or infinite entries; "
                            f"its voxels are taken to be the image's ({tmp_path / 'label_nan_affine.nii.gz'})")
     assert check_cases(good, label_map=label_map, affine_tol=1.0) == warnings[1:]
+
+
+def test_swapped_modalities_and_images_given_as_labels_are_named(tmp_path):
+    ct, mr = discover_cases(SAMPLE / "ct", "CT"), discover_cases(SAMPLE / "mr", "MR")
+    assert check_cases(ct + mr) == []
+    as_mr = [Case(c.id, c.image, c.label, "MR") for c in ct]
+    as_ct = [Case(c.id, c.image, c.label, "CT") for c in mr]
+    assert check_cases(as_mr + as_ct) == [
+        f"{ct[0].image}: given as MR, but it has values down to -1207, like the air of a CT in HU; is it a CT "
+        "(swapped --ct_dir/--mr_dir, or the wrong --modality)?",
+        f"{mr[0].image}: given as CT, but its lowest value is -47, where a CT in HU has air near -1000; is it an MR "
+        "(swapped --ct_dir/--mr_dir, or the wrong --modality)?",
+    ]
+    # The CT as its own label: one short line, not thousands of values.
+    with pytest.raises(DataError) as err:
+        check_cases([Case("swapped", ct[0].image, ct[0].image, "CT")], num_classes=14)
+    (problem,) = err.value.problems
+    assert problem.startswith(f"{ct[0].image}: label values ") and len(problem) < 400
+    assert " values from -1207 to " in problem and "is it an image rather than a label map?" in problem
 
 
 def test_check_cases_reads_scaled_images_as_stored(tmp_path, monkeypatch):

@@ -51,6 +51,33 @@ def _read(path: Path, what: str, problems: List[str], scaled: bool = True):
     return img, data
 
 
+def _values_text(values: Sequence[int]) -> str:
+    """A list of label values for a message, shortened when long (an image given as a label has thousands)."""
+    if len(values) <= 8:
+        return str(list(values))
+    return f"{len(values)} values from {min(values)} to {max(values)} ({', '.join(map(str, values[:4]))}, ...)"
+
+
+def _modality_warning(case: Case, img, data: np.ndarray) -> Optional[str]:
+    """A warning when a CT has no air (nothing below -500 HU) or an MR has CT-like air values: the
+    usual sign of swapped --ct_dir / --mr_dir, or of a wrong --modality at inference."""
+    if case.modality not in ("CT", "MR") or data.size == 0 or not np.issubdtype(data.dtype, np.number):
+        return None
+    low, high = float(data.min()), float(data.max())
+    if hasattr(img.dataobj, "get_unscaled"):  # `data` holds the stored values: scale the two extremes only
+        slope, inter = img.dataobj.slope, img.dataobj.inter
+        low, high = sorted((low * slope + inter, high * slope + inter))
+    if not np.isfinite(low):
+        return None
+    if case.modality == "CT" and low > -500:
+        return (f"{case.image}: given as CT, but its lowest value is {low:g}, where a CT in HU has air near -1000; "
+                "is it an MR (swapped --ct_dir/--mr_dir, or the wrong --modality)?")
+    if case.modality == "MR" and low < -500:
+        return (f"{case.image}: given as MR, but it has values down to {low:g}, like the air of a CT in HU; "
+                "is it a CT (swapped --ct_dir/--mr_dir, or the wrong --modality)?")
+    return None
+
+
 def _label_values(data: np.ndarray) -> np.ndarray:
     if np.issubdtype(data.dtype, np.integer) and data.size and data.min() >= 0 and data.max() < 65536:
         return np.flatnonzero(np.bincount(data.ravel()))
@@ -70,6 +97,10 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             problems.append(f"{case.image}: {bad} NaN/Inf voxels in the image")
+    if data is not None and not problems:
+        warning = _modality_warning(case, img, data)
+        if warning:
+            warnings.append(warning)
     if case.label is None:
         return problems, warnings
     lab, values = _read(Path(case.label), "label", problems)
@@ -97,20 +128,25 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
             problems.append(f"{case.label}: label values are not integers")
             return problems, warnings
     present = [int(v) for v in _label_values(values)]
+    # Hundreds of distinct values: an image where a label map should be (swapped folders, --labels).
+    hint = f"; {len(present)} distinct values: is it an image rather than a label map?" if len(present) > 255 else ""
     if mapping is not None:
         unmapped = label_map_problems(present, mapping)
         if unmapped:
-            problems.append(f"{case.label}: label values {unmapped} are not in the label map")
+            problems.append(f"{case.label}: label values {_values_text(unmapped)} are not in the label map{hint}")
+            return problems, warnings
         classes = sorted({mapping.get(v, 0) for v in present})
     else:
         classes = present
         out_of_range = [v for v in present if v < 0 or v > 255]
         if out_of_range:
-            problems.append(f"{case.label}: label values {out_of_range} outside 0..255; give a label map")
+            problems.append(f"{case.label}: label values {_values_text(out_of_range)} outside 0..255; "
+                            f"give a label map{hint}")
+            return problems, warnings
     if num_classes is not None:
         too_big = [v for v in classes if v >= num_classes]
         if too_big:
-            problems.append(f"{case.label}: class values {too_big} >= num_classes={num_classes}")
+            problems.append(f"{case.label}: class values {_values_text(too_big)} >= num_classes={num_classes}{hint}")
     return problems, warnings
 
 
