@@ -98,7 +98,7 @@ def find_inputs(path: str | Path) -> list[Path]:
         files = sorted(p for p in path.iterdir() if p.is_file() and mdata.nifti_stem(p) and not p.name.startswith("."))
         if files:
             return files
-        raise mdata.DataError([f"{path}: no .nii or .nii.gz files in this folder"])
+        raise mdata.DataError([f"{path}: no .nii or .nii.gz files in this folder{mdata.not_nifti_hint(path)}"])
     raise mdata.DataError([f"{path}: no such file or folder"])
 
 
@@ -253,6 +253,12 @@ def segment_files(
                 problems.append(f"{src}: no label file with this name in {labels_dir}")
             else:
                 label_files[src] = found[0]
+    # As in training: X_0001 beside X_0000 is nnU-Net's second channel of X, not a scan of its own.
+    stems = {mdata.nifti_stem(p): p for p in inputs}
+    label_stems = {mdata.nifti_stem(p) for p in label_files.values()}
+    problems += [f"{path}: multi-channel input (nnU-Net channel {stem[-4:]}) is not supported; "
+                 "if it is a scan of its own, rename it" for stem, path in stems.items()
+                 if mdata.is_extra_channel(stem, stems, label_stems)]
     # Scans and labels are never written over, even with --overwrite.
     given = {p.resolve(): "scan" for p in inputs} | {p.resolve(): "label file" for p in label_files.values()}
     # Nothing else this call would write may already exist: write_evaluation's tables count when labels are given.

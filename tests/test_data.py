@@ -149,6 +149,22 @@ def test_discover_empty_or_missing_dir_raises(tmp_path):
         discover_cases(tmp_path / "nope", "CT")
 
 
+def test_discover_says_what_a_folder_without_nifti_holds(tmp_path):
+    for i in range(3):
+        (tmp_path / "imagesTr" / "series1").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imagesTr" / f"IM{i:04d}.dcm").write_bytes(b"DICM")
+    (tmp_path / "imagesTr" / "ct.mha").write_bytes(b"ObjectType")
+    (tmp_path / "labelsTr").mkdir()
+    with pytest.raises(DataError) as err:
+        discover_cases(tmp_path, "CT")
+    assert err.value.problems[0].endswith(
+        f"; {tmp_path / 'imagesTr'} holds 3 .dcm files, 1 .mha files, 1 folders, but only .nii and .nii.gz files "
+        "are read: convert DICOM series (e.g. with dcm2niix) and .mha/.nrrd files (e.g. with SimpleITK) to NIfTI first")
+    with pytest.raises(DataError) as err:  # an empty folder: no hint
+        discover_cases(tmp_path / "labelsTr", "CT")
+    assert "holds" not in str(err.value)
+
+
 def test_discover_bundled_sample():
     cases = discover_cases(SAMPLE / "ct", "CT") + discover_cases(SAMPLE / "mr", "MR")
     assert [(c.id, c.modality) for c in cases] == [("ts_ct_001", "CT"), ("ts_mr_001", "MR")]

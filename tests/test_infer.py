@@ -345,6 +345,21 @@ def test_output_folder_problems_come_before_any_work(tmp_path, checkpoint, monke
     assert not (tmp_path / "new").exists() and not (tmp_path / "pred.nii.gz").exists()
 
 
+def test_nnunet_second_channels_and_folders_without_nifti(tmp_path, checkpoint):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(CT, scans / "case_0000.nii.gz")
+    shutil.copy(CT, scans / "case_0001.nii.gz")
+    with pytest.raises(DataError, match=r"case_0001.nii.gz: multi-channel input \(nnU-Net channel 0001\)"):
+        segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    (dicom / "IM0001.dcm").write_bytes(b"DICM")
+    with pytest.raises(DataError, match=r"no .nii or .nii.gz files in this folder; .* holds 1 .dcm files, but only"):
+        find_inputs(dicom)
+
+
 def test_a_folder_input_skips_hidden_files(tmp_path):
     shutil.copy(CT, tmp_path / CT.name)
     (tmp_path / f"._{CT.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS's resource fork copy

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Collection, Dict, List, Optional, Sequence, Union
 
 PathLike = Union[str, Path]
 
@@ -53,6 +53,28 @@ def nifti_stem(path: PathLike) -> Optional[str]:
     return None
 
 
+_LAYOUT_NAMES = {"imagesTr", "labelsTr", "imagesTs", "labelsTs"}
+
+
+def not_nifti_hint(folder: PathLike) -> str:
+    """'' or a clause saying what ``folder`` holds instead of NIfTI files (DICOM series, .mha, ...) and
+    how to convert it, for a message about a folder where no scan was found."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return ""
+    kinds: Dict[str, int] = {}
+    for p in folder.iterdir():
+        if p.name.startswith(".") or p.name in _LAYOUT_NAMES or nifti_stem(p) or p.suffix in (".json", ".txt", ".md"):
+            continue
+        kind = "folders" if p.is_dir() else (f"{''.join(p.suffixes[-2:])} files" if p.suffix else "files without an extension")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if not kinds:
+        return ""
+    found = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda item: (-item[1], item[0]))[:3])
+    return (f"; {folder} holds {found}, but only .nii and .nii.gz files are read: convert DICOM series "
+            "(e.g. with dcm2niix) and .mha/.nrrd files (e.g. with SimpleITK) to NIfTI first")
+
+
 def _nifti_files(folder: Path) -> Dict[str, Path]:
     """Map stem -> path for the NIfTI files directly inside `folder` (hidden files skipped)."""
     found = {}
@@ -77,6 +99,16 @@ def _from_datalist(root: Path, datalist: dict, modality: str, split: str) -> Lis
     return cases
 
 
+def is_extra_channel(stem: str, images: Collection[str], labels: Collection[str]) -> bool:
+    """Whether the image ``stem`` is nnU-Net's channel 1, 2, ... of a case: X_0001 beside X_0000 among
+    the ``images`` stems, unless the ``labels`` stems name X_0000 or X_0001 in full (then the digits
+    are part of the case ids)."""
+    if not _CHANNEL.search(stem) or stem.endswith("_0000"):
+        return False
+    base = stem[:-5]
+    return f"{base}_0000" in images and stem not in labels and f"{base}_0000" not in labels
+
+
 def _from_folders(images_dir: Path, labels_dir: Optional[Path], modality: str, labels_required: bool) -> List[Case]:
     images = _nifti_files(images_dir)
     labels = _nifti_files(labels_dir) if labels_dir is not None and labels_dir.is_dir() else {}
@@ -88,8 +120,7 @@ def _from_folders(images_dir: Path, labels_dir: Optional[Path], modality: str, l
     problems = []
     for stem, path in images.items():
         base = stem[:-5] if _CHANNEL.search(stem) else None
-        if (base is not None and f"{base}_0000" in images and not stem.endswith("_0000") and stem not in labels
-                and f"{base}_0000" not in labels):
+        if is_extra_channel(stem, images, labels):
             problems.append(f"{path}: multi-channel input (nnU-Net channel {stem[-4:]}) is not supported")
             continue
         nnunet = stem.endswith("_0000") and stem not in labels and (base in labels or all_suffixed)
@@ -146,8 +177,9 @@ def discover_cases(root: PathLike, modality: str, split: str = "train") -> List[
     elif split != "val":
         cases = _from_reference(root, modality, labels_required)
     if not cases:
+        searched = root / ("imagesTr" if split == "train" else "imagesTs")
         raise DataError(f"{root}: no {split} cases found (looked for dataset.json, imagesTr/imagesTs, "
-                        f"<id>.nii.gz + <id>_gt.nii.gz)")
+                        f"<id>.nii.gz + <id>_gt.nii.gz){not_nifti_hint(searched if searched.is_dir() else root)}")
     return sorted(cases, key=lambda c: c.id)
 
 
