@@ -129,6 +129,8 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"--base_channels must be >= 1, got {cfg.base_channels}")
     if cfg.backbone == "swinunetr" and (cfg.feature_size < 12 or cfg.feature_size % 12):
         problems.append(f"--feature_size must be a positive multiple of 12 (the paper's 48), got {cfg.feature_size}")
+    if cfg.text not in ("clip", "onehot", "none") and not Path(cfg.text).expanduser().is_file():
+        problems.append(f"--text {cfg.text}: neither clip, onehot nor none, and no such table file")
     try:
         resolve_classes(cfg.classes)
     except (ValueError, OSError) as e:
@@ -372,7 +374,11 @@ def build_table(config: TrainConfig, modalities: Sequence[str], classes: Sequenc
         cached = cache_dir / f"text_table_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if weights is not None and stat is not None and cached.is_file():
             return EmbeddingTable.load(cached)
-        encoder = mtext.load_text_encoder(weights, download=weights is None, activation=config.clip_activation)
+        try:
+            encoder = mtext.load_text_encoder(weights, download=weights is None, activation=config.clip_activation)
+        except mtext.WeightsUnavailableError as error:
+            raise mtext.WeightsUnavailableError(
+                f"{error}; or train with --text onehot or --text none, which need no CLIP weights") from error
         table = mtext.build_embedding_table(encoder, classes, modalities, config.template)
         if stat is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)

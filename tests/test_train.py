@@ -465,6 +465,7 @@ def test_a_new_run_refuses_a_folder_with_an_earlier_runs_epochs(tmp_path, cache,
     (["--classes", "nosuch"], "--classes nosuch: unknown class set 'nosuch'"),
     (["--label_map", "1:x"], "--label_map 1:x: could not convert string to float: 'x'"),
     (["--roi_size", "32", "32"], "--roi_size takes one or three numbers, got [32, 32]"),
+    (["--text", "one-hot"], "--text one-hot: neither clip, onehot nor none, and no such table file"),
 ])
 def test_bad_flag_values_are_one_line_errors_before_any_work(tmp_path, cache, capsys, flags, message):
     out = tmp_path / "run"

@@ -38,10 +38,7 @@ OPENAI_VIT_B_32_URL = (
 )
 DEFAULT_CACHE_DIR = Path("~/.cache/mulmodseg")
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_HOW_TO_FIX = (
-    "pass --clip_weights PATH (OpenAI ViT-B-32.pt, an open_clip or a Hugging Face CLIP checkpoint), "
-    "or choose a text embedding that needs no CLIP weights (--text onehot or --text none)"
-)
+_HOW_TO_FIX = "pass --clip_weights PATH (OpenAI ViT-B-32.pt, an open_clip or a Hugging Face CLIP checkpoint)"
 
 
 class CheckpointError(ValueError):
