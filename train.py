@@ -176,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: say how to go on instead of printing a traceback
+        last = Path(args.out) / "last.pt"
+        hint = (f"{last} holds the last saved epoch: run the same command with --resume to continue"
+                if last.is_file() else "no checkpoint was written yet")
+        print(f"\ninterrupted; {hint}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -186,6 +186,20 @@ def test_resume_after_sigkill_gives_the_same_weights_as_a_straight_run(tmp_path,
     assert config["modalities"] == ["CT", "MR"] and config["train"]["roi_size"] == [32, 32, 32]
 
 
+def test_ctrl_c_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_cli, "train", interrupted)
+    out = tmp_path / "run"
+    assert train_cli.main(small_args(out, tmp_path / "cache", 1)) == 130
+    assert capsys.readouterr().err.endswith("interrupted; no checkpoint was written yet\n")
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"")
+    assert train_cli.main(small_args(out, tmp_path / "cache", 1)) == 130
+    assert f"interrupted; {out / 'last.pt'} holds the last saved epoch: run the same command with --resume" in (
+        capsys.readouterr().err)
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, cache):
     args = train_cli.build_parser().parse_args(small_args(tmp_path / "run", cache, 1))
     trainer = Trainer(train_cli.config_from_args(args), log=lambda msg: None)
