@@ -220,6 +220,21 @@ class Segmenter:
         return label, torch.softmax(logits, 0).cpu().numpy() if probabilities else None, meta
 
 
+def quarter_reporter(name: str, log: Callable[[str], None]) -> Callable[[int, int], None]:
+    """A sliding-window ``progress(done, total)`` that logs ``name``'s window count and ETA as it passes
+    25, 50 and 75% (a log file gets a few lines, not a live counter)."""
+    started, logged = time.monotonic(), [0]
+
+    def report(done: int, total: int) -> None:
+        quarter = 4 * done // total
+        if 0 < quarter < 4 and quarter > logged[0]:
+            logged[0] = quarter
+            eta = (time.monotonic() - started) / done * (total - done)
+            log(f"{name}: {done}/{total} windows, ETA {eta:.0f}s")
+
+    return report
+
+
 def segment_files(
     checkpoint: str | Path,
     inputs: Sequence[Path],
@@ -286,9 +301,9 @@ def segment_files(
     for i, src in enumerate(inputs, 1):
         t0 = time.time()
         reference = mdata.load_volume(src)
-        # A live window count with ETA when a person watches; one line per case otherwise.
-        label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities,
-                                               progress=sys.stderr.isatty())
+        # A live window count with ETA when a person watches; a line per quarter in a log file.
+        progress = True if sys.stderr.isatty() else quarter_reporter(f"[{i}/{len(inputs)}] {src.name}", log)
+        label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities, progress=progress)
         truth = None
         if src in label_files:  # read before anything is written, whatever --output holds
             # Read as training reads labels: float files to integers, the run's label map applied.

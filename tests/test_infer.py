@@ -374,3 +374,15 @@ def test_label_map_values_need_two_bytes_a_voxel():
     assert predict.to_dataset_values(label, {1: 5, 2: 6, 3: 7}).dtype == np.uint8
     assert predict.to_dataset_values(label, {1: 70000}).ravel().tolist() == [0, 70000, 0, 0]
     assert predict.to_dataset_values(label, None).dtype == np.uint8
+
+
+def test_a_log_file_gets_a_progress_line_per_quarter(monkeypatch):
+    now = [0.0]  # one second per window
+    monkeypatch.setattr(predict.time, "monotonic", lambda: now[0])
+    lines = []
+    report = predict.quarter_reporter("[1/2] ct.nii.gz", lines.append)
+    for done in range(1, 9):
+        now[0] = float(done)
+        report(done, 8)
+    assert lines == ["[1/2] ct.nii.gz: 2/8 windows, ETA 6s", "[1/2] ct.nii.gz: 4/8 windows, ETA 4s",
+                     "[1/2] ct.nii.gz: 6/8 windows, ETA 2s"]
