@@ -364,6 +364,12 @@ def test_check_cases_reads_scaled_images_as_stored(tmp_path, monkeypatch):
     assert read[0].dtype == np.int16
     with pytest.raises(DataError, match="1 NaN/Inf voxels in the image"):
         check_cases([Case("nan", tmp_path / "nan.nii.gz", None, "CT")])
+    # Finite stored values that the header's scaling takes beyond float32 (preprocessing's type).
+    huge = nib.Nifti1Image(np.full((8, 8, 8), 1e5, np.float64), np.eye(4))
+    huge.header.set_slope_inter(1e36, 0.0)
+    nib.save(huge, tmp_path / "huge.nii.gz")
+    with pytest.raises(DataError, match=r"huge.nii.gz: values reach 1e\+41..1e\+41 after the header's scaling"):
+        check_cases([Case("huge", tmp_path / "huge.nii.gz", None, "CT")])
 
 
 def test_a_label_stored_in_another_axis_order_lands_on_its_image(tmp_path):
@@ -560,7 +566,7 @@ def test_a_trailing_axis_of_length_one_is_a_3d_volume(tmp_path):
     # (X, Y, Z, 1) files (a time or channel axis of one) are what some exporters write; ITK reads them
     # as 3D, and so do the checks, preprocess and read_label, with the same numbers as the 3D file.
     rng = np.random.default_rng(0)
-    image = rng.integers(-200, 300, (12, 10, 8)).astype(np.int16)
+    image = rng.integers(-1000, 300, (12, 10, 8)).astype(np.int16)
     label = (rng.random((12, 10, 8)) > 0.7).astype(np.uint8)
     affine = np.array([[-2.0, 0, 0, 10], [0, 0, 3.0, -5], [0, 2.5, 0, 7], [0, 0, 0, 1]])
     flat = Case("a", write_nifti(tmp_path / "3d" / "a.nii.gz", image, affine),

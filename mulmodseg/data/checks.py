@@ -58,17 +58,19 @@ def _values_text(values: Sequence[int]) -> str:
     return f"{len(values)} values from {min(values)} to {max(values)} ({', '.join(map(str, values[:4]))}, ...)"
 
 
-def _modality_warning(case: Case, img, data: np.ndarray) -> Optional[str]:
+def _value_range(img, data: np.ndarray) -> Tuple[float, float]:
+    """(lowest, highest) voxel value after the header's scaling, in float64, from `data` as `_read`
+    returns it for an image (the stored values: only the two extremes are scaled)."""
+    low, high = float(np.min(data)), float(np.max(data))
+    if hasattr(img.dataobj, "get_unscaled"):
+        slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+        low, high = sorted((low * slope + inter, high * slope + inter))
+    return low, high
+
+
+def _modality_warning(case: Case, low: float) -> Optional[str]:
     """A warning when a CT has no air (nothing below -500 HU) or an MR has CT-like air values: the
     usual sign of swapped --ct_dir / --mr_dir, or of a wrong --modality at inference."""
-    if case.modality not in ("CT", "MR") or data.size == 0 or not np.issubdtype(data.dtype, np.number):
-        return None
-    low, high = float(data.min()), float(data.max())
-    if hasattr(img.dataobj, "get_unscaled"):  # `data` holds the stored values: scale the two extremes only
-        slope, inter = img.dataobj.slope, img.dataobj.inter
-        low, high = sorted((low * slope + inter, high * slope + inter))
-    if not np.isfinite(low):
-        return None
     if case.modality == "CT" and low > -500:
         return (f"{case.image}: given as CT, but its lowest value is {low:g}, where a CT in HU has air near -1000; "
                 "is it an MR (swapped --ct_dir/--mr_dir, or the wrong --modality)?")
@@ -97,10 +99,16 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             problems.append(f"{case.image}: {bad} NaN/Inf voxels in the image")
-    if data is not None and not problems:
-        warning = _modality_warning(case, img, data)
-        if warning:
-            warnings.append(warning)
+    if data is not None and data.size and not problems:
+        low, high = _value_range(img, data)
+        # Preprocessing reads float32: a scaling that overflows it would turn the scan into NaN.
+        if not max(abs(low), abs(high)) <= float(np.finfo(np.float32).max):
+            problems.append(f"{case.image}: values reach {low:g}..{high:g} after the header's scaling "
+                            "(scl_slope, scl_inter), beyond float32")
+        else:
+            warning = _modality_warning(case, low)
+            if warning:
+                warnings.append(warning)
     if case.label is None:
         return problems, warnings
     lab, values = _read(Path(case.label), "label", problems)

@@ -74,7 +74,8 @@ def load_volume(path: Union[str, Path]) -> nib.Nifti1Image:
     img = nib.load(str(path))
     extra = tuple(img.shape[3:])
     if extra and all(n == 1 for n in extra):
-        return img.slicer[(slice(None),) * 3 + (0,) * len(extra)]
+        # A reshaped proxy, not img.slicer: that reads the whole scan at once, scaled to float64.
+        return type(img)(img.dataobj.reshape(img.shape[:3]), img.affine, img.header)
     return img
 
 
