@@ -6,7 +6,6 @@ A thin command line over ``mulmodseg.training``; see ``python train.py --help``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mulmodseg.text.clip import ACTIVATIONS
 from mulmodseg.text.clip import CheckpointError as WeightsError
 from mulmodseg.text.clip import WeightsUnavailableError
 from mulmodseg.text.prompts import TableError
-from mulmodseg.training import BUNDLED_SAMPLE, TrainConfig, TrainingError, train, write_curves
+from mulmodseg.training import BUNDLED_SAMPLE, TrainConfig, TrainingError, absolute_paths, train, write_curves
 
 # Problems with what the user gave: reported as one clear message, without a traceback.
 USER_ERRORS = (TrainingError, DataError, DeviceError, CheckpointError, WeightsError, WeightsUnavailableError,
@@ -113,22 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def absolute(path: str) -> str:
-    """``path`` from the current folder as an absolute one, so a saved run resumes from anywhere and
-    ``data/ct``, ``./data/ct/`` and ``/home/me/data/ct`` name the same folder."""
-    return os.path.abspath(os.path.expanduser(path))
-
-
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's ``TrainConfig`` from parsed flags (bundled sample when no folder is given). Folders and
-    files are absolute paths; a ``--text``, ``--classes`` or ``--label_map`` that is not a file stays as given."""
+    """The run's ``TrainConfig`` from parsed flags (bundled sample when no folder is given), its folders
+    and files as absolute paths (``absolute_paths``)."""
     dirs = {}
     if args.ct_dir:
         dirs["CT"] = args.ct_dir
     if args.mr_dir:
         dirs["MR"] = args.mr_dir
     dirs.update(parse_pairs(args.data_dir, "--data_dir"))
-    dirs = {name: absolute(folder) for name, folder in dirs.items()}
     if not dirs:
         if not args.resume:  # a resumed run keeps its own folders
             print(f"no --ct_dir/--mr_dir given: training on the bundled sample in {BUNDLED_SAMPLE}", file=sys.stderr)
@@ -137,17 +129,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if len(roi) != 3:
         raise TrainingError(f"--roi_size takes one or three numbers, got {args.roi_size}")
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    for name in ("cache_dir", "clip_weights"):
-        if fields[name]:
-            fields[name] = absolute(fields[name])
-    for name in ("text", "classes", "label_map"):
-        if fields[name] and os.path.isfile(os.path.expanduser(fields[name])):
-            fields[name] = absolute(fields[name])
     fields.update(
         data_dirs=dirs, roi_size=tuple(roi), spacing=tuple(args.spacing), ct_window=tuple(args.ct_window),
         mr_percentiles=tuple(args.mr_percentiles), max_cases=parse_pairs(args.max_cases, "--max_cases", int),
     )
-    return TrainConfig(**fields)
+    return absolute_paths(TrainConfig(**fields))
 
 
 def given_fields(argv: list[str] | None) -> set[str]:

@@ -110,6 +110,24 @@ class TrainConfig:
         return cls(**kwargs)
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its folders and files as absolute paths from the current folder, so that a saved run
+    resumes from anywhere and ``data/ct``, ``./data/ct/`` and ``/home/me/data/ct`` compare equal. A
+    ``text``, ``classes`` or ``label_map`` that names no file (``clip``, ``amos``, ``205:1,...``) stays."""
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
+
+    changes: dict[str, Any] = {"data_dirs": {name: absolute(d) for name, d in cfg.data_dirs.items()}}
+    for name in ("cache_dir", "clip_weights"):
+        if getattr(cfg, name):
+            changes[name] = absolute(getattr(cfg, name))
+    for name in ("text", "classes", "label_map"):
+        value = getattr(cfg, name)
+        if isinstance(value, str) and value and os.path.isfile(os.path.expanduser(value)):
+            changes[name] = absolute(value)
+    return dataclasses.replace(cfg, **changes)
+
+
 # Settings a resumed run may change: none of them alters what the run has learned so far.
 RESUMABLE = frozenset({"epochs", "device", "out", "num_workers", "log_every", "save_every", "keep_every",
                        "val_every", "sw_batch_size", "cache_dir"})
@@ -481,7 +499,8 @@ class Trainer:
                                 "to resume from; choose another --out, or delete them to start over")
         if resume:
             self.resume_state = load_checkpoint(last)
-            saved = TrainConfig.from_dict(self.resume_state["config"]["train"])
+            # Runs saved by older versions hold paths relative to the folder they were started in.
+            saved = absolute_paths(TrainConfig.from_dict(self.resume_state["config"]["train"]))
             self.config = cfg = resumed_config(saved, cfg, self.given)
             done = self.resume_state["epoch"]
             if done >= cfg.epochs:  # before any data is read or config.json rewritten

@@ -426,6 +426,19 @@ def test_a_run_resumes_from_any_folder_and_paths_compare_by_location(tmp_path, c
     assert "at epoch 2/2" in capsys.readouterr().err
 
 
+def test_a_run_saved_with_relative_paths_resumes_with_the_same_flags(tmp_path, cache, monkeypatch):
+    # Older versions saved the folders as typed: such a run still resumes from the folder it was started in.
+    monkeypatch.chdir(SAMPLE.parent)
+    args = small_args(tmp_path / "run", cache, 1)
+    args[args.index(str(SAMPLE / "ct"))], args[args.index(str(SAMPLE / "mr"))] = "sample/ct", "sample/mr"
+    assert train_cli.main(args) == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt["config"]["train"]["data_dirs"] = {"CT": "sample/ct", "MR": "sample/mr"}
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    assert train_cli.main([*args, "--resume", "--epochs", "2"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
 def test_a_modality_left_without_training_scans_stops_before_any_work(tmp_path, cache, capsys):
     out = tmp_path / "run"
     code = train_cli.main(small_args(out, cache, 1) + ["--val_fraction", "0.5"])
