@@ -261,6 +261,7 @@ def execute(step: Step) -> None:
     """Run one step in this process; a finished step is skipped, a stopped training resumed."""
     import infer
     import train
+    from mulmodseg.checkpoint import load_checkpoint
     from mulmodseg.text.__main__ import main as text_main
 
     argv = list(step.argv)
@@ -272,9 +273,13 @@ def execute(step: Step) -> None:
             return random_table(step.out, *step.random_table)
         rc = text_main(argv)
     elif step.kind == "train":
-        if (step.out / "done").is_file():
+        last = step.out / "last.pt"
+        # A run stopped after its last epoch was saved but before `done` was written is finished too.
+        if (step.out / "done").is_file() or (
+                last.is_file() and load_checkpoint(last)["epoch"] >= train.build_parser().parse_args(argv).epochs):
+            (step.out / "done").touch()
             return
-        rc = train.main(argv + (["--resume"] if (step.out / "last.pt").is_file() else []))
+        rc = train.main(argv + (["--resume"] if last.is_file() else []))
         if rc == 0:
             (step.out / "done").touch()
     else:

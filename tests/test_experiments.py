@@ -280,6 +280,9 @@ def test_smoke_campaign_end_to_end(tmp_path):
     assert run_dirs == ["unet-clip-v3-alt", "unet-clip-v3-alt-cv0_ct-mr_all", "unet-none-alt"]
     stamp = (out / "amos/unet-clip-v3-alt/last.pt").stat().st_mtime_ns
     assert run.main(argv) == 0 and (out / "amos/unet-clip-v3-alt/last.pt").stat().st_mtime_ns == stamp
+    (out / "amos/unet-clip-v3-alt/done").unlink()  # killed after the last epoch's save, before `done`
+    assert run.main(argv) == 0 and (out / "amos/unet-clip-v3-alt/last.pt").stat().st_mtime_ns == stamp
+    assert (out / "amos/unet-clip-v3-alt/done").is_file()
     # The other backbone's rows join the same tables.
     assert run.main(["table4", "--smoke", "--backbone", "swinunetr", "--out", str(out)]) == 0
 
