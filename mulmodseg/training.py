@@ -101,9 +101,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Rebuild from JSON (lists back to tuples where the field is a tuple)."""
+        """Rebuild from JSON (lists back to tuples where the field is a tuple). A field that a file of an
+        older version lacks gets the value that version used: ``warp_prob`` 0.5 (the warp then shared
+        the intensity augmentation's probability); any other its default."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
+        kwargs = {} if "warp_prob" in values else {"warp_prob": 0.5}
         for name, value in values.items():
             if name in fields:
                 kwargs[name] = tuple(value) if isinstance(value, list) and "tuple" in str(fields[name].type) else value
@@ -537,6 +539,8 @@ class Trainer:
             counts = ", ".join(f"{len(self.cases[n])} {n}" for n in self.train_modalities)
             raise TrainingError(f"--val_every {cfg.val_every}: --val_fraction {cfg.val_fraction} holds out no scan "
                                 f"of {counts}; raise --val_fraction or drop --val_every")
+        if resume:
+            self.check_resumed_cases(self.resume_state)
         all_cases = [c for name in self.train_modalities for c in self.cases[name] + self.val_cases[name]]
         label_map = mdata.parse_label_map(cfg.label_map) if cfg.label_map else None
         for warning in mdata.check_cases(all_cases, label_map=label_map, num_classes=len(self.classes),
@@ -633,12 +637,40 @@ class Trainer:
             "roi_size": list(self.config.roi_size),
         }
 
+    def case_ids(self) -> dict[str, dict[str, list[str]]]:
+        """{modality: {"train": ids, "val": ids}}: the scans this run trains and validates on."""
+        return {name: {"train": [c.id for c in self.cases[name]], "val": [c.id for c in self.val_cases[name]]}
+                for name in self.train_modalities}
+
+    def check_resumed_cases(self, ckpt: dict) -> None:
+        """Raise ``TrainingError`` when the scans found now are not the ones the saved run used (files
+        added to or removed from its folders): resuming would train on another set without a word."""
+        saved = ckpt.get("cases")
+        if saved is None:  # written before the lists were saved
+            if self.config.max_cases and self.config.val_fraction:
+                raise TrainingError("--resume: this run was started by an older mulmodseg, which drew --max_cases "
+                                    "before the --val_fraction split (now after it), so its scans cannot be "
+                                    "found again; start a new run")
+            return
+        now = self.case_ids()
+        for name in now:
+            for part in ("train", "val"):
+                added = sorted(set(now[name][part]) - set(saved[name][part]))
+                missing = sorted(set(saved[name][part]) - set(now[name][part]))
+                changes = [f"{len(ids)} {what}: {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}"
+                           for what, ids in (("new", added), ("gone", missing)) if ids]
+                if changes:
+                    raise TrainingError(
+                        f"--resume: the {name} {'training' if part == 'train' else 'validation'} scans differ from the "
+                        f"saved run's ({'; '.join(changes)}): were files added to or removed from "
+                        f"{self.config.data_dirs[name]}? Restore them, or start a new run")
+
     def save(self, path: Path, epoch: int) -> None:
         save_checkpoint(
             path, self.checkpoint_config(), self.model.state_dict(),
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), epoch=epoch, iteration=self.iteration, best=self.best,
-            rng=rng_state(),
+            rng=rng_state(), cases=self.case_ids(),
         )
 
     def load_state(self, ckpt: dict) -> None:

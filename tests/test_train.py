@@ -439,6 +439,26 @@ def test_a_run_saved_with_relative_paths_resumes_with_the_same_flags(tmp_path, c
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
 
 
+def test_resume_refuses_scans_added_to_the_folder_since(tmp_path, cache, capsys):
+    data = tmp_path / "ct"
+    shutil.copytree(SAMPLE / "ct", data)
+    args = small_args(tmp_path / "run", cache, 1)
+    args[args.index(str(SAMPLE / "ct"))] = str(data)
+    assert train_cli.main(args) == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["cases"]["CT"] == {"train": ["ts_ct_001"], "val": []}
+    for folder in ("imagesTr", "labelsTr"):
+        shutil.copy(data / folder / "ts_ct_001.nii.gz", data / folder / "ts_ct_002.nii.gz")
+    capsys.readouterr()
+    assert train_cli.main([*args, "--resume", "--epochs", "2"]) == 2
+    assert (f"--resume: the CT training scans differ from the saved run's (1 new: ts_ct_002): were files added to "
+            f"or removed from {data}?") in capsys.readouterr().err
+
+
+def test_configs_of_older_versions_keep_their_warp_probability():
+    assert TrainConfig.from_dict({"epochs": 3}).warp_prob == 0.5  # the warp shared aug_prob then
+    assert TrainConfig.from_dict(dataclasses.asdict(TrainConfig())).warp_prob == 1.0
+
+
 def test_a_modality_left_without_training_scans_stops_before_any_work(tmp_path, cache, capsys):
     out = tmp_path / "run"
     code = train_cli.main(small_args(out, cache, 1) + ["--val_fraction", "0.5"])
