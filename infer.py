@@ -23,7 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", required=True, help="the scans' modality, as named in training (CT, MR, ...)")
     p.add_argument("--input", required=True, help="a .nii/.nii.gz file or a folder of them (never modified)")
     p.add_argument("--output", required=True, help="folder for the label maps, named like the inputs")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
+    again.add_argument("--skip_existing", action="store_true",
+                       help="continue an interrupted run into the same --output: scans whose outputs all exist are not "
+                       "segmented again (with --labels they are scored from those files)")
     p.add_argument("--labels", help="folder of ground-truth label maps with the inputs' names: writes metrics.csv (Dice per case and class), summary.md and summary.csv (the paper's table layout)")
     p.add_argument("--save_probabilities", action="store_true", help="also write NAME_probabilities.npz: softmax (classes, X, Y, Z) as float16 on the input's voxel grid")
     p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices")
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         segment_files(
             args.checkpoint, find_inputs(args.input), args.output, args.modality, settings,
             overwrite=args.overwrite, save_probabilities=args.save_probabilities, previews=args.preview,
-            labels_dir=args.labels,
+            labels_dir=args.labels, skip_existing=args.skip_existing,
         )
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -246,13 +246,17 @@ def segment_files(
     previews: bool = False,
     labels_dir: str | Path | None = None,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
+    skip_existing: bool = False,
 ) -> list[dict]:
     """Segment ``inputs`` into ``output_dir``; returns one record per case (with Dice when labels are given).
 
     Before any inference: the checkpoint loads, the modality is one it knows, ``output_dir`` can be
     written, no output would replace an input scan or label file (even with ``overwrite``) or, without
-    ``overwrite``, an existing file (label maps, probabilities, previews, evaluation tables), and every scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D,
-    finite, label values known); all problems at once.
+    ``overwrite`` or ``skip_existing``, an existing file (label maps, probabilities, previews, evaluation
+    tables), and every scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D, finite, label
+    values known); all problems at once. ``skip_existing`` continues an interrupted call: a case whose
+    outputs all exist is not segmented again (its label map is read back for the evaluation), the others
+    are, and the evaluation tables are written anew.
     """
     output_dir = Path(output_dir)
     inputs = [Path(p) for p in inputs]
@@ -278,16 +282,20 @@ def segment_files(
     given = {p.resolve(): "scan" for p in inputs} | {p.resolve(): "label file" for p in label_files.values()}
     # Nothing else this call would write may already exist: write_evaluation's tables count when labels are given.
     outputs = [] if labels_dir is None else [output_dir / n for n in ("metrics.csv", "summary.md", "summary.csv")]
+    done = set()
     for src, dst in targets.items():
-        outputs += [dst, *(output_path(src, output_dir, suffix) for suffix in extras)]
+        case_outputs = [dst, *(output_path(src, output_dir, suffix) for suffix in extras)]
+        outputs += case_outputs
+        if skip_existing and all(p.is_file() for p in case_outputs):
+            done.add(src)
         if dst in writers:
             problems.append(f"{src}: would write {dst}, as {writers[dst]} does; rename one of them")
         writers.setdefault(dst, src)
     for path in outputs:
         if path.resolve() in given:
             problems.append(f"{path}: the output would replace an input {given[path.resolve()]}; choose another --output")
-        elif path.exists() and not overwrite:
-            problems.append(f"{path}: exists; pass --overwrite to replace it")
+        elif path.exists() and not (overwrite or skip_existing):
+            problems.append(f"{path}: exists; pass --overwrite to replace it, or --skip_existing to keep it")
     if problems:
         raise mdata.DataError(problems)
     label_map = segmenter.config["preprocess"][modality].get("label_map")
@@ -301,31 +309,37 @@ def segment_files(
     for i, src in enumerate(inputs, 1):
         t0 = time.time()
         reference = mdata.load_volume(src)
-        # A live window count with ETA when a person watches; a line per quarter in a log file.
-        progress = True if sys.stderr.isatty() else quarter_reporter(f"[{i}/{len(inputs)}] {src.name}", log)
-        label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities, progress=progress)
+        record = {"case": mdata.nifti_stem(targets[src]), "modality": modality, "output": str(targets[src]),
+                  "seconds": None}
         truth = None
         if src in label_files:  # read before anything is written, whatever --output holds
             # Read as training reads labels: float files to integers, the run's label map applied.
             truth = mdata.read_label(mdata.load_volume(label_files[src]), str(label_files[src]), reference, label_map)
-        write_like(to_dataset_values(label, inverse), reference, targets[src])
-        record = {"case": mdata.nifti_stem(targets[src]), "modality": modality, "output": str(targets[src])}
-        if save_probabilities:
-            # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
-            # Outside the foreground crop is background, so probability 1 for class 0 and 0 for the rest.
-            restored = np.empty((len(probs), *reference.shape), dtype=np.float16)
-            for k, channel in enumerate(probs):
-                restored[k] = mdata.restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
-            np.savez_compressed(output_path(src, output_dir, "_probabilities.npz"), probabilities=restored,
-                                classes=np.array(segmenter.classes))
-        if previews:
-            write_preview(reference, label, output_path(src, output_dir, ".png"))
+        if src in done:
+            # The earlier call's label map, back to training ids as a label file is read.
+            label = mdata.read_label(mdata.load_volume(targets[src]), str(targets[src]), reference, label_map)
+            log(f"[{i}/{len(inputs)}] {src.name}: {targets[src]} exists, skipped (--skip_existing)")
+        else:
+            # A live window count with ETA when a person watches; a line per quarter in a log file.
+            progress = True if sys.stderr.isatty() else quarter_reporter(f"[{i}/{len(inputs)}] {src.name}", log)
+            label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities, progress=progress)
+            write_like(to_dataset_values(label, inverse), reference, targets[src])
+            if save_probabilities:
+                # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
+                # Outside the foreground crop is background, so probability 1 for class 0 and 0 for the rest.
+                restored = np.empty((len(probs), *reference.shape), dtype=np.float16)
+                for k, channel in enumerate(probs):
+                    restored[k] = mdata.restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
+                np.savez_compressed(output_path(src, output_dir, "_probabilities.npz"), probabilities=restored,
+                                    classes=np.array(segmenter.classes))
+            if previews:
+                write_preview(reference, label, output_path(src, output_dir, ".png"))
+            record["seconds"] = time.time() - t0
+            eta = (time.time() - t_all) / i * (len(inputs) - i)
+            log(f"[{i}/{len(inputs)}] {src.name} -> {targets[src]} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
         if truth is not None:
             record["dice"] = dice_per_class(label, truth, len(segmenter.classes))
-        record["seconds"] = time.time() - t0
         records.append(record)
-        eta = (time.time() - t_all) / i * (len(inputs) - i)
-        log(f"[{i}/{len(inputs)}] {src.name} -> {targets[src]} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
     if labels_dir is not None:
         write_evaluation(records, segmenter, output_dir, modality, log)
     return records
@@ -345,9 +359,10 @@ def write_evaluation(records: list[dict], segmenter: Segmenter, output_dir: Path
     kwargs = {} if segmenter.model.vision_only else {"modality": modality}
     # On the model's own device: a window's forward pass on the CPU can take minutes.
     flops = count_flops(segmenter.model, window, **kwargs)
+    timed = [r["seconds"] for r in records if r["seconds"] is not None]  # skipped cases took no time
+    speed = f"{np.mean(timed):.2f} s per case on {segmenter.device}" if timed else "no case segmented in this call"
     cost = (f"parameters {count_parameters(segmenter.model):,}; {flops / 1e9:.1f} GFLOPs per "
-            f"{'x'.join(map(str, segmenter.roi_size))} window; "
-            f"{np.mean([r['seconds'] for r in records]):.2f} s per case on {segmenter.device}")
+            f"{'x'.join(map(str, segmenter.roi_size))} window; {speed}")
     (output_dir / "summary.md").write_text(table + "\n\n" + cost + "\n")
     log(table)
     log(cost)

@@ -386,3 +386,33 @@ def test_a_log_file_gets_a_progress_line_per_quarter(monkeypatch):
         report(done, 8)
     assert lines == ["[1/2] ct.nii.gz: 2/8 windows, ETA 6s", "[1/2] ct.nii.gz: 4/8 windows, ETA 4s",
                      "[1/2] ct.nii.gz: 6/8 windows, ETA 2s"]
+
+
+def test_skip_existing_continues_an_interrupted_call(tmp_path, checkpoint, monkeypatch):
+    scans, labels = tmp_path / "scans", tmp_path / "labels"
+    for folder in (scans, labels):
+        folder.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        shutil.copy(CT, scans / name)
+        shutil.copy(SAMPLE / "ct" / "labelsTr" / CT.name, labels / name)
+    full = segment_files(checkpoint, find_inputs(scans), tmp_path / "full", "CT", labels_dir=labels, log=lambda m: None)
+    # An interrupted call: a's outputs are there, b's are not.
+    segment_files(checkpoint, [scans / "a.nii.gz"], tmp_path / "out", "CT", previews=True, log=lambda m: None)
+    stamp = (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns
+    segmented, original = [], Segmenter.segment
+    monkeypatch.setattr(Segmenter, "segment", lambda self, src, *a, **k: segmented.append(src.name) or original(
+        self, src, *a, **k))
+    lines = []
+    records = segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", previews=True, labels_dir=labels,
+                            skip_existing=True, log=lines.append)
+    assert segmented == ["b.nii.gz"] and (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns == stamp
+    assert f"[1/2] a.nii.gz: {tmp_path / 'out' / 'a.nii.gz'} exists, skipped (--skip_existing)" in lines
+    assert [r["seconds"] is None for r in records] == [True, False]
+    for got, want in zip(records, full):  # a is scored from its file, as if it had been segmented now
+        assert np.array_equal(got["dice"], want["dice"], equal_nan=True)
+    assert (tmp_path / "out" / "metrics.csv").is_file() and (tmp_path / "out" / "b.png").is_file()
+    # Nothing left to do: a second continuation segments nothing and says so in the cost line.
+    segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", previews=True, labels_dir=labels,
+                  skip_existing=True, log=lambda m: None)
+    assert segmented == ["b.nii.gz"]
+    assert "no case segmented in this call" in (tmp_path / "out" / "summary.md").read_text()
