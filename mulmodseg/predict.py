@@ -137,6 +137,19 @@ def to_dataset_values(label: np.ndarray, inverse: dict[int, int] | None) -> np.n
     return lut[label]
 
 
+def write_then_rename(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a hidden name beside ``path`` (same extension), then rename it to ``path``:
+    an output under its own name is always whole, which --skip_existing relies on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp.{path.name}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
     """Save the label map ``array`` on ``reference``'s grid: same affine, qform/sform and codes, voxel
     sizes and units; no intensity scaling, display range, intent or description of the scan."""
@@ -150,18 +163,15 @@ def write_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> Non
     out.set_qform(reference.get_qform(), int(reference.header["qform_code"]))
     out.set_sform(reference.get_sform(), int(reference.header["sform_code"]))
     out.header.set_slope_inter(1.0, 0.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(out, tmp)
-    tmp.replace(path)
+    write_then_rename(path, lambda tmp: nib.save(out, tmp))
 
 
 def write_preview(reference: nib.Nifti1Image, label: np.ndarray, path: Path) -> None:
     """The label map over the scan as a PNG, both turned to RAS so the view is radiological."""
     image = nib.as_closest_canonical(reference)
     label = nib.as_closest_canonical(nib.Nifti1Image(label, reference.affine))
-    preview(np.asanyarray(image.dataobj, dtype=np.float32), np.asanyarray(label.dataobj), path,
-            spacing=image.header.get_zooms()[:3])
+    write_then_rename(path, lambda tmp: preview(np.asanyarray(image.dataobj, dtype=np.float32),
+                                                np.asanyarray(label.dataobj), tmp, spacing=image.header.get_zooms()[:3]))
 
 
 class Segmenter:
@@ -305,7 +315,7 @@ def segment_files(
         log(f"warning: {warning}")
 
     inverse = invert_label_map(segmenter.config["preprocess"][modality])
-    records, t_all = [], time.time()
+    records = []
     for i, src in enumerate(inputs, 1):
         t0 = time.time()
         reference = mdata.load_volume(src)
@@ -316,26 +326,31 @@ def segment_files(
             # Read as training reads labels: float files to integers, the run's label map applied.
             truth = mdata.read_label(mdata.load_volume(label_files[src]), str(label_files[src]), reference, label_map)
         if src in done:
-            # The earlier call's label map, back to training ids as a label file is read.
-            label = mdata.read_label(mdata.load_volume(targets[src]), str(targets[src]), reference, label_map)
+            if truth is not None:  # the earlier call's label map, back to training ids as a label file is read
+                label = mdata.read_label(mdata.load_volume(targets[src]), str(targets[src]), reference, label_map)
             log(f"[{i}/{len(inputs)}] {src.name}: {targets[src]} exists, skipped (--skip_existing)")
         else:
             # A live window count with ETA when a person watches; a line per quarter in a log file.
             progress = True if sys.stderr.isatty() else quarter_reporter(f"[{i}/{len(inputs)}] {src.name}", log)
             label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities, progress=progress)
-            write_like(to_dataset_values(label, inverse), reference, targets[src])
+            written = to_dataset_values(label, inverse)
             if save_probabilities:
                 # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
                 # Outside the foreground crop is background, so probability 1 for class 0 and 0 for the rest.
                 restored = np.empty((len(probs), *reference.shape), dtype=np.float16)
                 for k, channel in enumerate(probs):
                     restored[k] = mdata.restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
-                np.savez_compressed(output_path(src, output_dir, "_probabilities.npz"), probabilities=restored,
-                                    classes=np.array(segmenter.classes))
+                write_then_rename(output_path(src, output_dir, "_probabilities.npz"), lambda tmp: np.savez_compressed(
+                    tmp, probabilities=restored, classes=np.array(segmenter.classes)))
             if previews:
                 write_preview(reference, label, output_path(src, output_dir, ".png"))
+            # The label map last: with it, every output of the case is there (--skip_existing's test).
+            write_like(written, reference, targets[src])
+            # Scored as written: a class that the label map gives no dataset value is background in the file.
+            label = written if label_map is None else mdata.apply_label_map(written, mdata.parse_label_map(label_map))
             record["seconds"] = time.time() - t0
-            eta = (time.time() - t_all) / i * (len(inputs) - i)
+            timed = [r["seconds"] for r in records if r["seconds"] is not None] + [record["seconds"]]
+            eta = np.mean(timed) * sum(1 for later in inputs[i:] if later not in done)
             log(f"[{i}/{len(inputs)}] {src.name} -> {targets[src]} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
         if truth is not None:
             record["dice"] = dice_per_class(label, truth, len(segmenter.classes))

@@ -416,3 +416,20 @@ def test_skip_existing_continues_an_interrupted_call(tmp_path, checkpoint, monke
                   skip_existing=True, log=lambda m: None)
     assert segmented == ["b.nii.gz"]
     assert "no case segmented in this call" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_a_case_killed_while_writing_leaves_nothing_that_looks_done(tmp_path, checkpoint, monkeypatch):
+    # Killed while compressing the probabilities: no output under its own name, so --skip_existing redoes it.
+    def killed(file, **arrays):
+        Path(file).write_bytes(b"PK half an archive")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(predict.np, "savez_compressed", killed)
+    with pytest.raises(KeyboardInterrupt):
+        segment_files(checkpoint, [CT], tmp_path, "CT", save_probabilities=True, previews=True, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the label map comes last; no temporary file left
+    monkeypatch.undo()
+    records = segment_files(checkpoint, [CT], tmp_path, "CT", save_probabilities=True, previews=True,
+                            skip_existing=True, log=lambda m: None)
+    assert records[0]["seconds"] is not None
+    with np.load(output_path(CT, tmp_path, "_probabilities.npz")) as saved:
+        assert saved["probabilities"].shape[0] == 14
