@@ -17,7 +17,8 @@ from mulmodseg.text.clip import ACTIVATIONS
 from mulmodseg.text.clip import CheckpointError as WeightsError
 from mulmodseg.text.clip import WeightsUnavailableError
 from mulmodseg.text.prompts import TableError
-from mulmodseg.training import BUNDLED_SAMPLE, TrainConfig, TrainingError, absolute_paths, train, write_curves
+from mulmodseg.training import (BUNDLED_SAMPLE, TrainConfig, TrainingError, absolute_paths, run_leftovers, train,
+                                write_curves)
 
 # Problems with what the user gave: reported as one clear message, without a traceback.
 USER_ERRORS = (TrainingError, DataError, DeviceError, CheckpointError, WeightsError, WeightsUnavailableError,
@@ -163,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: say how to go on instead of printing a traceback
-        last = Path(args.out) / "last.pt"
-        hint = (f"{last} holds the last saved epoch: run the same command with --resume to continue"
-                if last.is_file() else "no checkpoint was written yet")
+        out = Path(args.out)
+        leftovers = run_leftovers(out)
+        if (out / "last.pt").is_file():
+            hint = f"{out / 'last.pt'} holds the last saved epoch: run the same command with --resume to continue"
+        elif leftovers:
+            hint = (f"no last.pt was written yet; delete {', '.join(leftovers)} in {out} (or choose another --out) "
+                    "to start again")
+        else:
+            hint = "no checkpoint was written yet"
         print(f"\ninterrupted; {hint}", file=sys.stderr)
         return 130
     return 0

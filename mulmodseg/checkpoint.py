@@ -41,16 +41,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def folder_problem(folder: str | Path, flag: str) -> str | None:
+def folder_problem(folder: str | Path, flag: str, writable: bool = True) -> str | None:
     """Why files cannot be written into ``folder`` (None when they can), said about the option ``flag``:
-    a file in its place or on its path, or a folder (or its nearest existing parent) that cannot be written."""
+    a file in its place or on its path, or (when ``writable``) a folder, or its nearest existing parent,
+    that cannot be written."""
     folder = Path(folder)
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         return f"{flag} {folder}: {existing} is a file, not a folder; choose another {flag}"
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
         return f"{flag} {folder}: cannot write in {existing}; choose another {flag}"
     return None
 

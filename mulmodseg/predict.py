@@ -282,12 +282,13 @@ def segment_files(
                 problems.append(f"{src}: no label file with this name in {labels_dir}")
             else:
                 label_files[src] = found[0]
-    # As in training: X_0001 beside X_0000 is nnU-Net's second channel of X, not a scan of its own.
+    # X_0001 beside X_0000 may be nnU-Net's second channel of X (training refuses it) or a scan of its own
+    # (scans numbered from 0): segmented as a scan, with a word.
     stems = {mdata.nifti_stem(p): p for p in inputs}
     label_stems = {mdata.nifti_stem(p) for p in label_files.values()}
-    problems += [f"{path}: multi-channel input (nnU-Net channel {stem[-4:]}) is not supported; "
-                 "if it is a scan of its own, rename it" for stem, path in stems.items()
-                 if mdata.is_extra_channel(stem, stems, label_stems)]
+    channel_warnings = [f"{path}: segmented as a scan of its own, but beside {stem[:-5]}_0000 it may be nnU-Net's "
+                        f"channel {stem[-4:]} of one case; this model takes one channel" for stem, path in stems.items()
+                        if mdata.is_extra_channel(stem, stems, label_stems)]
     # Scans and labels are never written over, even with --overwrite.
     given = {p.resolve(): "scan" for p in inputs} | {p.resolve(): "label file" for p in label_files.values()}
     # Nothing else this call would write may already exist: write_evaluation's tables count when labels are given.
@@ -311,7 +312,7 @@ def segment_files(
     label_map = segmenter.config["preprocess"][modality].get("label_map")
     cases = [mdata.Case(targets[src].name, src, label_files.get(src), modality) for src in inputs]
     num_classes = None if label_map else len(segmenter.classes)
-    for warning in mdata.check_cases(cases, label_map=label_map, num_classes=num_classes):
+    for warning in channel_warnings + mdata.check_cases(cases, label_map=label_map, num_classes=num_classes):
         log(f"warning: {warning}")
 
     inverse = invert_label_map(segmenter.config["preprocess"][modality])

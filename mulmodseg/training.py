@@ -135,8 +135,9 @@ RESUMABLE = frozenset({"epochs", "device", "out", "num_workers", "log_every", "s
                        "val_every", "sw_batch_size", "cache_dir"})
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Raise one ``TrainingError`` listing every setting that cannot work, before any data is read."""
+def check_config(cfg: TrainConfig, resuming: bool = False) -> None:
+    """Raise one ``TrainingError`` listing every setting that cannot work, before any data is read.
+    ``resuming``: the table file of ``--text`` need not exist (the table comes back with the weights)."""
     problems = []
     for name in ("epochs", "batch_size", "num_samples", "save_every", "log_every", "sw_batch_size", "lr"):
         if not getattr(cfg, name) > 0:
@@ -149,7 +150,7 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"--base_channels must be >= 1, got {cfg.base_channels}")
     if cfg.backbone == "swinunetr" and (cfg.feature_size < 12 or cfg.feature_size % 12):
         problems.append(f"--feature_size must be a positive multiple of 12 (the paper's 48), got {cfg.feature_size}")
-    if cfg.text not in ("clip", "onehot", "none") and not Path(cfg.text).expanduser().is_file():
+    if not resuming and cfg.text not in ("clip", "onehot", "none") and not Path(cfg.text).expanduser().is_file():
         problems.append(f"--text {cfg.text}: neither clip, onehot nor none, and no such table file")
     try:
         resolve_classes(cfg.classes)
@@ -160,8 +161,9 @@ def check_config(cfg: TrainConfig) -> None:
             mdata.parse_label_map(cfg.label_map)
         except (ValueError, OSError) as e:
             problems.append(f"--label_map {cfg.label_map}: {e}")
-    for flag, folder in (("--out", cfg.out), ("--cache_dir", cfg.cache_dir)):
-        problem = folder and folder_problem(folder, flag)
+    # A shared --cache_dir that others fill may be read-only: missing entries are reported when written.
+    for flag, folder, writable in (("--out", cfg.out, True), ("--cache_dir", cfg.cache_dir, False)):
+        problem = folder and folder_problem(folder, flag, writable)
         if problem:
             problems.append(problem)
     if not 0 <= cfg.warp_prob <= 1:
@@ -200,6 +202,13 @@ def resumed_config(saved: TrainConfig, given: TrainConfig, fields: Iterable[str]
         raise TrainingError(f"--resume continues {given.out} with its saved settings, and these cannot change "
                             f"mid-run: {detail}. Drop them, or start a new run in another --out")
     return dataclasses.replace(saved, **{name: getattr(given, name) for name in changed})
+
+
+def run_leftovers(out: Path) -> list[str]:
+    """The names of the epoch files in the run folder ``out`` (log.jsonl, best.pt, epoch_N.pt): left
+    by a run that stopped before its first last.pt, they keep a new run from mixing with them."""
+    names = sorted(p.name for p in (out / "log.jsonl", out / "best.pt") if p.is_file())
+    return names + sorted(p.name for p in out.glob("epoch_*.pt"))
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -494,8 +503,7 @@ class Trainer:
             raise TrainingError(
                 f"{self.out} already holds a checkpoint ({last}); pass --resume to continue it or choose another --out"
             )
-        leftovers = sorted(p.name for p in (self.out / "log.jsonl", self.out / "best.pt") if p.is_file())
-        leftovers += sorted(p.name for p in self.out.glob("epoch_*.pt"))
+        leftovers = run_leftovers(self.out)
         if not resume and leftovers:  # a run stopped before its first last.pt: a new one would mix with it
             raise TrainingError(f"{self.out} holds files of an earlier run ({', '.join(leftovers)}) but no last.pt "
                                 "to resume from; choose another --out, or delete them to start over")
@@ -508,7 +516,7 @@ class Trainer:
             if done >= cfg.epochs:  # before any data is read or config.json rewritten
                 raise TrainingError(f"--resume: {last} has finished {done} of {cfg.epochs} epochs; "
                                     f"pass --epochs above {done} to train on")
-        check_config(cfg)
+        check_config(cfg, resuming=resume)
         if cfg.backbone == "swinunetr" and max(cfg.roi_size) < 2 * BACKBONES["swinunetr"].size_divisor:
             self.log(f"warning: --roi_size {' '.join(map(str, cfg.roi_size))} with SwinUNETR: the 1/32 level is a "
                      "single voxel, which instance norm sets to 0, so encoder10 learns nothing; use 64 along some axis")

@@ -350,13 +350,16 @@ def test_nnunet_second_channels_and_folders_without_nifti(tmp_path, checkpoint):
     scans.mkdir()
     shutil.copy(CT, scans / "case_0000.nii.gz")
     shutil.copy(CT, scans / "case_0001.nii.gz")
-    with pytest.raises(DataError, match=r"case_0001.nii.gz: multi-channel input \(nnU-Net channel 0001\)"):
-        segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", log=lambda m: None)
-    assert not (tmp_path / "out").exists()
+    lines = []
+    records = segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", log=lines.append)
+    assert [Path(r["output"]).name for r in records] == ["case.nii.gz", "case_0001.nii.gz"]
+    assert (f"warning: {scans / 'case_0001.nii.gz'}: segmented as a scan of its own, but beside case_0000 it may be "
+            "nnU-Net's channel 0001 of one case; this model takes one channel") in lines
     dicom = tmp_path / "dicom"
     dicom.mkdir()
     (dicom / "IM0001.dcm").write_bytes(b"DICM")
-    with pytest.raises(DataError, match=r"no .nii or .nii.gz files in this folder; .* holds 1 .dcm files, but only"):
+    (dicom / "1.2.840.113619.2.55.3.dcm").write_bytes(b"DICM")  # named by UID
+    with pytest.raises(DataError, match=r"no .nii or .nii.gz files in this folder; .* holds 2 .dcm files, but only"):
         find_inputs(dicom)
 
 

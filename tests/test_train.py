@@ -35,6 +35,7 @@ from mulmodseg.training import (
     warmup_cosine,
     write_curves,
 )
+from mulmodseg.text.prompts import resolve_classes
 from mulmodseg.viz import read_png
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,6 +195,10 @@ def test_ctrl_c_says_how_to_go_on(tmp_path, monkeypatch, capsys):
     assert train_cli.main(small_args(out, tmp_path / "cache", 1)) == 130
     assert capsys.readouterr().err.endswith("interrupted; no checkpoint was written yet\n")
     out.mkdir()
+    (out / "log.jsonl").write_text('{"epoch": 1}\n')  # killed after an epoch, before its last.pt (--save_every 2)
+    assert train_cli.main(small_args(out, tmp_path / "cache", 1)) == 130
+    assert capsys.readouterr().err.endswith(
+        f"interrupted; no last.pt was written yet; delete log.jsonl in {out} (or choose another --out) to start again\n")
     (out / "last.pt").write_bytes(b"")
     assert train_cli.main(small_args(out, tmp_path / "cache", 1)) == 130
     assert f"interrupted; {out / 'last.pt'} holds the last saved epoch: run the same command with --resume" in (
@@ -454,6 +459,17 @@ def test_resume_refuses_scans_added_to_the_folder_since(tmp_path, cache, capsys)
             f"or removed from {data}?") in capsys.readouterr().err
 
 
+def test_a_run_with_a_table_file_resumes_without_it(tmp_path, cache):
+    from mulmodseg.text import EmbeddingTable
+    table = tmp_path / "table.pt"
+    EmbeddingTable.onehot(("CT", "MR"), tuple(resolve_classes("amos"))).save(table)
+    args = small_args(tmp_path / "run", cache, 1)
+    args[args.index("onehot")] = str(table)
+    assert train_cli.main(args) == 0
+    table.unlink()  # the table lives on in last.pt
+    assert train_cli.main(["--out", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 0
+
+
 def test_configs_of_older_versions_keep_their_warp_probability():
     assert TrainConfig.from_dict({"epochs": 3}).warp_prob == 0.5  # the warp shared aug_prob then
     assert TrainConfig.from_dict(dataclasses.asdict(TrainConfig())).warp_prob == 1.0
@@ -530,8 +546,30 @@ def test_an_out_that_cannot_be_written_stops_before_any_work(tmp_path, monkeypat
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder, even for root
     assert train_cli.main(small_args(tmp_path / "run", tmp_path / "elsewhere", 1)) == 2
     err = capsys.readouterr().err
-    assert f"--out {tmp_path / 'run'}: cannot write in {tmp_path}" in err and "--cache_dir" in err
+    assert f"--out {tmp_path / 'run'}: cannot write in {tmp_path}" in err
+    assert "--cache_dir" not in err  # a shared cache may be read-only: only missing entries need writing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing read, nothing written
+
+
+def test_a_read_only_shared_cache_serves_its_entries(tmp_path, cache, monkeypatch, capsys):
+    assert train_cli.main(small_args(tmp_path / "first", cache, 1)) == 0  # fills the cache
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(cache)))
+    assert train_cli.main(small_args(tmp_path / "second", cache, 1)) == 0
+    from mulmodseg.data import cache as cache_module
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(cache_module.VolumeCache, "_write", read_only)
+    data = tmp_path / "ct"
+    shutil.copytree(SAMPLE / "ct", data)
+    with open(data / "imagesTr" / "ts_ct_001.nii.gz", "ab") as f:
+        f.write(b"\0")  # other bytes: another cache entry
+    args = small_args(tmp_path / "third", cache, 1)
+    args[args.index(str(SAMPLE / "ct"))] = str(data)
+    capsys.readouterr()
+    assert train_cli.main(args) == 2
+    assert f"{cache}: cannot add {data / 'imagesTr' / 'ts_ct_001.nii.gz'} to this cache (Permission denied); pass a " \
+           "--cache_dir you can write" in capsys.readouterr().err
 
 
 def test_a_training_scan_without_a_label_is_reported_before_preprocessing(tmp_path, capsys):

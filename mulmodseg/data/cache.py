@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cases import Case
+from .cases import Case, DataError
 from .labels import parse_label_map
 from .preprocess import default_settings, preprocess, resolve_settings
 
@@ -65,7 +65,11 @@ class VolumeCache:
         if cached is not None:
             return cached
         image, label, meta = preprocess(case.image, case.label, case.modality, **settings)
-        self._write(entry, image, label, meta)
+        try:
+            self._write(entry, image, label, meta)
+        except PermissionError as e:  # a shared cache that others fill: reading it needs no write access
+            raise DataError(f"{self.cache_dir}: cannot add {case.image} to this cache ({e.strerror}); "
+                            "pass a --cache_dir you can write") from e
         cached = self._read(entry)
         if cached is None:
             raise OSError(f"{entry}: cache entry unreadable right after writing it")

@@ -66,7 +66,9 @@ def not_nifti_hint(folder: PathLike) -> str:
     for p in folder.iterdir():
         if p.name.startswith(".") or p.name in _LAYOUT_NAMES or nifti_stem(p) or p.suffix in (".json", ".txt", ".md"):
             continue
-        kind = "folders" if p.is_dir() else (f"{''.join(p.suffixes[-2:])} files" if p.suffix else "files without an extension")
+        # The last suffix only (DICOM files are often named by UID, 1.2.840.113619.2.55.3.dcm), or .tar.gz etc.
+        suffix = "".join(p.suffixes[-2:]) if p.suffix == ".gz" else p.suffix
+        kind = "folders" if p.is_dir() else (f"{suffix} files" if suffix else "files without an extension")
         kinds[kind] = kinds.get(kind, 0) + 1
     if not kinds:
         return ""
