@@ -114,8 +114,8 @@ def main(argv=None) -> None:
                  fns, pairs)
         groups.append(("UNet", fns, pairs))
     windows = n_windows(shape, roi, args.overlap)
-    rows = []
     for name, fns, pairs in groups:
+        rows = []
         times = interleaved(fns, args.repeats, args.warmup, device)
         done = set()
         for mine_label, peer_label in pairs:
@@ -127,13 +127,15 @@ def main(argv=None) -> None:
                 t = median(times[label])
                 rows.append([name, label, t, min(times[label]), max(times[label]), windows / t,
                              median(times[peer_label]) / t, f"{diff:.2e}"])
-    table = format_table(["backbone", "contender", "median s/case", "min", "max", "windows/s",
-                          "speed-up vs peer", "max abs diff vs peer"], rows)
-    notes = [f"volume {shape}, window {roi}^3, overlap {args.overlap}, gaussian, sw_batch_size {args.sw_batch_size}, "
-             f"{windows} windows; SwinUNETR feature_size {args.feature_size}, UNet base {args.unet_base}; amp {args.amp}; "
-             f"{args.repeats} interleaved rounds after {args.warmup} warm-up; a row ending in ', channels_last' runs "
-             f"our model with channels_last_3d weights, one ending in ', sw16' with 16 windows per call"]
-    report("Whole-scan inference", device, table, notes, write=not args.no_write)
+        table = format_table(["backbone", "contender", "median s/case", "min", "max", "windows/s",
+                              "speed-up vs peer", "max abs diff vs peer"], rows)
+        notes = [f"volume {shape}, window {roi}^3, overlap {args.overlap}, gaussian, sw_batch_size {args.sw_batch_size}, "
+                 f"{windows} windows; SwinUNETR feature_size {args.feature_size}, UNet base {args.unet_base}; amp "
+                 f"{args.amp}; {args.repeats} interleaved rounds after {args.warmup} warm-up; a row ending in "
+                 "', channels_last' runs our model with channels_last_3d weights, one ending in ', sw16' with 16 "
+                 "windows per call"]
+        # One entry per backbone, written as soon as it is measured: a time limit later keeps it.
+        report(f"Whole-scan inference, {name}", device, table, notes, write=not args.no_write)
 
 
 if __name__ == "__main__":

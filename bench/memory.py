@@ -85,17 +85,23 @@ def gpu_train_peaks(size: int, feature_size: int, unet_base: int, device: torch.
     batch = random_batch(2, size)
     rows = []
     for amp_name, amp in (("fp32", None), ("bf16", torch.bfloat16)):
-        for builder in (lambda: swin_contenders(feature_size, size), lambda: unet_contenders(unet_base)):
-            for label in list(builder()):
-                model = builder()[label]
+        for models in (swin_contenders(feature_size, size), unet_contenders(unet_base)):
+            for label, model in models.items():
                 step = make_step(model, batch, device, amp)
+                # One step first: cuDNN's algorithm search takes a workspace from the allocator, and only
+                # the first contender of each shape would pay it; AdamW's state then exists, as in training.
+                step()
+                torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
                 step()
-                step()
                 rows.append([f"train step {size}^3 batch 2, {amp_name}", label,
-                             torch.cuda.max_memory_allocated(device) / 2**30, "GiB (max_memory_allocated)"])
-                del model, step
+                             torch.cuda.max_memory_allocated(device) / 2**30,
+                             "GiB (max_memory_allocated, the second step)"])
+                print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+                model.to("cpu")  # only the contender being measured stays on the GPU
+                del step
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -119,7 +125,10 @@ def main(argv=None) -> None:
         args.shape, args.roi, args.windows, args.feature_size, args.unet_base = (64, 64, 64), 64, 1, 12, 4
     rows = []
     if device.type == "cuda":
-        rows += gpu_train_peaks(96, args.feature_size, args.unet_base, device)
+        # Its own entry, written before the host runs: a time limit later keeps it.
+        gpu_rows = gpu_train_peaks(96, args.feature_size, args.unet_base, device)
+        report("Memory, GPU training step", device, format_table(["what", "contender", "peak", "unit / note"], gpu_rows),
+               [f"SwinUNETR feature_size {args.feature_size}, UNet base {args.unet_base}"], write=not args.no_write)
     else:
         rows.append(["train step 96^3 batch 2 (GPU)", "all", "not measured", "no GPU lent"])
     shape = tuple(args.shape)
@@ -141,7 +150,8 @@ def main(argv=None) -> None:
     notes = [f"inference: {args.roi}^3 windows, overlap 0.5, gaussian, sw_batch_size 4, fp32, feature_size "
              f"{args.feature_size}, UNet base {args.unet_base}; the float32 output alone is 14 x {shape} = "
              f"{output_gib:.2f} GiB; each row is a fresh subprocess"]
-    report("Memory", device, table, notes, write=not args.no_write)
+    if rows:
+        report("Memory", device, table, notes, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, format_table, interleaved, median, report, setup  # noqa: E402
+from common import add_common_args, format_table, interleaved, median, report, setup, sync  # noqa: E402
 from peers import swin_contenders, unet_contenders, with_sdpa_attention  # noqa: E402
 
 from mulmodseg.losses import DiceCELoss  # noqa: E402
@@ -35,8 +35,10 @@ def random_batch(batch: int, size: int) -> dict:
 
 
 def make_step(model: torch.nn.Module, batch: dict, device: torch.device, amp, channels_last: bool = False):
-    """A closure running one train_step of ``model`` on ``batch``."""
+    """A closure running one train_step of ``model`` on ``batch`` (moved to ``device`` once, so that no
+    contender's time includes the host-to-device copy)."""
     model.to(device).train()
+    batch = {key: value.to(device) for key, value in batch.items()}
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
         batch = dict(batch, image=batch["image"].contiguous(memory_format=torch.channels_last_3d))
@@ -46,17 +48,25 @@ def make_step(model: torch.nn.Module, batch: dict, device: torch.device, amp, ch
     return lambda: train_step(model, loss_fn, optimizer, scaler, batch, "CT", device, amp)
 
 
-def ours_variants(build, label: str, variants, batch: dict, device: torch.device) -> dict:
+def ours_variants(build, label: str, variants, batch: dict, device: torch.device, notes: list) -> dict:
     """Extra contenders: our model ``build()[label]`` (same seed, same weights) with bf16 autocast, alone
     (``bf16``), with torch.compile (``bf16+compile``) or in channels_last_3d (``bf16+channels_last``),
-    for each name in ``variants``."""
+    for each name in ``variants``. Each is tried once first: one that fails (e.g. a compiler missing on
+    the machine) is left out with a note in ``notes``, and the other rows are still measured."""
     fns = {}
     for variant in variants:
         model = build()[label]
         if variant == "bf16+compile":
             model = torch.compile(model)
-        fns[f"{label}, {variant}"] = make_step(model, batch, device, torch.bfloat16,
-                                               channels_last=variant == "bf16+channels_last")
+        fn = make_step(model, batch, device, torch.bfloat16, channels_last=variant == "bf16+channels_last")
+        try:
+            fn()
+            sync(device)
+        except Exception as error:  # an optional row must not cost the whole table
+            notes.append(f"{label}, {variant}: left out, it failed ({type(error).__name__}: {str(error)[:200]})")
+            print(f"  {notes[-1]}", file=sys.stderr, flush=True)
+            continue
+        fns[f"{label}, {variant}"] = fn
     return fns
 
 
@@ -93,9 +103,8 @@ def main(argv=None) -> None:
     if args.only in ("all", "unet"):
         build = partial(unet_contenders, args.unet_base)
         groups.append(("UNet", build(), "our UNet + ref head", build, "ours MulModSeg-UNet"))
-    rows = []
     for name, models, baseline, build, ours_label in groups:
-        fns = {}
+        fns, notes = {}, []
         for label, model in models.items():
             if args.compile:
                 model = torch.compile(model)
@@ -103,18 +112,20 @@ def main(argv=None) -> None:
         if name == "UNet" and device.type == "cpu" and not args.quick:
             cl = unet_contenders(args.unet_base)["ours MulModSeg-UNet"]
             fns["ours MulModSeg-UNet channels_last_3d"] = make_step(cl, batch, device, amp, channels_last=True)
-        fns.update(ours_variants(build, ours_label, args.also, batch, device))
+        fns.update(ours_variants(build, ours_label, args.also, batch, device, notes))
         times = interleaved(fns, args.repeats, args.warmup, device)
         base = median(times[baseline])
-        for label, t in times.items():
-            rows.append([name, label, median(t), min(t), max(t), base / median(t), args.batch / median(t)])
-    table = format_table(["backbone", "contender", "median s/step", "min", "max", "speed-up vs ref-head peer",
-                          "crops/s"], rows)
-    notes = [f"batch {args.batch} crops of {size}^3, SwinUNETR feature_size {args.feature_size}, UNet base "
-             f"{args.unet_base}, amp {args.amp}, compile {args.compile} (a row whose name ends in "
-             f"', bf16', ', bf16+compile' or ', bf16+channels_last' runs ours in that setting instead); {args.repeats} interleaved rounds after "
-             f"{args.warmup} warm-up; speed-up = peer median / contender median (same group)"]
-    report("Training step (fwd + bwd + AdamW)", device, table, notes, write=not args.no_write)
+        rows = [[name, label, median(t), min(t), max(t), base / median(t), args.batch / median(t)]
+                for label, t in times.items()]
+        table = format_table(["backbone", "contender", "median s/step", "min", "max", "speed-up vs ref-head peer",
+                              "crops/s"], rows)
+        notes.insert(0, f"batch {args.batch} crops of {size}^3, SwinUNETR feature_size {args.feature_size}, UNet base "
+                        f"{args.unet_base}, amp {args.amp}, compile {args.compile} (a row whose name ends in ', bf16', "
+                        f"', bf16+compile' or ', bf16+channels_last' runs ours in that setting instead); "
+                        f"{args.repeats} interleaved rounds after {args.warmup} warm-up; speed-up = peer median / "
+                        "contender median (same group)")
+        # One entry per backbone, written as soon as it is measured: a time limit later keeps it.
+        report(f"Training step (fwd + bwd + AdamW), {name}", device, table, notes, write=not args.no_write)
 
 
 if __name__ == "__main__":

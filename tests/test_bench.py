@@ -27,6 +27,26 @@ def test_train_step_quick(capsys):
     assert float(rows[1][5]) == pytest.approx(1.0)  # the peer against itself
 
 
+def test_a_failing_optional_contender_is_left_out_with_a_note(monkeypatch):
+    import torch
+    import train_step
+    from peers import unet_contenders
+
+    class Broken(torch.nn.Module):  # what torch.compile gives where Inductor finds no C compiler
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("no C compiler")
+    monkeypatch.setattr(torch, "compile", Broken)
+    notes = []
+    fns = train_step.ours_variants(lambda: unet_contenders(4), "ours MulModSeg-UNet", ["bf16+compile", "bf16"],
+                                   train_step.random_batch(1, 16), torch.device("cpu"), notes)
+    assert list(fns) == ["ours MulModSeg-UNet, bf16"]
+    assert notes == ["ours MulModSeg-UNet, bf16+compile: left out, it failed (RuntimeError: no C compiler)"]
+
+
 def test_inference_quick_agrees_with_the_peer(capsys):
     import inference
 
@@ -68,8 +88,12 @@ def test_gpu_script_is_valid_bash_and_runs_every_gpu_measurement():
 
     script = BENCH / "gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    steps = [line.split()[2] for line in script.read_text().splitlines() if line.startswith("step ")]
-    assert set(steps) == {"bench/inference.py", "bench/train_step.py", "bench/memory.py", "bench/profile_step.py"}
+    lines = [line.split() for line in script.read_text().splitlines() if line.startswith("step ")]
+    assert {line[2] for line in lines} == {"bench/inference.py", "bench/train_step.py", "bench/memory.py",
+                                           "bench/profile_step.py"}
+    # The required numbers come before the optional ones: the memory peak before the compile steps.
+    first_compile = next(i for i, line in enumerate(lines) if "bf16+compile" in line)
+    assert next(i for i, line in enumerate(lines) if line[2] == "bench/memory.py") < first_compile
 
 
 def test_profile_step_quick_lists_the_costliest_operators(capsys):
