@@ -10,9 +10,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["mulmodseg", "mulmodseg.*"]),
     package_data={"mulmodseg.text": ["bpe_simple_vocab_16e6.txt.gz", "LICENSE-CLIP"]},
-    install_requires=["torch", "nibabel", "numpy", "ftfy", "regex"],
+    install_requires=["torch", "nibabel", "numpy", "scipy", "ftfy", "regex"],
     extras_require={
         # Oracles only: the package never imports these.
-        "test": ["pytest", "monai>=1.3", "einops", "transformers>=4.40", "safetensors", "scipy"],
+        "test": ["pytest", "monai>=1.3", "einops", "transformers>=4.40", "safetensors"],
     },
 )

@@ -27,13 +27,15 @@ COST = re.compile(r"parameters ([\d,]+); ([\d.]+) GFLOPs per (\S+) window; ([\d.
 
 def read_metrics_csv(path: str | Path) -> tuple[list[str], list[dict]]:
     """infer.py's ``metrics.csv`` -> (foreground class names, rows ``{"case", "modality", "dice": (C,)}``),
-    ``absent`` read back as NaN."""
+    an absent class (an empty cell; ``absent`` in files written before NSD and HD95 were added) read
+    back as NaN."""
     with open(path, newline="", encoding="utf-8") as f:
         header, *lines = list(csv.reader(f))
-    names = header[2:-1]  # case, modality, <classes>, mean
+    end = header.index("mean")  # case, modality, <Dice per class>, mean, then the NSD and HD95 columns
+    names = header[2:end]
     rows = [
         {"case": line[0], "modality": line[1],
-         "dice": np.array([np.nan if v == ABSENT else float(v) for v in line[2:-1]], dtype=np.float64)}
+         "dice": np.array([np.nan if v in ("", ABSENT) else float(v) for v in line[2:end]], dtype=np.float64)}
         for line in lines
     ]
     return names, rows

@@ -1,42 +1,163 @@
-"""Evaluation: per-class Dice of label maps, summaries, CSV/Markdown tables, and model cost.
+"""Evaluation: per-class Dice, normalised surface Dice (NSD) and HD95 of label maps, summaries over cases,
+CSV/Markdown/JSON tables, and model cost.
 
-Dice conventions (background, class 0, is never scored):
+Conventions (background, class 0, is never scored):
 
-- a class absent from both the prediction and the label is *absent*: NaN in arrays, ``absent`` in files,
-  and left out of every mean (MONAI's ``DiceMetric`` with ``ignore_empty=True`` gives NaN whenever the
-  label lacks the class; here a class predicted but not in the label scores 0, since it is a real error);
-- a class present in exactly one of them scores 0.
+- a class absent from both the prediction and the label is *absent*: NaN in arrays, an empty cell in the
+  CSV files, ``absent`` in the Markdown, ``null`` in JSON, and left out of every mean (MONAI's
+  ``DiceMetric`` with ``ignore_empty=True`` gives NaN whenever the label lacks the class; here a class
+  predicted but not in the label is scored, since it is a real error);
+- a class present in exactly one of them has Dice 0, NSD 0 and HD95 equal to the diagonal of the volume,
+  ``sqrt(sum((shape_i * spacing_i)^2))`` mm: longer than any distance inside the volume, and finite, so
+  means stay numbers (MONAI's HD95 is NaN or inf there, depending on its version).
 
-A *row* is one evaluated case: ``{"case": str, "modality": str, "dice": np.ndarray (C,)}`` with
-``C = num_classes - 1`` foreground classes, as returned by :func:`dice_per_class`. A *summary* is what
-:func:`summarise` returns for a list of rows.
+Surfaces follow MONAI's border-voxel definition (``compute_surface_dice`` with ``use_subvoxels=False``,
+``compute_hausdorff_distance``), not DeepMind's ``surface-distance`` package (used by the AMOS
+challenge), which puts surface elements between voxels and weights each by its area; the two give
+slightly different values. Here the surface of a mask is its *border voxels*: the voxels of the mask
+with at least one of their 6 face neighbours outside it (the space beyond the volume counts as outside).
+The distance from a border voxel to the other surface is the Euclidean distance in mm, with the voxel
+spacing, between its centre and the nearest border-voxel centre of the other mask (the voxel axes taken
+as orthogonal). Every border voxel counts once, whatever its size or shape.
+
+A *row* is one evaluated case: ``{"case": str, "modality": str, "dice": (C,), "nsd": (C,), "hd95": (C,)}``
+with ``C = num_classes - 1`` foreground classes, as :func:`case_metrics` gives them (``nsd`` and ``hd95``
+are optional: tables hold the metrics the rows have). A *summary* is what :func:`summarise` returns for
+a list of rows and one metric.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
+    "METRICS",
+    "border_voxels",
+    "surface_metrics",
+    "case_metrics",
+    "check_nsd_tolerance",
+    "row_metrics",
     "dice_per_class",
     "summarise",
     "write_metrics_csv",
     "summary_rows",
     "markdown_table",
     "write_summary_csv",
+    "write_summary_json",
+    "write_reports",
+    "REPORT_FILES",
     "count_parameters",
     "count_flops",
 ]
 
 ABSENT = "absent"
+REPORT_FILES = ("metrics.csv", "summary.md", "summary.csv", "summary.json")
+# Metric key -> (name in tables, scale for the summary tables, unit there).
+METRICS = {"dice": ("Dice", 100.0, "%"), "nsd": ("NSD", 100.0, "%"), "hd95": ("HD95", 1.0, "mm")}
 _CHUNK = 1 << 24  # voxels per bincount pass: bounds the int64 temporaries for 512x512x1000 volumes
+
+
+def border_voxels(mask: np.ndarray) -> np.ndarray:
+    """mask: bool (X, Y, Z) -> bool (X, Y, Z), the voxels of ``mask`` with a face neighbour outside it
+    (or outside the array)."""
+    mask = np.asarray(mask, dtype=bool)
+    # scipy's erosion takes everything beyond the array as background, so edge voxels are border voxels.
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def _check_spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing {spacing}: need {ndim} positive voxel sizes in mm")
+    return spacing
+
+
+def check_nsd_tolerance(tolerance: float) -> float:
+    """``tolerance`` as a float, or ValueError unless it is a finite distance >= 0 (mm)."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"NSD tolerance {tolerance}: must be a distance in mm, at least 0")
+    return float(tolerance)
+
+
+def _surface_pair(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, ...], tolerance: float,
+                  diagonal: float) -> tuple[float, float]:
+    """(NSD, HD95) of two bool masks (a crop holding both whole), with the conventions of the module."""
+    in_pred, in_label = bool(pred.any()), bool(label.any())
+    if not (in_pred or in_label):
+        return math.nan, math.nan
+    if not (in_pred and in_label):
+        return 0.0, diagonal
+    pred_border, label_border = border_voxels(pred), border_voxels(label)
+    # Distance of every voxel to the nearest border voxel of the other mask, read at this mask's border.
+    to_label = ndimage.distance_transform_edt(~label_border, sampling=spacing)[pred_border]
+    to_pred = ndimage.distance_transform_edt(~pred_border, sampling=spacing)[label_border]
+    within = np.count_nonzero(to_label <= tolerance) + np.count_nonzero(to_pred <= tolerance)
+    nsd = within / (to_label.size + to_pred.size)
+    hd95 = max(float(np.percentile(to_label, 95)), float(np.percentile(to_pred, 95)))
+    return float(nsd), hd95
+
+
+def _diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    return float(np.sqrt(np.sum((np.asarray(shape, dtype=np.float64) * np.asarray(spacing)) ** 2)))
+
+
+def surface_metrics(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float], tolerance: float = 2.0
+                    ) -> tuple[float, float]:
+    """(NSD, HD95 in mm) of two binary masks on one voxel grid.
+
+    pred, label: bool (X, Y, Z); spacing: voxel size in mm per axis; tolerance: the NSD's in mm.
+    NSD is the share of the border voxels of both masks that lie within ``tolerance`` of the other
+    mask's border (distance <= tolerance); HD95 is the larger of the two directed 95th percentiles
+    (numpy's linear interpolation) of the border-to-border distances. Both absent: (NaN, NaN); one
+    absent: (0, the volume's diagonal in mm).
+    """
+    pred, label = np.asarray(pred, dtype=bool), np.asarray(label, dtype=bool)
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {label.shape}")
+    spacing = _check_spacing(spacing, pred.ndim)
+    box = ndimage.find_objects((pred | label).astype(np.uint8))
+    crop = box[0] if box else ()
+    return _surface_pair(pred[crop], label[crop], spacing, check_nsd_tolerance(tolerance), _diagonal(pred.shape, spacing))
+
+
+def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int, spacing: Sequence[float],
+                 nsd_tolerance: float = 2.0) -> dict[str, np.ndarray]:
+    """Dice, NSD at ``nsd_tolerance`` mm and HD95 in mm of classes 1..num_classes-1 of one case.
+
+    pred, label: integer (X, Y, Z) on the same grid, values in [0, num_classes); spacing: mm per axis.
+    Returns ``{"dice", "nsd", "hd95"}``, each float64 (num_classes - 1,). Each class is measured inside
+    the bounding box of its voxels in either map, which holds both surfaces whole: a 512x512x600 scan
+    with 13 organs takes seconds.
+    """
+    pred, label = np.asarray(pred), np.asarray(label)
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {label.shape}")
+    spacing = _check_spacing(spacing, pred.ndim)
+    tolerance = check_nsd_tolerance(nsd_tolerance)
+    dice = dice_per_class(pred, label, num_classes)  # also checks the values
+    count = num_classes - 1
+    nsd, hd95 = np.full(count, np.nan), np.full(count, np.nan)
+    diagonal = _diagonal(pred.shape, spacing)
+    pred_boxes = ndimage.find_objects(pred, max_label=count) if count else []
+    label_boxes = ndimage.find_objects(label, max_label=count) if count else []
+    for c, (a, b) in enumerate(zip(pred_boxes, label_boxes)):
+        if a is None and b is None:
+            continue
+        crop = a if b is None else b if a is None else tuple(
+            slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+        nsd[c], hd95[c] = _surface_pair(pred[crop] == c + 1, label[crop] == c + 1, spacing, tolerance, diagonal)
+    return {"dice": dice, "nsd": nsd, "hd95": hd95}
 
 
 def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -64,70 +185,173 @@ def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.
         return np.where(total > 0, 2.0 * overlap / total, np.nan)
 
 
-def summarise(rows: Sequence[dict]) -> dict:
-    """Per-class means over cases, ignoring cases where the class is absent.
+def summarise(rows: Sequence[dict], metric: str = "dice") -> dict:
+    """Per-class mean and standard deviation of ``metric`` over cases, ignoring cases where the class is absent.
 
-    Returns ``{"per_class": (C,) float64, NaN for a class absent in every case; "present": (C,) int64,
+    Returns ``{"per_class": (C,) float64 means, NaN for a class absent in every case; "std": (C,) the
+    population standard deviation (numpy's ``std``, ddof=0) of the same values; "present": (C,) int64,
     cases where the class is present; "mean": float, the mean of the non-NaN per-class means (the
-    table's average column); "cases": int}``.
+    table's Average column); "case_std": float, the standard deviation over cases of each case's mean
+    over its present classes (the Average's spread); "cases": int}``.
     """
     if not rows:
         raise ValueError("no rows to summarise")
-    dice = np.stack([np.asarray(row["dice"], dtype=np.float64) for row in rows])  # (cases, C)
-    present = (~np.isnan(dice)).sum(0)
+    values = np.stack([np.asarray(row[metric], dtype=np.float64) for row in rows])  # (cases, C)
+    present = (~np.isnan(values)).sum(0)
     with np.errstate(invalid="ignore"):
-        per_class = np.where(present > 0, np.nansum(dice, 0) / np.maximum(present, 1), np.nan)
+        per_class = np.where(present > 0, np.nansum(values, 0) / np.maximum(present, 1), np.nan)
+        std = np.where(present > 0, np.sqrt(np.nansum((values - per_class) ** 2, 0) / np.maximum(present, 1)), np.nan)
     scored = per_class[~np.isnan(per_class)]
+    case_means = np.array([_mean(v) for v in values])
+    case_means = case_means[~np.isnan(case_means)]
     return {
         "per_class": per_class,
+        "std": std,
         "present": present,
         "mean": float(scored.mean()) if scored.size else math.nan,
+        "case_std": float(case_means.std()) if case_means.size else math.nan,
         "cases": len(rows),
     }
 
 
-def write_metrics_csv(path: str | os.PathLike, rows: Sequence[dict], class_names: Sequence[str]) -> None:
-    """One line per case: ``case, modality, <Dice per class>, mean`` (mean over the case's present classes).
+def row_metrics(rows: Sequence[dict]) -> list[str]:
+    """The keys of :data:`METRICS` that the rows hold, in the order of METRICS."""
+    return [m for m in METRICS if rows and m in rows[0]]
 
-    class_names: the C foreground names (no background). Absent classes are written as ``absent``.
+
+def write_metrics_csv(path: str | os.PathLike, rows: Sequence[dict], class_names: Sequence[str]) -> None:
+    """One line per case, numbers only: ``case, modality``, the Dice (0..1) per class and ``mean`` (the
+    mean over the case's present classes), then, when the rows hold them, ``NSD <class>`` ... ``NSD mean``
+    (0..1) and ``HD95 <class>`` ... ``HD95 mean`` (mm). An absent class is an empty cell.
+
+    class_names: the C foreground names (no background).
     """
+    metrics = row_metrics(rows)
+    names = _check_names(class_names, len(rows[0]["dice"]) if rows else None)
+    header = ["case", "modality", *names, "mean"]
+    for metric in metrics[1:]:
+        label = METRICS[metric][0]
+        header += [f"{label} {name}" for name in [*names, "mean"]]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        names = _check_names(class_names, len(rows[0]["dice"]) if rows else None)
-        writer.writerow(["case", "modality", *names, "mean"])
+        writer.writerow(header)
         for row in rows:
-            dice = np.asarray(row["dice"], dtype=np.float64)
-            present = dice[~np.isnan(dice)]
-            mean = float(present.mean()) if present.size else math.nan
-            writer.writerow([row["case"], row["modality"], *(_cell(v, 1.0, 6) for v in dice), _cell(mean, 1.0, 6)])
+            cells = [row["case"], row["modality"]]
+            for metric in metrics:
+                values = np.asarray(row[metric], dtype=np.float64)
+                cells += [_number(v, 1.0, 6) for v in [*values, _mean(values)]]
+            writer.writerow(cells)
 
 
-def summary_rows(settings: dict[str, dict], class_names: Sequence[str]) -> list[list[str]]:
+def summary_rows(settings: dict[str, dict], class_names: Sequence[str], metric: str = "dice", std: bool = False
+                 ) -> list[list[str]]:
     """The paper's layout as text cells: a header, then one row per setting, one column per organ, then
-    ``Average``. Values are Dice in percent with two decimals, ``absent`` where no case had the class.
+    ``Average``. Dice and NSD in percent, HD95 in mm, with two decimals; ``absent`` where no case had the
+    class. With ``std``, each cell is ``mean ± std`` (the Average's spread is ``case_std``, see :func:`summarise`).
 
-    settings: setting name (e.g. ``"CT, ALT"``) -> a :func:`summarise` result.
+    settings: setting name (e.g. ``"CT, ALT"``) -> a :func:`summarise` result for ``metric``.
     """
+    scale = METRICS[metric][1]
     table = [["Setting", *class_names, "Average"]]
     for name, summary in settings.items():
-        per_class = summary["per_class"]
-        _check_names(class_names, len(per_class))
-        table.append([name, *(_cell(v, 100.0, 2) for v in per_class), _cell(summary["mean"], 100.0, 2)])
+        _check_names(class_names, len(summary["per_class"]))
+        cells = []
+        for mean, spread in zip([*summary["per_class"], summary["mean"]], [*summary["std"], summary["case_std"]]):
+            if math.isnan(mean):
+                cells.append(ABSENT)
+            else:
+                cells.append(_number(mean, scale, 2) + (f" ± {_number(spread, scale, 2)}" if std else ""))
+        table.append([name, *cells])
     return table
 
 
-def markdown_table(settings: dict[str, dict], class_names: Sequence[str]) -> str:
-    """:func:`summary_rows` as a Markdown table (Dice in %), ending with a newline."""
-    header, *body = summary_rows(settings, class_names)
+def markdown_table(settings: dict[str, dict], class_names: Sequence[str], metric: str = "dice",
+                   std: bool = False) -> str:
+    """:func:`summary_rows` as a Markdown table (Dice and NSD in %, HD95 in mm), ending with a newline."""
+    header, *body = summary_rows(settings, class_names, metric, std)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines) + "\n"
 
 
-def write_summary_csv(path: str | os.PathLike, settings: dict[str, dict], class_names: Sequence[str]) -> None:
-    """:func:`summary_rows` written as CSV (the same cells as the Markdown table)."""
+def write_summary_csv(path: str | os.PathLike, settings: dict[str, dict[str, dict]], class_names: Sequence[str]
+                      ) -> None:
+    """The summary tables as CSV, numbers only: ``setting, metric, statistic``, one column per class, then
+    ``Average``. For each setting and metric (``dice``, ``nsd`` in %; ``hd95`` in mm) three lines: ``mean``,
+    ``std`` and ``n`` (cases where the class is present; the Average's is the number of cases), as in
+    :func:`summary_rows` with ``std``. An absent class is an empty cell.
+
+    settings: setting name -> metric key -> a :func:`summarise` result.
+    """
     with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(summary_rows(settings, class_names))
+        writer = csv.writer(f)
+        writer.writerow(["setting", "metric", "statistic", *class_names, "Average"])
+        for name, summaries in settings.items():
+            for metric, summary in summaries.items():
+                scale = METRICS[metric][1]
+                _check_names(class_names, len(summary["per_class"]))
+                means = [*summary["per_class"], summary["mean"]]
+                spreads = [*summary["std"], summary["case_std"]]
+                writer.writerow([name, metric, "mean", *(_number(v, scale, 2) for v in means)])
+                writer.writerow([name, metric, "std", *(_number(v, scale, 2) for v in spreads)])
+                writer.writerow([name, metric, "n", *map(int, summary["present"]), summary["cases"]])
+
+
+def write_summary_json(path: str | os.PathLike, rows: Sequence[dict], class_names: Sequence[str], setting: str,
+                       settings: dict) -> None:
+    """nnU-Net's ``summary.json`` layout for one setting: ``setting``, ``settings`` (how it was scored),
+    ``classes``, ``foreground_mean`` (metric -> the mean of the per-class means, and ``case_std``),
+    ``mean`` (class -> metric -> ``mean``, ``std``, ``n``) and ``metric_per_case`` (each row's other keys,
+    with ``metrics``: class -> metric -> value). Values are fractions (Dice, NSD) and mm (HD95), unrounded;
+    absent is ``null``.
+    """
+    metrics = row_metrics(rows)
+    names = _check_names(class_names, len(rows[0]["dice"]) if rows else None)
+    summaries = {m: summarise(rows, m) for m in metrics}
+    report = {
+        "setting": setting,
+        "settings": settings,
+        "classes": names,
+        "foreground_mean": {m: {"mean": _json(s["mean"]), "case_std": _json(s["case_std"])}
+                            for m, s in summaries.items()},
+        "mean": {name: {m: {"mean": _json(s["per_class"][c]), "std": _json(s["std"][c]), "n": int(s["present"][c])}
+                        for m, s in summaries.items()} for c, name in enumerate(names)},
+        "metric_per_case": [
+            {**{k: v for k, v in row.items() if k not in METRICS},
+             "metrics": {name: {m: _json(row[m][c]) for m in metrics} for c, name in enumerate(names)}}
+            for row in rows
+        ],
+    }
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+
+
+def write_reports(output_dir: str | os.PathLike, rows: Sequence[dict], class_names: Sequence[str], setting: str,
+                  settings: dict, note: str = "") -> str:
+    """Write :data:`REPORT_FILES` into ``output_dir``: metrics.csv (one line per case), summary.md (a
+    table per metric, mean ± std over cases, then ``note``), summary.csv and summary.json. This is the one
+    writer of evaluation results (``mulmodseg.evaluate`` and infer.py's ``--labels``). Returns the Markdown.
+
+    rows: as :func:`case_metrics` gives them plus ``case`` and ``modality`` (and any other keys, which go
+    into summary.json); class_names: the C foreground names; setting: the row name of the tables (e.g.
+    ``"unet CT"``); settings: how the cases were scored, for summary.json.
+    """
+    output_dir = Path(output_dir)
+    metrics = row_metrics(rows)
+    summaries = {m: summarise(rows, m) for m in metrics}
+    parts = []
+    for metric, summary in summaries.items():
+        name, _, unit = METRICS[metric]
+        tolerance = f" at {settings['nsd_tolerance_mm']:g} mm" if metric == "nsd" and "nsd_tolerance_mm" in settings else ""
+        parts.append(f"{name}{tolerance} ({unit}), mean ± std over {summary['cases']} case(s):\n\n"
+                     + markdown_table({setting: summary}, class_names, metric, std=True))
+    markdown = "\n".join(parts) + (f"\n{note}\n" if note else "")
+    write_metrics_csv(output_dir / "metrics.csv", rows, class_names)
+    (output_dir / "summary.md").write_text(markdown, encoding="utf-8")
+    write_summary_csv(output_dir / "summary.csv", {setting: summaries}, class_names)
+    write_summary_json(output_dir / "summary.json", rows, class_names, setting, settings)
+    return markdown
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -161,8 +385,18 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], **forward_kwargs) 
     return int(counter.get_total_flops())
 
 
-def _cell(value: float, scale: float, decimals: int) -> str:
-    return ABSENT if math.isnan(value) else f"{value * scale:.{decimals}f}"
+def _number(value: float, scale: float, decimals: int) -> str:
+    """A CSV cell: the scaled value, or empty for NaN (absent)."""
+    return "" if math.isnan(value) else f"{value * scale:.{decimals}f}"
+
+
+def _mean(values: np.ndarray) -> float:
+    present = values[~np.isnan(values)]
+    return float(present.mean()) if present.size else math.nan
+
+
+def _json(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
 
 
 def _check_names(class_names: Iterable[str], expected: int | None) -> list[str]:

@@ -1,20 +1,27 @@
-"""Dice on hand-made label maps, summaries, CSV/Markdown output, parameter and FLOP counts."""
+"""Dice, NSD and HD95 on hand-made label maps and against MONAI, summaries, CSV/Markdown/JSON output,
+parameter and FLOP counts."""
 
 import csv
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+from scipy import ndimage
 from torch import nn
 
 import mulmodseg.metrics as metrics
 from mulmodseg.metrics import (
+    border_voxels,
+    case_metrics,
     count_flops,
     count_parameters,
     dice_per_class,
     markdown_table,
     summarise,
+    surface_metrics,
     write_metrics_csv,
     write_summary_csv,
 )
@@ -84,16 +91,35 @@ def test_summarise_ignores_absent():
     assert summary["mean"] == pytest.approx(0.375) and summary["cases"] == 3
 
 
+def test_summarise_std_and_case_spread():
+    summary = summarise(ROWS)
+    # liver: 1, 0.5, 0 -> std sqrt(1/6); spleen: 0.5, 0 -> 0.25; case means 0.75, 0.25, 0.
+    np.testing.assert_allclose(summary["std"], [math.sqrt(1 / 6), np.nan, 0.25])
+    assert summary["case_std"] == pytest.approx(np.std([0.75, 0.25, 0.0]))
+    hd = summarise([{"hd95": np.array([2.0, np.nan])}, {"hd95": np.array([4.0, np.nan])}], "hd95")
+    np.testing.assert_allclose(hd["per_class"], [3.0, np.nan])
+    np.testing.assert_allclose(hd["std"], [1.0, np.nan])
+
+
 def test_metrics_csv(tmp_path):
     path = tmp_path / "metrics.csv"
     write_metrics_csv(path, ROWS, NAMES)
     lines = list(csv.reader(open(path)))
     assert lines[0] == ["case", "modality", "liver", "pancreas", "spleen", "mean"]
-    assert lines[1] == ["a", "CT", "1.000000", "absent", "0.500000", "0.750000"]
-    assert lines[3] == ["c", "MR", "0.000000", "absent", "absent", "0.000000"]
-    assert "nan" not in path.read_text().lower()
+    assert lines[1] == ["a", "CT", "1.000000", "", "0.500000", "0.750000"]  # absent: an empty cell
+    assert lines[3] == ["c", "MR", "0.000000", "", "", "0.000000"]
+    assert "nan" not in path.read_text().lower() and "absent" not in path.read_text()
     with pytest.raises(ValueError):
         write_metrics_csv(path, ROWS, ["background", *NAMES])
+
+
+def test_metrics_csv_with_surface_metrics(tmp_path):
+    rows = [{**ROWS[0], "nsd": np.array([0.9, np.nan, 0.2]), "hd95": np.array([1.5, np.nan, 30.0])}]
+    write_metrics_csv(tmp_path / "metrics.csv", rows, NAMES)
+    header, line = list(csv.reader(open(tmp_path / "metrics.csv")))
+    assert header[6:] == ["NSD liver", "NSD pancreas", "NSD spleen", "NSD mean",
+                          "HD95 liver", "HD95 pancreas", "HD95 spleen", "HD95 mean"]
+    assert line[6:] == ["0.900000", "", "0.200000", "0.550000", "1.500000", "", "30.000000", "15.750000"]
 
 
 def test_markdown_and_summary_csv(tmp_path):
@@ -105,9 +131,144 @@ def test_markdown_and_summary_csv(tmp_path):
         "| CT, ALT | 75.00 | absent | 25.00 | 50.00 |",
         "| MR, ALT | 0.00 | absent | absent | 0.00 |",
     ]
+    # With std: liver 1, 0.5 -> 25 points; spleen 0.5, 0 -> 25; the case means 0.75, 0.25 -> 25.
+    assert markdown_table(settings, NAMES, std=True).splitlines()[2] == (
+        "| CT, ALT | 75.00 ± 25.00 | absent | 25.00 ± 25.00 | 50.00 ± 25.00 |")
+    hd = {"CT": summarise([{"hd95": np.array([2.0, np.nan, 4.0])}], "hd95")}
+    assert markdown_table(hd, NAMES, "hd95").splitlines()[2] == "| CT | 2.00 | absent | 4.00 | 3.00 |"
+
     path = tmp_path / "summary.csv"
-    write_summary_csv(path, settings, NAMES)
-    assert list(csv.reader(open(path)))[1] == ["CT, ALT", "75.00", "absent", "25.00", "50.00"]
+    write_summary_csv(path, {"CT, ALT": {"dice": summarise(ROWS[:2])}}, NAMES)
+    lines = list(csv.reader(open(path)))
+    assert lines == [
+        ["setting", "metric", "statistic", "liver", "pancreas", "spleen", "Average"],
+        ["CT, ALT", "dice", "mean", "75.00", "", "25.00", "50.00"],
+        ["CT, ALT", "dice", "std", "25.00", "", "25.00", "25.00"],
+        ["CT, ALT", "dice", "n", "2", "0", "2", "2"],
+    ]
+
+
+def test_reports_hold_numbers_and_the_settings(tmp_path):
+    rows = [{**row, "nsd": row["dice"] / 2, "hd95": row["dice"] * 10, "reference": f"labels/{row['case']}.nii.gz"}
+            for row in ROWS]
+    markdown = metrics.write_reports(tmp_path, rows, NAMES, "unet CT", {"nsd_tolerance_mm": 2.0}, "cost line")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(metrics.REPORT_FILES)
+    assert "NSD at 2 mm (%), mean ± std over 3 case(s)" in markdown and markdown.endswith("cost line\n")
+    assert "| unet CT | 5.00 ± 4.08 | absent | 2.50 ± 2.50 | 3.75 ± 3.12 |" in markdown  # HD95 in mm
+    assert (tmp_path / "summary.md").read_text() == markdown
+    summary_lines = list(csv.reader(open(tmp_path / "summary.csv")))
+    assert len(summary_lines) == 1 + 3 * 3 and summary_lines[4][:4] == ["unet CT", "nsd", "mean", "25.00"]
+    for line in summary_lines[1:]:  # numbers only, empty where absent
+        assert all(cell == "" or math.isfinite(float(cell)) for cell in line[3:])
+    report = json.loads((tmp_path / "summary.json").read_text())
+    assert report["setting"] == "unet CT" and report["settings"] == {"nsd_tolerance_mm": 2.0}
+    assert report["classes"] == NAMES
+    assert report["foreground_mean"]["dice"]["mean"] == pytest.approx(0.375)
+    assert report["mean"]["liver"]["nsd"] == {"mean": 0.25, "std": pytest.approx(math.sqrt(1 / 6) / 2), "n": 3}
+    assert report["mean"]["pancreas"]["hd95"] == {"mean": None, "std": None, "n": 0}
+    case = report["metric_per_case"][0]
+    assert case["case"] == "a" and case["reference"] == "labels/a.nii.gz"
+    assert case["metrics"]["spleen"] == {"dice": 0.5, "nsd": 0.25, "hd95": 5.0}
+    assert case["metrics"]["pancreas"]["dice"] is None
+
+
+# ------------------------------------------------------------------------------------------------ surfaces
+
+
+def _monai(pred, label, spacing, tolerance):
+    """MONAI's NSD and HD95 of two bool masks (float32 inside)."""
+    p, t = torch.as_tensor(pred[None, None]).float(), torch.as_tensor(label[None, None]).float()
+    nsd = compute_surface_dice(p, t, [tolerance], include_background=True, spacing=list(spacing)).item()
+    hd95 = compute_hausdorff_distance(p, t, include_background=True, percentile=95, spacing=list(spacing)).item()
+    return nsd, hd95
+
+
+def _blobs(rng, shape, count=2):
+    seeds = rng.random((count, *shape)) < 0.02
+    return [ndimage.binary_dilation(s, iterations=int(rng.integers(1, 4))) for s in seeds]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_surface_metrics_match_monai(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(6, 40, 3))
+    spacing = tuple(rng.uniform(0.4, 3.0, 3))
+    pred, label = _blobs(rng, shape)
+    for tolerance in (1.0, 2.5):
+        nsd, hd95 = surface_metrics(pred, label, spacing, tolerance)
+        want_nsd, want_hd95 = _monai(pred, label, spacing, tolerance)
+        assert nsd == pytest.approx(want_nsd, rel=1e-6) and hd95 == pytest.approx(want_hd95, rel=1e-6)
+
+
+def test_case_metrics_crop_per_class_equals_monai_on_the_whole_volume():
+    rng = np.random.default_rng(7)
+    shape, spacing = (30, 24, 18), (0.8, 1.1, 2.5)
+    pred, label = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    for c in (1, 2, 3):
+        a, b = _blobs(rng, shape)
+        pred[a], label[b] = c, c
+    pred[0, 0, 0] = 4  # class 4 in the prediction only; class 5 in neither
+    result = case_metrics(pred, label, 6, spacing, nsd_tolerance=1.5)
+    np.testing.assert_array_equal(result["dice"], dice_per_class(pred, label, 6))
+    for c in (1, 2, 3):
+        want = _monai(pred == c, label == c, spacing, 1.5)
+        assert (result["nsd"][c - 1], result["hd95"][c - 1]) == pytest.approx(want, rel=1e-6)
+    diagonal = math.sqrt((30 * 0.8) ** 2 + (24 * 1.1) ** 2 + (18 * 2.5) ** 2)
+    assert result["nsd"][3] == 0.0 and result["hd95"][3] == pytest.approx(diagonal)
+    assert math.isnan(result["nsd"][4]) and math.isnan(result["hd95"][4]) and math.isnan(result["dice"][4])
+
+
+def test_shifted_cube_by_hand_and_the_difference_from_surface_elements():
+    """A 4^3 cube and the same cube one voxel on along x (0.5 mm): each has 56 border voxels, 36 of them
+    shared with the other's border, the other 20 at 0.5 mm from it."""
+    label = np.zeros((8, 6, 6), bool)
+    label[1:5, 1:5, 1:5] = True
+    pred = np.roll(label, 1, axis=0)
+    spacing = (0.5, 1.0, 1.0)
+    assert border_voxels(label).sum() == 56 and (border_voxels(label) & border_voxels(pred)).sum() == 36
+    assert surface_metrics(pred, label, spacing, 0.5) == (1.0, 0.5)
+    nsd, hd95 = surface_metrics(pred, label, spacing, 0.4)
+    assert nsd == pytest.approx(72 / 112) and hd95 == 0.5
+    # DeepMind's surface elements (MONAI's use_subvoxels=True) weigh the faces by area: another value.
+    p, t = torch.as_tensor(pred[None, None]).float(), torch.as_tensor(label[None, None]).float()
+    surfels = compute_surface_dice(p, t, [0.4], include_background=True, spacing=list(spacing), use_subvoxels=True)
+    assert abs(surfels.item() - 72 / 112) > 0.05
+
+
+def test_surface_edge_cases():
+    shape, spacing = (4, 5, 6), (1.0, 2.0, 3.0)
+    empty = np.zeros(shape, bool)
+    one = empty.copy()
+    one[2, 2, 2] = True
+    assert all(math.isnan(v) for v in surface_metrics(empty, empty, spacing))  # absent from both
+    diagonal = math.sqrt(4**2 + 10**2 + 18**2)
+    assert surface_metrics(one, empty, spacing) == (0.0, pytest.approx(diagonal))  # present in one only
+    assert surface_metrics(empty, one, spacing) == (0.0, pytest.approx(diagonal))
+    # MONAI's HD95 there is no number (NaN in MONAI 1.6, inf before); here one larger than any distance inside.
+    assert not math.isfinite(_monai(one, empty, spacing, 2.0)[1])
+    assert surface_metrics(one, one, spacing) == (1.0, 0.0)  # a single voxel, matched
+    other = empty.copy()
+    other[2, 2, 3] = True  # one voxel on along z: 3 mm
+    assert surface_metrics(other, one, spacing, 2.0) == (0.0, 3.0)
+    assert surface_metrics(other, one, spacing, 3.0) == (1.0, 3.0)  # distance <= tolerance counts
+    # Empty volume and a one-voxel volume.
+    nothing = case_metrics(np.zeros((0, 3, 3), np.uint8), np.zeros((0, 3, 3), np.uint8), 3, spacing)
+    assert all(np.isnan(v).all() and v.shape == (2,) for v in nothing.values())
+    voxel = np.ones((1, 1, 1), np.uint8)
+    single = case_metrics(voxel, voxel, 2, spacing)
+    assert (single["dice"][0], single["nsd"][0], single["hd95"][0]) == (1.0, 1.0, 0.0)
+
+
+def test_surface_arguments_are_checked():
+    mask = np.ones((2, 2, 2), bool)
+    with pytest.raises(ValueError, match="spacing"):
+        surface_metrics(mask, mask, (1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="spacing"):
+        case_metrics(mask.astype(np.uint8), mask.astype(np.uint8), 2, (1.0, 1.0))
+    with pytest.raises(ValueError, match="tolerance"):
+        surface_metrics(mask, mask, (1.0, 1.0, 1.0), -1.0)
+    with pytest.raises(ValueError, match="shape"):
+        case_metrics(np.zeros((2, 3, 4), np.uint8), np.zeros((4, 3, 2), np.uint8), 2, (1.0, 1.0, 1.0))
 
 
 def test_count_parameters():

@@ -109,53 +109,97 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
             warning = _modality_warning(case, low)
             if warning:
                 warnings.append(warning)
-    if case.label is None:
-        return problems, warnings
-    lab, values = _read(Path(case.label), "label", problems)
+    if case.label is not None:
+        _check_label(Path(case.label), "label", img, case.image, "image", mapping, num_classes, affine_tol, problems,
+                     warnings)
+    return problems, warnings
+
+
+def _check_label(path: Path, what: str, reference, reference_path, reference_what: str,
+                 mapping: Optional[Mapping[int, int]], num_classes: Optional[int], affine_tol: float,
+                 problems: List[str], warnings: List[str]):
+    """Check the label map at `path` (called `what` in messages) on the grid of the nibabel image
+    `reference` (None: no grid to compare, e.g. it was unreadable) read from `reference_path`, adding to
+    `problems` and `warnings`. Returns the label's nibabel image, or None when it cannot be read."""
+    lab, values = _read(path, what, problems)
     if values is None:
-        return problems, warnings
-    if img is not None:
+        return None
+    if reference is not None:
         unusable = affine_problem(lab.affine)
         if unusable:
-            warnings.append(f"{case.label}: {unusable}; its voxels are taken to be the image's ({case.image})")
+            warnings.append(f"{path}: {unusable}; its voxels are taken to be the {reference_what}'s ({reference_path})")
         else:
             # As read_label does: a label stored in another axis order goes onto the image's axes first.
-            values, lab_affine = onto_axes(values, lab.affine, img.affine)
-            drift = float(np.abs(lab_affine - np.asarray(img.affine)).max())
+            values, lab_affine = onto_axes(values, lab.affine, reference.affine)
+            drift = float(np.abs(lab_affine - np.asarray(reference.affine)).max())
             if not drift <= affine_tol:
-                warnings.append(f"{case.label}: affine differs from the image's by up to {drift:.4g} "
-                                f"(> {affine_tol}); the image affine ({case.image}) is used")
-        if values.shape != tuple(img.shape):
-            problems.append(f"{case.label}: label shape {values.shape} differs from image shape "
-                            f"{tuple(img.shape)} ({case.image})")
+                warnings.append(f"{path}: affine differs from the {reference_what}'s by up to {drift:.4g} "
+                                f"(> {affine_tol}); the {reference_what} affine ({reference_path}) is used")
+        if values.shape != tuple(reference.shape):
+            problems.append(f"{path}: {what} shape {values.shape} differs from {reference_what} shape "
+                            f"{tuple(reference.shape)} ({reference_path})")
     if not np.issubdtype(values.dtype, np.integer):
         if not np.all(np.isfinite(values)):
-            problems.append(f"{case.label}: NaN/Inf voxels in the label")
-            return problems, warnings
+            problems.append(f"{path}: NaN/Inf voxels in the {what}")
+            return lab
         if not np.array_equal(values, np.round(values)):
-            problems.append(f"{case.label}: label values are not integers")
-            return problems, warnings
+            problems.append(f"{path}: {what} values are not integers")
+            return lab
     present = [int(v) for v in _label_values(values)]
     # Hundreds of distinct values: an image where a label map should be (swapped folders, --labels).
     hint = f"; {len(present)} distinct values: is it an image rather than a label map?" if len(present) > 255 else ""
     if mapping is not None:
         unmapped = label_map_problems(present, mapping)
         if unmapped:
-            problems.append(f"{case.label}: label values {_values_text(unmapped)} are not in the label map{hint}")
-            return problems, warnings
+            problems.append(f"{path}: {what} values {_values_text(unmapped)} are not in the label map{hint}")
+            return lab
         classes = sorted({mapping.get(v, 0) for v in present})
     else:
         classes = present
         out_of_range = [v for v in present if v < 0 or v > 255]
         if out_of_range:
-            problems.append(f"{case.label}: label values {_values_text(out_of_range)} outside 0..255; "
+            problems.append(f"{path}: {what} values {_values_text(out_of_range)} outside 0..255; "
                             f"give a label map{hint}")
-            return problems, warnings
+            return lab
     if num_classes is not None:
         too_big = [v for v in classes if v >= num_classes]
         if too_big:
-            problems.append(f"{case.label}: class values {_values_text(too_big)} >= num_classes={num_classes}{hint}")
-    return problems, warnings
+            problems.append(f"{path}: class values {_values_text(too_big)} >= num_classes={num_classes}{hint}")
+    return lab
+
+
+def check_label_pairs(pairs: Sequence[Tuple[Path, Path]], label_map: Optional[LabelMapSpec] = None,
+                      num_classes: Optional[int] = None, affine_tol: float = 1e-3,
+                      num_workers: Optional[int] = None) -> List[str]:
+    """Check (prediction, reference label) pairs of label-map files before scoring, each file read once:
+    both readable 3D label maps whose values are known (as labels are in `check_cases`), and the
+    prediction on the label's grid: the same shape once put on the label's axes, and affines within
+    `affine_tol` (beyond it only a warning, as between an image and its label: the voxels are taken to
+    correspond). Returns the warnings; raises one DataError listing every problem of every pair."""
+    if not pairs:
+        raise DataError("no pairs to check")
+    mapping = None if label_map is None else parse_label_map(label_map)
+
+    def check(pair):
+        pred, label = (Path(p) for p in pair)
+        problems: List[str] = []
+        warnings: List[str] = []
+        reference = _check_label(label, "label", None, None, "label", mapping, num_classes, affine_tol, problems,
+                                 warnings)
+        unusable = None if reference is None else affine_problem(reference.affine)
+        if unusable:
+            problems.append(f"{label}: {unusable}")
+            reference = None
+        _check_label(pred, "prediction", reference, label, "label", mapping, num_classes, affine_tol, problems,
+                     warnings)
+        return problems, warnings
+
+    with ThreadPoolExecutor(max_workers=num_workers or min(4, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(check, pairs))
+    problems = [p for found, _ in results for p in found]
+    if problems:
+        raise DataError(problems)
+    return [w for _, found in results for w in found]
 
 
 def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
