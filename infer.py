@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--skip_existing", action="store_true",
                        help="continue an interrupted run into the same --output: scans whose outputs all exist are not "
                        "segmented again (with --labels they are scored from those files)")
-    p.add_argument("--labels", help="folder of ground-truth label maps with the inputs' names: writes metrics.csv (Dice per case and class), summary.md and summary.csv (the paper's table layout)")
+    p.add_argument("--labels", help="folder of ground-truth label maps with the inputs' names: writes metrics.csv (Dice, NSD and HD95 per case and class), summary.md and summary.csv (mean and std per class, the paper's table layout) and summary.json")
+    p.add_argument("--nsd_tolerance", type=float, default=2.0, help="with --labels: the normalised surface Dice's tolerance in mm")
     p.add_argument("--save_probabilities", action="store_true", help="also write NAME_probabilities.npz: softmax (classes, X, Y, Z) as float16 on the input's voxel grid")
     p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes (8x slower)")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         segment_files(
             args.checkpoint, find_inputs(args.input), args.output, args.modality, settings,
             overwrite=args.overwrite, save_probabilities=args.save_probabilities, previews=args.preview,
-            labels_dir=args.labels, skip_existing=args.skip_existing,
+            labels_dir=args.labels, skip_existing=args.skip_existing, nsd_tolerance=args.nsd_tolerance,
         )
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """infer.py end to end on the real sample CT (RAS) and MR (LPS) with checkpoints trained here for one epoch."""
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -137,9 +138,16 @@ def test_evaluation_writes_dice_tables_in_the_original_space(tmp_path, checkpoin
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("case,modality,spleen")
     assert rows[1].startswith("ts_ct_001,CT,")
-    assert ",absent," in rows[1]  # esophagus is in neither the label nor (after 1 epoch) the prediction
+    header, cells = rows[0].split(","), rows[1].split(",")
+    # Esophagus is in neither the label nor (after 1 epoch) the prediction: empty cells, never text.
+    assert cells[header.index("esophagus")] == cells[header.index("NSD esophagus")] == ""
+    assert all(cell == "" or 0 <= float(cell) for cell in cells[2:])
+    assert header[-1] == "HD95 mean" and len(header) == 2 + 3 * 14
     summary = (tmp_path / "summary.md").read_text()
     assert "| unet CT |" in summary and "parameters" in summary and "GFLOPs per 32x32x32 window" in summary
+    assert "NSD at 2 mm (%)" in summary and "HD95 (mm)" in summary
+    report = json.loads((tmp_path / "summary.json").read_text())
+    assert report["settings"]["backbone"] == "unet" and report["metric_per_case"][0]["case"] == "ts_ct_001"
 
 
 def test_wrong_modality_prompts_change_the_output(tmp_path, checkpoint):
@@ -236,7 +244,8 @@ def test_flops_are_counted_where_the_model_is(tmp_path, checkpoint, monkeypatch)
 def test_help_explains_every_flag():
     text = infer_cli.build_parser().format_help()
     for flag in ("--checkpoint", "--modality", "--input", "--output", "--overwrite", "--labels", "--save_probabilities",
-                 "--preview", "--tta", "--device", "--sw_batch_size", "--overlap", "--prompt_modality"):
+                 "--preview", "--tta", "--device", "--sw_batch_size", "--overlap", "--prompt_modality",
+                 "--nsd_tolerance"):
         assert flag in text
 
 

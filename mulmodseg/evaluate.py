@@ -1,0 +1,130 @@
+"""Score a folder of label maps against a folder of reference labels, without a model:
+``python -m mulmodseg.evaluate --pred DIR --labels DIR``; see ``--help``.
+
+Each prediction finds its label as infer.py's ``--labels`` does (``case.nii.gz`` for ``case_0000.nii.gz``,
+or the same name); every pair is checked (readable, 3D, known values, the same grid) before any is
+scored, and all problems are reported at once. The results go into the files that infer.py writes
+(``mulmodseg.metrics.write_reports``), with the metrics of ``mulmodseg.metrics.case_metrics`` on each
+label's own voxel grid and spacing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import nibabel as nib
+
+from mulmodseg import data as mdata
+from mulmodseg.cli import HelpFormatter
+from mulmodseg.data.checks import check_label_pairs
+from mulmodseg.metrics import case_metrics, check_nsd_tolerance, write_reports
+from mulmodseg.predict import find_inputs, label_candidates, output_dir_problems, output_path
+from mulmodseg.text.prompts import resolve_classes
+
+
+def match_labels(predictions: Sequence[Path], labels_dir: Path) -> tuple[dict[Path, Path], list[str]]:
+    """{prediction: its label file} and a problem for each prediction without one."""
+    pairs, problems = {}, []
+    for pred in predictions:
+        found = [p for p in label_candidates(pred, labels_dir) if p.is_file()]
+        if found:
+            pairs[pred] = found[0]
+        else:
+            problems.append(f"{pred}: no label file with this name in {labels_dir}")
+    return pairs, problems
+
+
+def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, classes: str | Sequence[str] = "amos",
+                     label_map=None, nsd_tolerance: float = 2.0, output_dir: str | Path | None = None,
+                     modality: str = "",
+                     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> list[dict]:
+    """Score every label map in ``pred_dir`` against its label in ``labels_dir`` and write the reports
+    into ``output_dir`` (default: ``pred_dir``), replacing earlier ones. Both files of a pair are read as
+    labels are in training (``label_map`` applied), the prediction put on the label's grid; ``modality``
+    only fills the tables' modality column. Returns one row per case (see ``mulmodseg.metrics``).
+
+    Raises DataError listing every problem (missing labels, unreadable files, other grids, unknown
+    values, an unwritable ``output_dir``) before any case is scored, and ValueError for bad ``classes``
+    or ``nsd_tolerance``.
+    """
+    names = resolve_classes(classes)
+    check_nsd_tolerance(nsd_tolerance)
+    labels_dir, output_dir = Path(labels_dir), Path(output_dir or pred_dir)
+    problems = output_dir_problems(output_dir)
+    try:
+        predictions = find_inputs(pred_dir)
+    except mdata.DataError as error:
+        predictions = []
+        problems += error.problems
+    if labels_dir.is_dir():
+        pairs, missing = match_labels(predictions, labels_dir)
+        problems += missing
+    else:
+        pairs = {}
+        problems.append(f"--labels {labels_dir}: no such folder")
+    warnings = []
+    if pairs:
+        try:
+            warnings = check_label_pairs(list(pairs.items()), label_map, len(names))
+        except mdata.DataError as error:
+            problems += error.problems
+    if problems:
+        raise mdata.DataError(problems)
+    for warning in warnings:
+        log(f"warning: {warning}")
+    rows = []
+    for i, (pred, label_file) in enumerate(pairs.items(), 1):
+        reference = mdata.load_volume(label_file)
+        truth = mdata.read_label(reference, str(label_file), reference, label_map)
+        predicted = mdata.read_label(mdata.load_volume(pred), str(pred), reference, label_map)
+        rows.append({"case": mdata.nifti_stem(output_path(pred, output_dir)), "modality": modality,
+                     "prediction": str(pred), "reference": str(label_file),
+                     **case_metrics(predicted, truth, len(names), nib.affines.voxel_sizes(reference.affine), nsd_tolerance)})
+        log(f"[{i}/{len(pairs)}] {pred.name}: scored against {label_file}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"pred": str(pred_dir), "labels": str(labels_dir), "classes": list(names), "label_map": label_map,
+                "nsd_tolerance_mm": nsd_tolerance}
+    setting = " ".join(filter(None, [Path(pred_dir).name, modality]))
+    log(write_reports(output_dir, rows, names[1:], setting, settings))
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mulmodseg.evaluate",
+        description="Score label maps against reference labels (no model needed): Dice, NSD and HD95 per case "
+        "and class on each label's voxel grid, written to metrics.csv, summary.md, summary.csv and summary.json.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--pred", required=True, help="folder of predicted label maps (.nii/.nii.gz), e.g. infer.py's --output")
+    p.add_argument("--labels", required=True, help="folder of reference labels: case.nii.gz for a prediction "
+                   "case.nii.gz or case_0000.nii.gz, or the prediction's own name")
+    p.add_argument("--classes", default="amos", help="class set (amos, amos_reference, mmwhs) or a file of names, "
+                   "background first, as in training")
+    p.add_argument("--label_map", help="dataset value -> class id (src:dst,... or a JSON file), applied to both "
+                   "folders, as in training")
+    p.add_argument("--nsd_tolerance", type=float, default=2.0, help="normalised surface Dice tolerance in mm")
+    p.add_argument("--modality", default="", help="written in the tables' modality column (e.g. CT)")
+    p.add_argument("--output", help="folder for the reports (default: --pred); earlier reports there are replaced")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate_folders(args.pred, args.labels, args.classes, args.label_map, args.nsd_tolerance, args.output,
+                         args.modality)
+    except (mdata.DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
