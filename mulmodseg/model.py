@@ -14,7 +14,9 @@ matrix products, with f shared by all classes instead of repeated, so the head s
 2 x B x K x 8 x S activations for backward and nothing else of that size.
 
 Modalities are names ("CT", "MR", ...) stored with the table; a batch may mix them (one name per
-sample). State-dict keys match the reference (backbone.*, GAP.*, precls_conv.*, controller.*,
+sample). With ``norm_stats="per_modality"`` the UNet keeps one set of BatchNorm running statistics per
+modality (``nets.unet3d.DomainBatchNorm3d``), chosen by each sample's modality; SwinUNETR normalises with
+InstanceNorm, which has no running statistics, so the setting changes nothing there. State-dict keys match the reference (backbone.*, GAP.*, precls_conv.*, controller.*,
 text_to_vision.*); the table is the buffer ``text_embeddings`` in our modality order.
 """
 
@@ -38,6 +40,7 @@ PARAM_SPLITS = (64, 64, 8, 8, 8, 1)
 NUM_DYNAMIC_PARAMS = sum(PARAM_SPLITS)  # 153
 
 Modality = Union[str, Sequence[str]]
+NORM_STATS = ("shared", "per_modality")
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -106,7 +109,9 @@ class MulModSeg(nn.Module):
     ``dec_channels``. embeddings: None (vision-only: the backbone's own 1x1x1 output conv),
     "onehot", a tensor (M, K, D), an ``EmbeddingTable`` or the path of a saved table.
     modalities: the names of the table's rows, in order. classes: class names (optional, kept for
-    checkpoints). Extra keyword arguments go to the backbone (e.g. ``feature_size``).
+    checkpoints). norm_stats: "shared" (one set of UNet BatchNorm running statistics for all
+    modalities) or "per_modality" (one set per modality, affine weights shared; parameters unchanged).
+    Extra keyword arguments go to the backbone (e.g. ``feature_size``).
     """
 
     def __init__(
@@ -118,9 +123,14 @@ class MulModSeg(nn.Module):
         classes: Sequence[str] | None = None,
         in_channels: int = 1,
         gradient_checkpointing: bool = False,
+        norm_stats: str = "shared",
         **backbone_kwargs: Any,
     ) -> None:
         super().__init__()
+        if norm_stats not in NORM_STATS:
+            raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
+        if backbone == "unet" and norm_stats == "per_modality":
+            backbone_kwargs["norm_domains"] = len(modalities)
         self.num_classes = num_classes
         self.backbone_name = backbone if isinstance(backbone, str) else type(backbone).__name__
         self.backbone_kwargs = dict(backbone_kwargs)
@@ -160,8 +170,9 @@ class MulModSeg(nn.Module):
                 module.use_checkpoint = enabled
         return self
 
-    def modality_index(self, modality: Modality, batch_size: int) -> torch.Tensor:
-        """Row indices (B,) into the table for one modality name or one name per sample."""
+    def modality_index(self, modality: Modality, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """Row indices (B,) into the table (and the normalisation statistics) for one modality name or one
+        name per sample, on ``device`` (default: the table's)."""
         names = [modality] * batch_size if isinstance(modality, str) else list(modality)
         if len(names) != batch_size:
             raise ValueError(f"got {len(names)} modality names for a batch of {batch_size}")
@@ -169,11 +180,23 @@ class MulModSeg(nn.Module):
         if unknown:
             raise ValueError(f"unknown modality {unknown}; this model knows {list(self.modalities)}")
         index = [self.modalities.index(n) for n in names]
-        return torch.tensor(index, device=self.text_embeddings.device)
+        return torch.tensor(index, device=device if device is not None else self.text_embeddings.device)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, C_in, D, H, W) -> (enc_last, dec_last) of the backbone."""
-        return self.backbone.forward_features(x)
+    def domain(self, modality: Modality | None, x: torch.Tensor) -> torch.Tensor | None:
+        """Each sample's normalisation statistics (B,) for a backbone with one set per modality, else None."""
+        if getattr(self.backbone, "norm_domains", 1) == 1:
+            return None
+        if modality is None:
+            raise ValueError(f"this model normalises each modality with its own statistics: pass the batch's "
+                             f"modality, one of {list(self.modalities)}")
+        # On the CPU: the ids only select statistics (no copy from a GPU, and a meta-device model works).
+        return self.modality_index(modality, x.shape[0], torch.device("cpu"))
+
+    def forward_features(self, x: torch.Tensor, modality: Modality | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C_in, D, H, W) -> (enc_last, dec_last) of the backbone; ``modality`` (one name or one per
+        sample) picks the normalisation statistics when the backbone keeps them per modality."""
+        domain = self.domain(modality, x)
+        return self.backbone.forward_features(x) if domain is None else self.backbone.forward_features(x, domain)
 
     def dynamic_params(self, enc_last: torch.Tensor, modality: Modality) -> torch.Tensor:
         """Controller output theta: (B, K, 153) from the image code and each class's text embedding."""
@@ -193,14 +216,17 @@ class MulModSeg(nn.Module):
     ) -> torch.Tensor:
         """x: (B, C_in, D, H, W), modality: one name or one per sample -> logits (B, K, D, H, W).
 
-        ``prompt_modality`` overrides the rows used for the prompts (the paper's wrong-modality test);
-        the vision-only model ignores both. ``chunk_voxels`` bounds head memory at inference.
+        ``prompt_modality`` overrides the rows used for the prompts (the paper's wrong-modality test),
+        never the normalisation statistics, which follow the image's ``modality``; the vision-only model
+        has no prompts and needs ``modality`` only for per-modality statistics. ``chunk_voxels`` bounds
+        head memory at inference.
         """
         if self.vision_only:
-            return self.backbone(x)
+            domain = self.domain(modality, x)
+            return self.backbone(x) if domain is None else self.backbone(x, domain)
         if modality is None and prompt_modality is None:
             raise ValueError(f"MulModSeg needs the batch's modality, one of {list(self.modalities)}")
-        enc_last, dec_last = self.forward_features(x)
+        enc_last, dec_last = self.forward_features(x, modality)
         params = self.dynamic_params(enc_last, prompt_modality if prompt_modality is not None else modality)
         feat = self.precls_conv(dec_last)
         if self.gradient_checkpointing and torch.is_grad_enabled():

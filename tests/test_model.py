@@ -234,3 +234,72 @@ def test_table_file_brings_its_names(tmp_path):
     x = torch.randn(1, 1, 8, 8, 8)
     with torch.no_grad():
         assert (model(x, "PET") - loop_forward(model, x, ["PET"])).abs().max().item() < 1e-5
+
+
+# ------------------------------------------------------------------- per-modality normalisation statistics
+
+def small_unet_model(norm_stats: str, vision_only: bool = False) -> MulModSeg:
+    torch.manual_seed(0)
+    embeddings = None if vision_only else torch.randn(2, 3, 6)
+    return MulModSeg("unet", num_classes=3, embeddings=embeddings, base_channels=4, norm_stats=norm_stats)
+
+
+def test_per_modality_statistics_keep_the_parameter_count():
+    model = MulModSeg("unet", num_classes=14, embeddings=torch.zeros(2, 14, 512), norm_stats="per_modality")
+    assert sum(p.numel() for p in model.parameters()) == 19_416_417
+    assert model.backbone.down_tr64.ops[0].bn1.running_mean.shape == (2, 32)
+    with pytest.raises(ValueError, match="norm_stats"):
+        MulModSeg("unet", num_classes=3, embeddings=None, norm_stats="per_sample")
+
+
+def test_mixed_batch_uses_each_samples_statistics_in_training_and_eval():
+    """A batch [CT, MR, CT] gives what a CT-only and an MR-only batch give (train: batch statistics of
+    each modality; eval: each modality's running statistics); the prompts' modality never picks them."""
+    x = torch.randn(3, 1, 16, 16, 16)
+    x[1] = x[1] * 4 + 3
+    mixed, split = small_unet_model("per_modality"), small_unet_model("per_modality")
+    out = mixed(x, ["CT", "MR", "CT"])
+    ct, mr = split(x[[0, 2]], "CT"), split(x[1:2], "MR")
+    assert torch.allclose(out[[0, 2]], ct, atol=1e-5) and torch.allclose(out[1:2], mr, atol=1e-5)
+    split_state = split.state_dict()
+    for key, value in mixed.state_dict().items():  # the same running statistics per modality
+        if not key.endswith("num_batches_tracked"):  # counts forward calls: one here, two there
+            assert torch.allclose(value, split_state[key], atol=1e-6), key
+    bn = mixed.backbone.down_tr64.ops[0].bn1
+    assert not torch.allclose(bn.running_mean[0], bn.running_mean[1])
+    mixed.eval()
+    with torch.no_grad():
+        out = mixed(x, ["CT", "MR", "CT"])
+        assert torch.allclose(out[1:2], mixed(x[1:2], "MR"), atol=1e-5)
+        assert torch.allclose(out[:1], mixed(x[:1], "CT"), atol=1e-5)
+        # The wrong-modality test swaps the prompts only: the MR image keeps the MR statistics.
+        swapped = mixed(x[1:2], "MR", prompt_modality="CT")
+        features = mixed.forward_features(x[1:2], "MR")
+        params = mixed.dynamic_params(features[0], "CT")
+        assert torch.allclose(swapped, dynamic_head(mixed.precls_conv(features[1]), params), atol=1e-6)
+    with pytest.raises(ValueError, match="its own statistics"):
+        mixed(x[:1], prompt_modality="CT")
+
+
+def test_a_shared_checkpoint_loads_into_per_modality_statistics():
+    shared = small_unet_model("shared")
+    shared(torch.randn(2, 1, 16, 16, 16), "CT")  # running statistics that are not the initial ones
+    per_modality = small_unet_model("per_modality")
+    per_modality.load_state_dict(shared.state_dict())
+    shared.eval(), per_modality.eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        for modality in ("CT", "MR"):
+            assert torch.allclose(per_modality(x, modality), shared(x, modality), atol=1e-5)
+    clone = MulModSeg.from_config(per_modality.config())
+    clone.load_state_dict(per_modality.state_dict())
+    assert clone.backbone.norm_domains == 2
+
+
+def test_vision_only_per_modality_needs_the_modality():
+    model = small_unet_model("per_modality", vision_only=True).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="its own statistics"):
+        model(x)
+    with torch.no_grad():
+        assert model(x, "MR").shape == (1, 3, 16, 16, 16)

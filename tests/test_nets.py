@@ -10,6 +10,7 @@ from monai.networks.nets import swin_unetr as monai_swin
 
 from mulmodseg.nets import SwinUNETR, UNet3D, build_backbone, load_swin_weights
 from mulmodseg.nets.swin_unetr import MERGE_ORDERS
+from mulmodseg.nets.unet3d import DomainBatchNorm3d, domain_groups
 
 
 def n_params(model: nn.Module) -> int:
@@ -113,6 +114,82 @@ def test_unet_errors():
         UNet3D().forward_features(torch.zeros(1, 1, 12, 16, 16))
     with pytest.raises(RuntimeError, match="out_channels=None"):
         UNet3D()(torch.zeros(1, 1, 8, 8, 8))
+
+
+def test_one_domain_batchnorm_is_torch_batchnorm():
+    torch.manual_seed(0)
+    ours, plain = DomainBatchNorm3d(6), nn.BatchNorm3d(6)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.normal_()
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 6, 4, 5, 6) * 2 + 1
+    assert torch.allclose(ours(x), plain(x), atol=1e-6)
+    assert torch.allclose(ours.running_mean, plain.running_mean) and torch.allclose(ours.running_var, plain.running_var)
+    ours.eval(), plain.eval()
+    assert torch.allclose(ours(x), plain(x), atol=1e-6)
+
+
+def test_domain_batchnorm_normalises_each_domain_with_its_own_statistics():
+    """A mixed batch [0, 1, 0, 1] in training equals two BatchNorms, one fed each domain's samples; in
+    eval each sample gets its domain's running statistics, whatever else is in the batch."""
+    torch.manual_seed(0)
+    mixed = DomainBatchNorm3d(4, num_domains=2)
+    with torch.no_grad():
+        mixed.weight.uniform_(0.5, 1.5), mixed.bias.normal_()
+    alone = [nn.BatchNorm3d(4), nn.BatchNorm3d(4)]
+    for bn in alone:
+        bn.load_state_dict({k: v for k, v in mixed.state_dict().items() if not k.startswith("running")}, strict=False)
+    x = torch.randn(4, 4, 3, 4, 5)
+    x[1::2] = x[1::2] * 5 + 10  # domain 1 lives on another scale, as MR beside CT
+    domain = torch.tensor([0, 1, 0, 1])
+    out = mixed(x, domain_groups(domain, 4))
+    for d, bn in enumerate(alone):
+        assert torch.allclose(out[d::2], bn(x[d::2]), atol=1e-5)
+        assert torch.allclose(mixed.running_mean[d], bn.running_mean, atol=1e-6)
+        assert torch.allclose(mixed.running_var[d], bn.running_var, atol=1e-5)
+    assert mixed.running_mean[1].mean() > 0.5 and mixed.running_mean[0].abs().mean() < 0.2
+    mixed.eval()
+    for bn in alone:
+        bn.eval()
+    with torch.no_grad():
+        out = mixed(x, domain_groups(domain, 4))
+        single = mixed(x[1:2], domain_groups(torch.tensor([1]), 1))
+    for d, bn in enumerate(alone):
+        assert torch.allclose(out[d::2], bn(x[d::2]), atol=1e-5)
+    assert torch.allclose(single, out[1:2], atol=1e-6)
+    with pytest.raises(ValueError, match="out of range"):
+        mixed(x[:1], domain_groups(torch.tensor([2]), 1))
+
+
+def test_domain_groups():
+    assert domain_groups(None, 3) == [(0, None)]
+    assert domain_groups(torch.tensor([1, 1]), 2) == [(1, None)]
+    groups = domain_groups(torch.tensor([1, 0, 1]), 3)
+    assert [d for d, _ in groups] == [0, 1] and groups[1][1].tolist() == [0, 2]
+    with pytest.raises(ValueError, match="one id per sample"):
+        domain_groups(torch.tensor([0, 1]), 3)
+
+
+def test_unet_per_domain_statistics_keep_parameters_and_load_reference_weights():
+    sd = reference_unet_state_dict(torch.Generator().manual_seed(0))
+    model = UNet3D(norm_domains=2)
+    assert sum(p.numel() for p in model.parameters()) == 19_073_600  # statistics are buffers, not parameters
+    model.load_state_dict(sd, strict=True)
+    bn = model.down_tr64.ops[0].bn1
+    assert bn.running_mean.shape == (2, 32)
+    assert torch.equal(bn.running_mean[0], sd["down_tr64.ops.0.bn1.running_mean"])
+    assert torch.equal(bn.running_mean[1], sd["down_tr64.ops.0.bn1.running_mean"])
+    # With both rows equal to the reference's single set, each domain predicts as the shared model.
+    shared = UNet3D()
+    shared.load_state_dict(sd)
+    model.eval(), shared.eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = shared.forward_features(x)[1]
+        assert torch.allclose(model.forward_features(x, torch.tensor([0, 1]))[1], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="domain id"):
+        model.forward_features(x)
 
 
 # -------------------------------------------------------------------------------------------- SwinUNETR
