@@ -105,6 +105,44 @@ def gpu_train_peaks(size: int, feature_size: int, unet_base: int, device: torch.
     return rows
 
 
+def restore_child(spec: dict) -> dict:
+    """Peak RSS of one restoration in this (fresh) process, logits allocated first."""
+    import numpy as np
+
+    from mulmodseg.data import restore, restore_argmax
+    from mulmodseg.predict import softmax_
+
+    meta = spec["meta"]
+    logits = torch.randn(14, *meta["shape"], generator=torch.Generator().manual_seed(0))
+    built = maxrss_mib()
+    if spec["restore"] == "nearest":
+        label = restore(logits.argmax(0).to(torch.uint8).numpy(), meta, "nearest")
+    else:
+        label = restore_argmax(softmax_(logits).numpy(), meta)
+    assert label.shape == tuple(meta["original_shape"]) and label.dtype == np.uint8
+    return {"built": built, "peak": maxrss_mib(), "batches": 0}
+
+
+def restore_rows(shape: tuple, spacing: tuple) -> list:
+    """Restoration peaks, before and now, for a CT of ``shape`` voxels of ``spacing`` mm."""
+    import nibabel as nib
+    import numpy as np
+
+    from mulmodseg.data import preprocess
+
+    scan = nib.Nifti1Image(np.full(shape, 40, np.int16), np.diag([*spacing, 1.0]))
+    meta = preprocess(scan, modality="CT", min_size=None)[2]
+    rows = []
+    for how, label in (("nearest", "before: argmax, then the label by nearest neighbour"),
+                       ("scores", "now: softmax in place, scores restored linearly, argmax")):
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps({"restore": how, "meta": meta})],
+                             capture_output=True, text=True, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append([f"restoration {tuple(meta['shape'])} -> {shape}", label, res["peak"] / 1024,
+                     f"GiB peak RSS ({res['built'] / 1024:.2f} with the logits alone)"])
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -115,10 +153,13 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-base", type=int, default=32)
     parser.add_argument("--only", choices=["all", "swin", "unet"], default="all")
     parser.add_argument("--skip-host", action="store_true", help="only the GPU training-step peaks")
+    parser.add_argument("--restore", action="store_true", help="also restoration onto the original grid, before and now")
+    parser.add_argument("--scan", type=int, nargs=3, default=(512, 512, 600), help="original CT for --restore")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(restore_child(spec) if "restore" in spec else child(spec)))
         return
     device = setup(args)
     if args.quick:
@@ -146,6 +187,8 @@ def main(argv=None) -> None:
                      ("unet", False): "our UNet + ref head + MONAI inferer"}[(backbone, ours)]
             rows.append([f"inference {shape}, CPU accumulation", label, res["peak"] / 1024,
                          f"GiB peak RSS ({res['built'] / 1024:.2f} after building; {res['batches']} window batches)"])
+    if args.restore:
+        rows += restore_rows((64, 64, 40) if args.quick else tuple(args.scan), (0.78, 0.78, 1.0))
     table = format_table(["what", "contender", "peak", "unit / note"], rows)
     notes = [f"inference: {args.roi}^3 windows, overlap 0.5, gaussian, sw_batch_size 4, fp32, feature_size "
              f"{args.feature_size}, UNet base {args.unet_base}; the float32 output alone is 14 x {shape} = "

@@ -1,8 +1,8 @@
 """Inference on NIfTI files: checkpoint in, label maps on the input's own grid out, Dice if labels are given.
 
 Each scan is preprocessed exactly as in training (settings from the checkpoint), segmented with the
-sliding-window inferer, argmaxed in the training space and mapped back onto the original voxel grid
-(``mulmodseg.data.restore``); the result is written with the input's affine, qform and sform, as
+sliding-window inferer, its softmax restored linearly onto the original voxel grid and argmaxed there
+(``mulmodseg.data.restore_argmax``); the result is written with the input's affine, qform and sform, as
 unsigned integers holding the training class ids, or the dataset's own label values when the run
 used a label map.
 """
@@ -23,9 +23,7 @@ from mulmodseg import data as mdata
 from mulmodseg.checkpoint import folder_problem, load_checkpoint
 from mulmodseg.device import autocast_dtype, resolve_device
 from mulmodseg.inferer import sliding_window_inference
-from mulmodseg.metrics import (
-    count_flops, count_parameters, dice_per_class, markdown_table, summarise, write_metrics_csv, write_summary_csv,
-)
+from mulmodseg.metrics import REPORT_FILES, case_metrics, check_nsd_tolerance, count_flops, count_parameters, write_reports
 from mulmodseg.model import MulModSeg
 from mulmodseg.viz import preview
 
@@ -37,7 +35,7 @@ class InferenceSettings:
     sw_batch_size: int = 4
     overlap: float = 0.5
     mode: str = "gaussian"
-    tta: bool = False
+    tta: bool = False  # average over the mirrors along the axes the checkpoint was trained with
     device: str = "auto"
     amp: str = "auto"  # auto | bf16 | fp16 | none
     prompt_modality: str | None = None  # the paper's wrong-modality test: prompts of another modality
@@ -185,6 +183,13 @@ class Segmenter:
         self.roi_size = tuple(self.config["roi_size"])
         self.classes = self.config["classes"]
         self.modalities = list(self.config["preprocess"])
+        # Test-time mirroring averages only the mirrors the model learned to be invariant to.
+        self.mirror_axes = tuple(self.config.get("train", {}).get("mirror_axes", ()))
+        if self.settings.tta and not self.mirror_axes:
+            raise ValueError(f"--tta: {checkpoint} was trained without mirroring (train.py --mirror_axes), so its "
+                             "mirrored predictions would not agree with the plain one (left/right organs swap "
+                             "sides); leave out --tta, or train with e.g. --mirror_axes 0 1 2")
+        self.flip_channel_order = {0: mdata.left_right_order(self.classes)} if 0 in self.mirror_axes else {}
 
     def check_modality(self, modality: str) -> None:
         """Raise a clear error for a modality this checkpoint has no preprocessing or prompts for."""
@@ -213,7 +218,7 @@ class Segmenter:
         out = sliding_window_inference(
             x, self.roi_size, self.model, sw_batch_size=s.sw_batch_size, overlap=s.overlap, mode=s.mode,
             sw_device=self.device, device=accumulation_device(self.device, len(self.classes), image.shape, free),
-            progress=progress, tta_flips=s.tta,
+            progress=progress, tta_flips=self.mirror_axes if s.tta else (), flip_channel_order=self.flip_channel_order,
             autocast_dtype=self.amp_dtype, modality=modality, prompt_modality=s.prompt_modality,
         )
         return out[0]
@@ -222,12 +227,25 @@ class Segmenter:
         self, image_path: str | Path, modality: str, probabilities: bool = False, progress=False
     ) -> tuple[np.ndarray, np.ndarray | None, dict]:
         """A scan on disk -> (label map of training ids on the original grid, softmax (K, X, Y, Z) in the
-        training space when ``probabilities`` else None, preprocessing meta)."""
+        training space when ``probabilities`` else None, preprocessing meta).
+
+        The softmax is restored to the original grid linearly and the argmax taken there
+        (``data.restore_argmax``), so the label map is the argmax of the probabilities that
+        ``--save_probabilities`` restores the same way."""
         self.check_modality(modality)
         image, _, meta = mdata.preprocess(image_path, None, modality, **self.config["preprocess"][modality])
         logits = self.logits(image, modality, progress)
-        label = mdata.restore(logits.argmax(0).to(torch.uint8).cpu().numpy(), meta, "nearest")
-        return label, torch.softmax(logits, 0).cpu().numpy() if probabilities else None, meta
+        probs = softmax_(logits).cpu().numpy()
+        return mdata.restore_argmax(probs, meta), probs if probabilities else None, meta
+
+
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 0 of ``logits: (K, X, Y, Z)``, in place: a whole scan's logits are the largest
+    array of inference, and a second copy of them would raise its peak memory by as much."""
+    logits -= logits.max(0, keepdim=True).values
+    logits.exp_()
+    logits /= logits.sum(0, keepdim=True)
+    return logits
 
 
 def quarter_reporter(name: str, log: Callable[[str], None]) -> Callable[[int, int], None]:
@@ -257,8 +275,10 @@ def segment_files(
     labels_dir: str | Path | None = None,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
     skip_existing: bool = False,
+    nsd_tolerance: float = 2.0,
 ) -> list[dict]:
-    """Segment ``inputs`` into ``output_dir``; returns one record per case (with Dice when labels are given).
+    """Segment ``inputs`` into ``output_dir``; returns one record per case (with Dice, NSD at ``nsd_tolerance``
+    mm and HD95, ``mulmodseg.metrics.case_metrics``, when labels are given).
 
     Before any inference: the checkpoint loads, the modality is one it knows, ``output_dir`` can be
     written, no output would replace an input scan or label file (even with ``overwrite``) or, without
@@ -270,6 +290,7 @@ def segment_files(
     """
     output_dir = Path(output_dir)
     inputs = [Path(p) for p in inputs]
+    check_nsd_tolerance(nsd_tolerance)  # before the checkpoint loads
     segmenter = Segmenter(checkpoint, settings)
     segmenter.check_modality(modality)
     targets = {p: output_path(p, output_dir) for p in inputs}
@@ -292,7 +313,7 @@ def segment_files(
     # Scans and labels are never written over, even with --overwrite.
     given = {p.resolve(): "scan" for p in inputs} | {p.resolve(): "label file" for p in label_files.values()}
     # Nothing else this call would write may already exist: write_evaluation's tables count when labels are given.
-    outputs = [] if labels_dir is None else [output_dir / n for n in ("metrics.csv", "summary.md", "summary.csv")]
+    outputs = [] if labels_dir is None else [output_dir / n for n in REPORT_FILES]
     done = set()
     for src, dst in targets.items():
         case_outputs = [dst, *(output_path(src, output_dir, suffix) for suffix in extras)]
@@ -354,23 +375,20 @@ def segment_files(
             eta = np.mean(timed) * sum(1 for later in inputs[i:] if later not in done)
             log(f"[{i}/{len(inputs)}] {src.name} -> {targets[src]} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
         if truth is not None:
-            record["dice"] = dice_per_class(label, truth, len(segmenter.classes))
+            # On the scan's grid, with its voxel sizes (the label was read onto that grid).
+            spacing = nib.affines.voxel_sizes(reference.affine)
+            record.update(case_metrics(label, truth, len(segmenter.classes), spacing, nsd_tolerance))
+            record["reference"] = str(label_files[src])
         records.append(record)
     if labels_dir is not None:
-        write_evaluation(records, segmenter, output_dir, modality, log)
+        write_evaluation(records, segmenter, output_dir, modality, log, nsd_tolerance)
     return records
 
 
 def write_evaluation(records: list[dict], segmenter: Segmenter, output_dir: Path, modality: str,
-                     log: Callable[[str], None]) -> None:
-    """metrics.csv (one row per case), summary.md and summary.csv (paper layout), and the model's cost."""
-    names = segmenter.classes[1:]
-    rows = [{"case": r["case"], "modality": r["modality"], "dice": r["dice"]} for r in records]
-    write_metrics_csv(output_dir / "metrics.csv", rows, names)
-    setting = f"{segmenter.config['model']['backbone']} {modality}"
-    summary = {setting: summarise(rows)}
-    table = markdown_table(summary, names)
-    write_summary_csv(output_dir / "summary.csv", summary, names)
+                     log: Callable[[str], None], nsd_tolerance: float = 2.0) -> None:
+    """The reports of ``mulmodseg.metrics.write_reports`` (metrics.csv, summary.md, summary.csv,
+    summary.json), with the model's cost at the end of summary.md."""
     window = (1, segmenter.model.in_channels, *segmenter.roi_size)
     kwargs = {} if segmenter.model.vision_only else {"modality": modality}
     # On the model's own device: a window's forward pass on the CPU can take minutes.
@@ -379,6 +397,8 @@ def write_evaluation(records: list[dict], segmenter: Segmenter, output_dir: Path
     speed = f"{np.mean(timed):.2f} s per case on {segmenter.device}" if timed else "no case segmented in this call"
     cost = (f"parameters {count_parameters(segmenter.model):,}; {flops / 1e9:.1f} GFLOPs per "
             f"{'x'.join(map(str, segmenter.roi_size))} window; {speed}")
-    (output_dir / "summary.md").write_text(table + "\n\n" + cost + "\n")
-    log(table)
-    log(cost)
+    settings = {"backbone": segmenter.config["model"]["backbone"], "modality": modality,
+                "classes": list(segmenter.classes), "nsd_tolerance_mm": nsd_tolerance,
+                "sliding_window": dataclasses.asdict(segmenter.settings)}
+    setting = f"{segmenter.config['model']['backbone']} {modality}"
+    log(write_reports(output_dir, records, segmenter.classes[1:], setting, settings, cost))

@@ -235,6 +235,26 @@ def preprocess(image: ImageLike, label: Optional[ImageLike] = None, modality: st
     return data, lab, meta
 
 
+def restore_grid(meta: Dict[str, Any]) -> Tuple[list, list]:
+    """Where each original voxel lies in the training space: per RAS axis, the training-space coordinate
+    of every original voxel (clipped into the crop) and whether its centre lies inside the crop box."""
+    positions, valid = [], []
+    for axis, q in enumerate(inverse_grid(meta["ras_shape"], meta["step"])):
+        q = np.clip(q, 0, meta["resampled_shape"][axis] - 1)
+        start, end = meta["crop_start"][axis], meta["crop_end"][axis]
+        valid.append((q >= start - 0.5) & (q <= end - 0.5))  # centre inside the crop's voxel boxes
+        positions.append(np.clip(q, start, end - 1) - start + meta["pad_before"][axis])
+    return positions, valid
+
+
+def _check_shape(array: np.ndarray, meta: Dict[str, Any], leads: Tuple[int, ...]) -> int:
+    lead = array.ndim - 3
+    if lead not in leads or list(array.shape[lead:]) != list(meta["shape"]):
+        expected = " or ".join(str(("C",) * n + tuple(meta["shape"])) for n in leads)
+        raise ValueError(f"expected shape {expected}, got {array.shape}")
+    return lead
+
+
 def restore(array: np.ndarray, meta: Dict[str, Any], interpolation: str = "nearest",
             fill: float = 0) -> np.ndarray:
     """Training-space array (X, Y, Z) or (C, X, Y, Z) -> the original voxel grid, shape
@@ -246,16 +266,8 @@ def restore(array: np.ndarray, meta: Dict[str, Any], interpolation: str = "neare
     if interpolation not in ("nearest", "linear"):
         raise ValueError(f"interpolation must be 'nearest' or 'linear', got {interpolation!r}")
     array = np.asarray(array)
-    lead = array.ndim - 3
-    if lead not in (0, 1) or list(array.shape[lead:]) != list(meta["shape"]):
-        raise ValueError(f"expected shape (C,) + {tuple(meta['shape'])} or {tuple(meta['shape'])}, "
-                         f"got {array.shape}")
-    positions, valid = [], []
-    for axis, q in enumerate(inverse_grid(meta["ras_shape"], meta["step"])):
-        q = np.clip(q, 0, meta["resampled_shape"][axis] - 1)
-        start, end = meta["crop_start"][axis], meta["crop_end"][axis]
-        valid.append((q >= start - 0.5) & (q <= end - 0.5))  # centre inside the crop's voxel boxes
-        positions.append(np.clip(q, start, end - 1) - start + meta["pad_before"][axis])
+    lead = _check_shape(array, meta, (0, 1))
+    positions, valid = restore_grid(meta)
     out = resample(array, positions, order=0 if interpolation == "nearest" else 1, lead=lead)
     inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
     if not inside.all():
@@ -263,18 +275,37 @@ def restore(array: np.ndarray, meta: Dict[str, Any], interpolation: str = "neare
     return np.ascontiguousarray(from_ras(out, np.asarray(meta["ornt"], dtype=int), lead=lead))
 
 
-def restore_argmax(scores: np.ndarray, meta: Dict[str, Any]) -> np.ndarray:
+def restore_argmax(scores: np.ndarray, meta: Dict[str, Any], planes: int = 16) -> np.ndarray:
     """Class scores (C, X, Y, Z) of the training space (probabilities or logits) -> uint8 labels on the
-    original grid: each channel is restored linearly and the argmax kept as it goes, so memory stays at
-    two original-size arrays instead of C. Voxels outside the crop box are background (class 0)."""
+    original grid: every channel restored linearly (as ``restore(..., "linear")``) and the argmax taken
+    there, as nnU-Net exports; voxels outside the crop box are background (class 0).
+
+    The original grid is done ``planes`` RAS planes at a time (per channel, the argmax kept as it goes),
+    so beyond the labels it holds two score slabs, not C original-size arrays: a 512 x 512 x 600 CT
+    needs about the memory of its uint8 label map twice. Resampling the scores, not the training-space
+    labels, keeps small structures: a label resampled by nearest neighbour is blocky at the training
+    spacing (tests/test_data.py, a sphere on a 0.75 x 0.75 x 3 mm grid).
+    """
     scores = np.asarray(scores)
-    if scores.ndim != 4:
-        raise ValueError(f"expected scores (C, X, Y, Z), got shape {scores.shape}")
-    best_score = restore(scores[0], meta, "linear", fill=np.inf)
-    labels = np.zeros(best_score.shape, dtype=np.uint8)
-    for channel in range(1, scores.shape[0]):
-        score = restore(scores[channel], meta, "linear", fill=-np.inf)
-        better = score > best_score
-        labels[better] = channel
-        np.maximum(best_score, score, out=best_score)
-    return labels
+    _check_shape(scores, meta, (1,))
+    positions, valid = restore_grid(meta)
+    labels = np.zeros([len(p) for p in positions], dtype=np.uint8)
+    inside_yz = valid[1][:, None] & valid[2][None, :]
+    for start in range(0, labels.shape[0], planes):
+        rows = slice(start, start + planes)
+        # The training-space planes that this slab reads, so each channel resamples only those.
+        first = int(np.floor(positions[0][rows].min()))
+        last = min(int(np.floor(positions[0][rows].max())) + 2, scores.shape[1])
+        part = [positions[0][rows] - first, positions[1], positions[2]]
+        best = None
+        for channel in range(scores.shape[0]):
+            score = resample(scores[channel, first:last], part, order=1)
+            if best is None:
+                best = score
+                continue
+            better = score > best
+            labels[rows][better] = channel
+            np.maximum(best, score, out=best)
+        inside = valid[0][rows, None, None] & inside_yz[None]
+        labels[rows][~inside] = 0
+    return np.ascontiguousarray(from_ras(labels, np.asarray(meta["ornt"], dtype=int)))
