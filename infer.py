@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsd_tolerance", type=float, default=2.0, help="with --labels: the normalised surface Dice's tolerance in mm")
     p.add_argument("--save_probabilities", action="store_true", help="also write NAME_probabilities.npz: softmax (classes, X, Y, Z) as float16 on the input's voxel grid")
     p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices")
-    p.add_argument("--tta", action="store_true", help="average over the 8 flips of the spatial axes (8x slower)")
+    p.add_argument("--tta", action="store_true", help="test-time mirroring: average over every combination of mirrors "
+                   "along the axes the checkpoint was trained with (train.py --mirror_axes; 2^N times slower), a "
+                   "left/right mirror swapping paired classes back; refused for a checkpoint trained without mirroring")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp, help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones, none on the CPU)")
     p.add_argument("--sw_batch_size", type=int, default=d.sw_batch_size, help="windows per forward pass (at least 1)")

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", default=d.template, help="prompt template: v1, v2, v3 or a text with {mod} and {cls}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory: the SwinUNETR blocks and the head (the UNet's BatchNorm stages are not recomputed)")
     g.add_argument("--channels_last", action="store_true", help="channels_last_3d memory format (faster UNet steps on CPU, see bench/RESULTS.md)")
+    g.add_argument("--norm_stats", choices=["per_modality", "shared"], default=d.norm_stats,
+                   help="UNet BatchNorm running statistics: one set per modality (affine weights shared), or one set "
+                   "pooled over all modalities, which fits neither at inference (bench/learn.py measures both); "
+                   "SwinUNETR uses InstanceNorm and ignores this")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--mode", default=d.mode, help="alt (one batch per modality in turn), mix (mixed batches), or a modality name to train on it alone")
@@ -83,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--roi_size", type=int, nargs="+", default=list(d.roi_size), help="crop size: one number or three")
     g.add_argument("--batch_size", type=int, default=d.batch_size, help="volumes per step; each gives --num_samples crops")
     g.add_argument("--num_samples", type=int, default=d.num_samples, help="crops per volume (positive:negative centres 1:1)")
+    g.add_argument("--positive_centres", choices=["class", "voxel"], default=d.positive_centres,
+                   help="where positive crops centre: class (a class present in the scan drawn uniformly, then one of "
+                   "its voxels, as nnU-Net oversamples) or voxel (uniform over labelled voxels, the reference's, which "
+                   "centres most crops on the liver)")
     g.add_argument("--rotate_degrees", type=float, default=d.rotate_degrees,
                    help="random rotation about the S/I axis up to this angle (the reference's CT augmentation used 6)")
     g.add_argument("--scale_range", type=float, default=d.scale_range,
@@ -91,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modalities that get --rotate_degrees/--scale_range (default: all; the reference: CT)")
     g.add_argument("--warp_prob", type=float, default=d.warp_prob,
                    help="share of crops that get --rotate_degrees/--scale_range (the reference's: 1)")
+    g.add_argument("--mirror_axes", type=int, nargs="*", default=list(d.mirror_axes), metavar="AXIS",
+                   help="mirror crops along these RAS axes (0 left/right, 1 front/back, 2 up/down), each with "
+                   "probability 0.5; a left/right mirror also swaps paired classes (right/left kidney, ...). infer.py "
+                   "--tta mirrors the same axes. Default: none, as the reference")
     g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     g.add_argument("--warmup_epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs before the cosine decay")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
@@ -132,6 +144,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     fields.update(
         data_dirs=dirs, roi_size=tuple(roi), spacing=tuple(args.spacing), ct_window=tuple(args.ct_window),
+        mirror_axes=tuple(args.mirror_axes),
         mr_percentiles=tuple(args.mr_percentiles), max_cases=parse_pairs(args.max_cases, "--max_cases", int),
     )
     return absolute_paths(TrainConfig(**fields))

@@ -20,7 +20,7 @@ import math
 import numbers
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Union
 
 import torch
@@ -75,7 +75,8 @@ def sliding_window_inference(
     device: torch.device | str | None = None,
     progress: Progress = False,
     *,
-    tta_flips: bool = False,
+    tta_flips: bool | Sequence[int] = False,
+    flip_channel_order: Mapping[int, Sequence[int]] | None = None,
     autocast_dtype: torch.dtype | None = None,
     **predictor_kwargs,
 ) -> torch.Tensor:
@@ -90,7 +91,10 @@ def sliding_window_inference(
     predictor run (default: the inputs' device). device: where the output is accumulated and returned
     (default: the inputs' device). progress: ``True`` for a stderr line with an ETA, or a callable
     ``(windows_done, windows_total)``. tta_flips: also run every combination of flips of the spatial
-    axes (2**len(S) passes: 8 in 3-D, identity included), flip each output back and average them.
+    axes (``True``: all, 2**len(S) passes, 8 in 3-D, identity included; or the spatial axes to flip,
+    e.g. ``(1, 2)``), flip each output back and average them. flip_channel_order: spatial axis ->
+    output channel order for a pass that flips that axis (``out[:, order]``), for a predictor whose
+    classes swap under that flip (left/right organs under a left/right flip).
     autocast_dtype: ``torch.bfloat16``/``torch.float16`` to run the predictor under ``torch.autocast``.
 
     Returns (B, K, *S) float32 on ``device``: the blended predictor outputs (logits if the predictor
@@ -134,7 +138,10 @@ def sliding_window_inference(
     for w in windows:
         weight_sum[w] += weight_out
 
-    predict = _Predict(predictor, predictor_kwargs, tta_flips, autocast_dtype, sw_device)
+    flip_axes = tuple(range(spatial_dims)) if tta_flips is True else tuple(tta_flips or ())
+    if any(not 0 <= a < spatial_dims for a in flip_axes):
+        raise ValueError(f"tta_flips {tuple(flip_axes)}: spatial axes are 0..{spatial_dims - 1}")
+    predict = _Predict(predictor, predictor_kwargs, flip_axes, flip_channel_order or {}, autocast_dtype, sw_device)
     report = _progress_reporter(progress, len(jobs))
     output = None
     for first in range(0, len(jobs), sw_batch_size):
@@ -162,7 +169,8 @@ class _Predict:
         self,
         predictor: Callable[..., torch.Tensor],
         kwargs: dict,
-        tta_flips: bool,
+        flip_axes: Sequence[int],
+        flip_channel_order: Mapping[int, Sequence[int]],
         autocast_dtype: torch.dtype | None,
         sw_device: torch.device,
     ) -> None:
@@ -170,20 +178,25 @@ class _Predict:
         self.kwargs = kwargs
         self.autocast_dtype = autocast_dtype
         self.device_type = sw_device.type
-        self.tta_flips = tta_flips
+        self.flip_axes = flip_axes
+        self.channel_order = {axis: list(order) for axis, order in flip_channel_order.items()}
 
     def _once(self, windows: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.predictor(windows, **self.kwargs).float()
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        if not self.tta_flips:
+        if not self.flip_axes:
             return self._once(windows)
-        axes = range(2, windows.dim())
-        flip_sets = [dims for k in range(len(axes) + 1) for dims in itertools.combinations(axes, k)]
+        flip_sets = [axes for k in range(len(self.flip_axes) + 1) for axes in itertools.combinations(self.flip_axes, k)]
         total = self._once(windows)
-        for dims in flip_sets[1:]:
-            total += self._once(windows.flip(dims)).flip(dims)
+        for axes in flip_sets[1:]:
+            dims = [2 + a for a in axes]
+            out = self._once(windows.flip(dims)).flip(dims)
+            for axis in axes:
+                if axis in self.channel_order:
+                    out = out[:, self.channel_order[axis]]
+            total += out
         return total / len(flip_sets)
 
 

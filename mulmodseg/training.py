@@ -38,7 +38,7 @@ from mulmodseg.device import autocast_dtype, resolve_device
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.metrics import dice_per_class, summarise
-from mulmodseg.model import MulModSeg
+from mulmodseg.model import NORM_STATS, MulModSeg
 from mulmodseg.nets import BACKBONES
 from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.prompts import resolve_classes
@@ -74,6 +74,7 @@ class TrainConfig:
     scale_range: float = 0.0  # random per-axis scaling by 1 +- this (reference CT: 0.1)
     warp_modalities: list[str] | None = None  # modalities that get rotation/scaling (None: all; reference: CT)
     warp_prob: float = 1.0  # share of crops that get them (the reference's RandAffine: prob 1.0)
+    mirror_axes: tuple[int, ...] = ()  # RAS axes mirrored with p 0.5 (left/right swaps paired classes); none: reference
     epochs: int = 1000
     warmup_epochs: int = 10
     lr: float = 1e-3
@@ -85,6 +86,8 @@ class TrainConfig:
     grad_clip: float = 0.0
     gradient_checkpointing: bool = False
     channels_last: bool = False  # channels_last_3d memory format (measured faster for the UNet on CPU: bench/RESULTS.md)
+    norm_stats: str = "per_modality"  # UNet BatchNorm running statistics: per_modality | shared (bench/learn.py)
+    positive_centres: str = "class"  # crop centres: "class" (a present class, then a voxel) | "voxel" (reference)
     num_workers: int = 2
     spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
     ct_window: tuple[float, float] = (-125.0, 275.0)
@@ -102,14 +105,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """Rebuild from JSON (lists back to tuples where the field is a tuple). A field that a file of an
-        older version lacks gets the value that version used: ``warp_prob`` 0.5 (the warp then shared
-        the intensity augmentation's probability); any other its default."""
+        older version lacks gets the value that version used (``OLDER_DEFAULTS``); any other its default."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {} if "warp_prob" in values else {"warp_prob": 0.5}
+        kwargs = {name: value for name, value in OLDER_DEFAULTS.items() if name not in values}
         for name, value in values.items():
             if name in fields:
                 kwargs[name] = tuple(value) if isinstance(value, list) and "tuple" in str(fields[name].type) else value
         return cls(**kwargs)
+
+
+# What runs saved before a field existed did: the warp shared the intensity augmentation's probability,
+# the UNet pooled its BatchNorm statistics over modalities, crop centres were uniform over labelled voxels.
+OLDER_DEFAULTS = {"warp_prob": 0.5, "norm_stats": "shared", "positive_centres": "voxel"}
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -166,6 +173,12 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> None:
         problem = folder and folder_problem(folder, flag, writable)
         if problem:
             problems.append(problem)
+    if any(a not in (0, 1, 2) for a in cfg.mirror_axes) or len(set(cfg.mirror_axes)) != len(cfg.mirror_axes):
+        problems.append(f"--mirror_axes {' '.join(map(str, cfg.mirror_axes))}: give distinct RAS axes among 0 1 2")
+    if cfg.norm_stats not in NORM_STATS:
+        problems.append(f"--norm_stats {cfg.norm_stats!r}: choose one of {list(NORM_STATS)}")
+    if cfg.positive_centres not in mdata.POSITIVE_CENTRES:
+        problems.append(f"--positive_centres {cfg.positive_centres!r}: choose one of {list(mdata.POSITIVE_CENTRES)}")
     if not 0 <= cfg.warp_prob <= 1:
         problems.append(f"--warp_prob must be in [0, 1], got {cfg.warp_prob}")
     if not 0 <= cfg.val_fraction < 1:
@@ -583,7 +596,7 @@ class Trainer:
             kwargs = ({"feature_size": cfg.feature_size} if cfg.backbone == "swinunetr"
                       else {"base_channels": cfg.base_channels})
             model = MulModSeg(cfg.backbone, num_classes=len(self.classes), embeddings=table,
-                              modalities=self.modalities, classes=self.classes, **kwargs)
+                              modalities=self.modalities, classes=self.classes, norm_stats=cfg.norm_stats, **kwargs)
         model.set_gradient_checkpointing(cfg.gradient_checkpointing)
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last_3d) if cfg.channels_last else model
@@ -605,7 +618,8 @@ class Trainer:
             datasets[name] = mdata.CropDataset(
                 volumes, cfg.roi_size, num_samples=cfg.num_samples, modality=name,
                 rotate_degrees=cfg.rotate_degrees if warped else 0.0, scale_range=cfg.scale_range if warped else 0.0,
-                warp_prob=cfg.warp_prob,
+                warp_prob=cfg.warp_prob, positive_centres=cfg.positive_centres,
+                flip=cfg.mirror_axes, flip_label_order=mdata.left_right_order(self.classes),
                 seed=cfg.seed + 7919 * self.rank + 104729 * m_index,
             )
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import mulmodseg.data.cache as cache_module
-from mulmodseg.data import (Case, CropDataset, DataError, VolumeCache, check_cases, collate_crops,
+from mulmodseg.text.prompts import resolve_classes
+from mulmodseg.data import (Case, CropDataset, left_right_order, DataError, VolumeCache, check_cases, collate_crops,
                             default_settings, discover_amos, discover_cases, discover_modalities, kfold_split,
                             load_training_volumes, load_volume, parse_label_map, preprocess, restore, restore_argmax, split_cases,
                             subsample)
@@ -461,6 +462,44 @@ def test_real_round_trip_dice(modality):
     assert none is None and np.array_equal(alone, image)
 
 
+@pytest.mark.parametrize("radius,nearest_at_most,scores_at_least", [(4.0, 0.87, 0.935), (6.0, 0.91, 0.965),
+                                                                     (10.0, 0.95, 0.99)])
+def test_restoring_scores_keeps_small_structures(tmp_path, radius, nearest_at_most, scores_at_least):
+    """A sphere on a 0.75 x 0.75 x 3 mm scan, trained at 1.5 x 1.5 x 2 mm, with perfect scores there (the
+    signed distance to its surface): the argmax of the linearly restored scores is nearly the sphere,
+    the nearest-neighbour restored training-space label is blocky (the old path)."""
+    shape, spacing = (64, 64, 16), (0.75, 0.75, 3.0)
+    centre = np.array([24.2, 23.9, 24.1])  # mm, off the voxel grids
+    affine = np.diag([*spacing, 1.0])
+    world = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"), -1)
+    truth = (np.linalg.norm(world - centre, axis=-1) < radius).astype(np.uint8)
+    path = write_nifti(tmp_path / "scan.nii.gz", np.full(shape, 100, np.int16), affine)
+    _, _, meta = preprocess(path, modality="MR", spacing=[1.5, 1.5, 2.0], min_size=None, crop_foreground=False)
+    train_affine = np.asarray(meta["affine"])
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in meta["shape"]], indexing="ij"), -1)
+    train_world = grid @ train_affine[:3, :3].T + train_affine[:3, 3]
+    inside = radius - np.linalg.norm(train_world - centre, axis=-1)  # > 0 inside the sphere
+    scores = np.stack([np.zeros_like(inside), inside]).astype(np.float32)
+    from_scores = restore_argmax(scores, meta)
+    from_label = restore((inside > 0).astype(np.uint8), meta)
+    assert dice_per_class(from_label, truth)[1] <= nearest_at_most
+    assert dice_per_class(from_scores, truth)[1] >= scores_at_least
+
+
+def test_restore_argmax_in_slabs_equals_the_argmax_of_restored_channels():
+    rng = np.random.default_rng(0)
+    data = np.zeros((30, 26, 12), np.float32)
+    data[4:25, 3:20, 2:11] = rng.random((21, 17, 9)) + 1  # a foreground box: voxels outside it are background
+    affine = np.array([[0, -1.1, 0, 5], [-0.8, 0, 0, 3], [0, 0, 3.0, -7], [0, 0, 0, 1]])  # not RAS, anisotropic
+    meta = preprocess(nib.Nifti1Image(data, affine), modality="MR", spacing=[1.3, 0.9, 2.5], min_size=[20, 20, 20])[2]
+    scores = rng.random((4, *meta["shape"])).astype(np.float32)
+    expected = restore(scores, meta, "linear", fill=-1.0)
+    expected[0][expected[0] == -1.0] = 2.0  # outside the crop box: background
+    expected = expected.argmax(0)
+    for planes in (1, 5, 16, 1000):
+        assert np.array_equal(restore_argmax(scores, meta, planes=planes), expected)
+
+
 def test_ct_window_values_and_mr_percentiles(tmp_path):
     hu = np.array([-1000, -125, 75, 275, 1000], dtype=np.int16)
     ct = write_nifti(tmp_path / "ct.nii.gz", np.broadcast_to(hu[:, None, None], (5, 4, 4)), np.diag([1.5, 1.5, 2, 1]))
@@ -696,6 +735,65 @@ def test_crop_positive_ratio_over_many_draws():
     centres, positive_flags = only_neg.draw_centres(0, only_neg.generator(0))
     assert not positive_flags.any() and centres[:, 2].max() < 30
     assert np.all(label[tuple(centres.T)] == 0)
+
+
+def test_class_balanced_centres_show_a_small_organ_as_often_as_a_large_one():
+    """A 1000-voxel organ beside an 8-voxel one: uniform labelled voxels centre 8/1008 of the positive
+    crops on the small one; class-balanced centres half of them."""
+    image = np.ones((40, 40, 40), np.float32)
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[5:15, 5:15, 5:15] = 6
+    label[30:32, 30:32, 30:32] = 11
+    shares = {}
+    for centres in ("voxel", "class"):
+        ds = CropDataset([(image, label)], (8, 8, 8), num_samples=50, pos_fraction=1.0, positive_centres=centres)
+        hits = []
+        for epoch in range(40):
+            ds.set_epoch(epoch)
+            picked, _ = ds.draw_centres(0, ds.generator(0))
+            hits += label[tuple(picked.T)].tolist()
+        assert set(hits) <= {6, 11}  # every positive centre is a labelled voxel
+        shares[centres] = np.mean(np.array(hits) == 11)
+    assert shares["voxel"] < 0.03
+    assert abs(shares["class"] - 0.5) < 0.05
+    with pytest.raises(ValueError, match="positive_centres"):
+        CropDataset([(image, label)], positive_centres="organ")
+    empty = CropDataset([(image, np.zeros_like(label))], (8, 8, 8), num_samples=3, positive_centres="class")
+    assert not empty.draw_centres(0, empty.generator(0))[1].any()  # no labelled voxel: negatives, no error
+
+
+def test_left_right_order_pairs_names_that_differ_by_the_side():
+    amos = resolve_classes("amos")
+    order = left_right_order(amos)
+    assert [(amos[k], amos[order[k]]) for k in range(len(amos)) if order[k] != k] == [
+        ("right kidney", "left kidney"), ("left kidney", "right kidney"),
+        ("right adrenal gland", "left adrenal gland"), ("left adrenal gland", "right adrenal gland")]
+    assert left_right_order(["background", "Left lung", "right lung", "heart", "leftover"]) == [0, 2, 1, 3, 4]
+
+
+def test_a_left_right_mirror_swaps_the_paired_classes():
+    """Right kidney (2, image value 1) at low x, left kidney (3, value 2) at high x: in every crop,
+    mirrored or not, the organ on the low-x side is labelled 2 and the one on the high-x side 3, so
+    the label names the side the organ appears on; a front/back mirror swaps nothing."""
+    image = np.zeros((16, 8, 8), np.float32)
+    label = np.zeros((16, 8, 8), np.uint8)
+    image[2:5, 2:6, 2:6], label[2:5, 2:6, 2:6] = 1.0, 2
+    image[10:14, 2:6, 2:6], label[10:14, 2:6, 2:6] = 2.0, 3
+    order = [0, 1, 3, 2]
+    ds = CropDataset([(image, label)], (16, 8, 8), num_samples=1, aug_prob=0.0, flip=(0, 1), flip_label_order=order)
+    mirrored = set()
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        img, lab = item["image"][0, 0].numpy(), item["label"][0, 0].numpy()
+        low_x = lab[:8][lab[:8] > 0]
+        high_x = lab[8:][lab[8:] > 0]
+        assert set(low_x.tolist()) == {2} and set(high_x.tolist()) == {3}
+        mirrored.add(bool(img[:8].max() == 2.0))  # the value-2 organ moved to the low-x side
+        assert np.array_equal(np.unique(img[lab == 2]), [1.0 if img[:8].max() == 1.0 else 2.0])
+    assert mirrored == {True, False}
+    plain = CropDataset([(image, label)], (16, 8, 8), num_samples=1, aug_prob=0.0, flip=(1, 2), flip_label_order=order)
+    assert set(np.unique(plain[0]["label"][0, 0, :8]).tolist()) == {0, 2}
 
 
 def test_crop_fallback_when_no_labelled_voxel():

@@ -3,16 +3,23 @@
 Each item is `num_samples` crops from one volume. A crop is centred on a labelled voxel (positive) with
 probability `pos_fraction`, otherwise on an unlabelled foreground voxel (image > 0, label == 0; negative),
 like the reference's RandCropByPosNegLabel(pos=1, neg=1, image_threshold=0); when one kind has no voxel
-the other is used, and the centre is shifted so that the crop stays inside the volume.
+the other is used, and the centre is shifted so that the crop stays inside the volume. A positive
+centre is drawn uniformly over all labelled voxels (`positive_centres="voxel"`, the reference's), or
+`"class"`: first a class uniformly among those present in the volume, then a voxel of it (nnU-Net's
+foreground oversampling, MONAI's RandCropByLabelClasses with equal ratios). Uniform voxels put most
+crops on the largest organ (the liver is half the labelled voxels of an abdominal CT), so small organs
+are seldom seen; `"class"` shows each organ equally often.
 
 Augmentation, applied per crop in this order:
 - optional spatial warp (off by default; on when `rotate_degrees` or `scale_range` > 0), with probability
   `warp_prob` (default 1, the reference's RandAffine prob=1.0): rotation by U(-rotate_degrees, rotate_degrees) about the S/I axis (in the axial plane, as the
   reference's RandAffine rotate_range=(0, 0, pi/30)) and per-axis sampling scale 1 + U(-scale_range,
   scale_range) about the crop centre; linear for the image, nearest for the label, reflected borders;
-- optional flips (off by default): `flip=True` flips each axis with probability 0.5, or give the axes,
-  e.g. (1, 2). Flipping axis 0 (left/right) swaps sides, which is wrong for labels such as
-  "left kidney" / "right kidney": leave it off for such label sets;
+- optional mirroring (off by default, as the reference): `flip=True` flips each axis with probability
+  0.5, or give the axes, e.g. (0, 1, 2). Axis 0 of the RAS training space is left/right: a flip of it
+  mirrors the anatomy, so the label's paired classes swap with it (`flip_label_order`, e.g.
+  `labels.left_right_order(classes)`: the organ that appears on the left is then labelled left), which
+  keeps "left kidney" / "right kidney" consistent with what the image shows;
 - intensity scale v * (1 + U(-intensity_scale, intensity_scale)) with probability `aug_prob`, then
   intensity shift v + U(-intensity_shift, intensity_shift) with probability `aug_prob`.
 
@@ -31,6 +38,8 @@ from torch.utils.data import Dataset
 
 from .geometry import linear_taps
 
+POSITIVE_CENTRES = ("voxel", "class")
+
 
 class CropDataset(Dataset):
     """volumes: [(image float (X, Y, Z), label int (X, Y, Z))] in the training space (e.g. memmaps from
@@ -44,11 +53,15 @@ class CropDataset(Dataset):
                  num_samples: int = 2, pos_fraction: float = 0.5, intensity_shift: float = 0.1,
                  intensity_scale: float = 0.1, aug_prob: float = 0.5, rotate_degrees: float = 0.0,
                  scale_range: float = 0.0, warp_prob: float = 1.0, flip: Union[bool, Sequence[int]] = False, seed: int = 0,
-                 modality: Optional[str] = None):
+                 modality: Optional[str] = None, positive_centres: str = "voxel",
+                 flip_label_order: Optional[Sequence[int]] = None):
         if any(label is None for _, label in volumes):
             raise ValueError("CropDataset needs a label for every volume")
         if not 0.0 <= pos_fraction <= 1.0:
             raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+        if positive_centres not in POSITIVE_CENTRES:
+            raise ValueError(f"positive_centres must be one of {POSITIVE_CENTRES}, got {positive_centres!r}")
+        self.positive_centres = positive_centres
         self.volumes = list(volumes)
         self.roi_size = tuple(int(r) for r in roi_size)
         self.num_samples = int(num_samples)
@@ -60,6 +73,10 @@ class CropDataset(Dataset):
         self.scale_range = float(scale_range)
         self.warp_prob = float(warp_prob)
         self.flip_axes = (0, 1, 2) if flip is True else tuple(flip or ())
+        # A lookup table label -> label after a left/right flip (None: no class changes with the side).
+        self.flip_lut = None
+        if flip_label_order is not None and list(flip_label_order) != list(range(len(flip_label_order))):
+            self.flip_lut = np.asarray(flip_label_order)
         self.seed = int(seed)
         self.modality = modality
         self.epoch = 0
@@ -87,16 +104,29 @@ class CropDataset(Dataset):
                 want_positive = not want_positive
                 pool = self._pool(pools, want_positive, image, label)
             positive[k] = want_positive
+            if want_positive and pool.size and self.positive_centres == "class":
+                pool = self._class_pool(pools, label, rng)
             flat = rng.integers(pool.size) if pool.size else rng.integers(label.size)
             centres[k] = np.unravel_index(pool[flat] if pool.size else flat, label.shape)
         return centres, positive
 
     @staticmethod
-    def _pool(pools: Dict[bool, np.ndarray], positive: bool, image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    def _pool(pools: Dict[object, np.ndarray], positive: bool, image: np.ndarray, label: np.ndarray) -> np.ndarray:
         if positive not in pools:
             mask = label > 0 if positive else (image > 0) & (label == 0)
             pools[positive] = np.flatnonzero(mask)
         return pools[positive]
+
+    @staticmethod
+    def _class_pool(pools: Dict[object, np.ndarray], label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The labelled voxels of one class drawn uniformly among the classes present (flat indices)."""
+        if "classes" not in pools:
+            labelled = pools[True]
+            values = np.asarray(label).reshape(-1)[labelled]
+            pools["classes"] = np.unique(values)
+            pools["values"] = values
+        value = pools["classes"][rng.integers(pools["classes"].size)]
+        return pools[True][pools["values"] == value]
 
     def __getitem__(self, index: int) -> Dict[str, object]:
         rng = self.generator(index)
@@ -134,6 +164,8 @@ class CropDataset(Dataset):
         for axis in self.flip_axes:
             if rng.random() < 0.5:
                 image, label = np.flip(image, axis), np.flip(label, axis)
+                if axis == 0 and self.flip_lut is not None:
+                    label = self.flip_lut[label].astype(label.dtype, copy=False)
         if rng.random() < self.aug_prob:
             image = image * np.float32(1.0 + rng.uniform(-self.intensity_scale, self.intensity_scale))
         if rng.random() < self.aug_prob:
