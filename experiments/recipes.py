@@ -2,7 +2,9 @@
 
 A run is trained with ``train.py`` at the paper's settings, which are train.py's defaults (96^3 crops,
 1000 epochs with 10 warm-up, AdamW 1e-3 / 1e-4, 1.5 x 1.5 x 2.0 mm, CT window [-125, 275] HU as in the
-reference code, whose paper text says [-275, 125]); a recipe
+reference code, whose paper text says [-275, 125]), plus the reference code's CT augmentation
+(``REFERENCE_AUGMENTATION``: rotation up to 6 degrees about S/I and scaling by 1 +- 0.1 on every CT
+crop, none on MR), which train.py leaves off by default; a recipe
 only says what differs between runs: dataset folders, backbone, text embedding and training mode.
 Each evaluation is one ``infer.py`` call on a prepared test folder (``imagesTs`` + ``labelsTs``).
 
@@ -25,6 +27,10 @@ BACKBONES = {"unet": "UNet", "swinunetr": "SwinUNETR"}
 # organ): AMOS keeps its 13 organs and drops 14 (bladder) and 15 (prostate/uterus).
 AMOS_LABEL_MAP = ",".join([f"{v}:{v}" for v in range(1, 14)] + ["14:0", "15:0"])
 MMWHS_LABEL_MAP = "205:1,420:2,500:3,550:4,600:5,820:6,850:7"
+
+# The reference's RandAffine on CT crops only: prob 1.0, rotate_range (0, 0, pi/30), scale_range 0.1.
+REFERENCE_AUGMENTATION = ("--rotate_degrees", "6", "--scale_range", "0.1", "--warp_modalities", "CT",
+                          "--warp_prob", "1")
 
 # dataset name -> (--classes, --label_map, folder of each modality in the prepared layout)
 DATASETS = {

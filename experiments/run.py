@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # train.py and infer.py live in the repository root
     sys.path.insert(0, str(ROOT))
 
-from experiments.recipes import BACKBONES, DATASETS, TABLES, USER_TABLES, Eval, Run  # noqa: E402
+from experiments.recipes import (BACKBONES, DATASETS, REFERENCE_AUGMENTATION, TABLES, USER_TABLES, Eval,  # noqa: E402
+                                 Run)
 
 SAMPLE = ROOT / "data" / "sample"
 SAMPLE_FOLDERS = {"CT": "ct", "MR": "mr"}
@@ -160,6 +161,7 @@ class Planner:
         for modality, folder in run.training_folders().items():
             argv += [f"--{modality.lower()}_dir", str(self.folder(run.dataset, modality, folder))]
         argv += ["--classes", classes, "--label_map", label_map, "--backbone", run.backbone, *text, "--mode", run.mode]
+        argv += REFERENCE_AUGMENTATION
         if self.args.smoke:
             argv += SMOKE_WIDTH[run.backbone] + SMOKE_TRAIN
         argv += self.device_flags()

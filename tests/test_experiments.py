@@ -127,6 +127,14 @@ def test_device_and_amp_reach_training_and_evaluation(tmp_path):
     assert not any(a.startswith(("--device", "--amp")) for s in plain.steps for a in s.argv)
 
 
+def test_recipes_train_with_the_reference_ct_augmentation(tmp_path):
+    plan = plan_for(["table2"], tmp_path, "--amos", str(tmp_path))
+    for step in steps(plan, "train"):
+        config = train.config_from_args(train.build_parser().parse_args(step.argv))
+        assert (config.rotate_degrees, config.scale_range, config.warp_prob) == (6.0, 0.1, 1.0)
+        assert config.warp_modalities == ["CT"]
+
+
 def test_smoke_plan_uses_the_sample_and_dedupes(tmp_path):
     plan = plan_for(["all"], tmp_path, "--smoke")
     sample = run.SAMPLE
