@@ -10,7 +10,9 @@ class DeviceError(ValueError):
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` is the GPU of this rank when there is one, else the CPU; otherwise a torch device string
-    (``cpu``, ``cuda``, ``cuda:N``, ...), checked against the GPUs this machine has.
+    (``cpu``, ``cuda``, ``cuda:N``, ...), checked against the GPUs this machine has. ``cuda`` without an
+    index is this rank's GPU, ``cuda:local_rank``: under torchrun every process gets its own (a bare
+    ``cuda`` would put them all on the current GPU, 0).
 
     On CUDA this also turns on cuDNN autotuning: crops and sliding windows have one fixed shape, so
     timing the 3D convolution algorithms once per shape and keeping the fastest pays off (nnU-Net
@@ -27,7 +29,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             if not torch.cuda.is_available():
                 raise DeviceError(f"--device {name}: no CUDA device is available here; use --device cpu")
             count = torch.cuda.device_count()
-            if device.index is not None and device.index >= count:
+            if device.index is None:
+                device = torch.device("cuda", local_rank)
+            if device.index >= count:
                 raise DeviceError(f"--device {name}: this machine has {count} CUDA device(s), "
                                   f"so N in cuda:N must be below {count}")
     if device.type == "cuda":

@@ -347,7 +347,8 @@ def train_step(
 
     Minimises ``loss_fn.lambda_dice * dice + loss_fn.lambda_ce * ce`` and returns the unweighted (dice, ce)
     loss terms. Raises ``FloatingPointError`` before stepping if the loss is
-    not finite, so the weights stay as they were. ``channels_last`` lays the image out as
+    not finite, so the weights stay as they were; under ``torch.distributed`` every rank raises when
+    any rank's loss is not finite. ``channels_last`` lays the image out as
     channels_last_3d, for a model already converted to that format.
     """
     image = batch["image"].to(device, non_blocking=True)
@@ -358,8 +359,17 @@ def train_step(
         logits = model(image, modality)
     dice, ce = loss_fn.terms(logits.float(), label)
     loss = loss_fn.lambda_dice * dice + loss_fn.lambda_ce * ce
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} (dice {dice.item()}, ce {ce.item()})")
+    finite = bool(torch.isfinite(loss))
+    if dist.is_initialized():
+        # Every rank learns whether all losses are finite: one that stopped alone would leave the others
+        # waiting forever in backward's gradient all-reduce.
+        everywhere = torch.tensor([float(finite)], device=loss.device)
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+        if finite and not everywhere.item():
+            raise FloatingPointError("the loss of another rank is not finite (its log says which); all ranks stop")
+    if not finite:
+        rank = f" on rank {dist.get_rank()}" if dist.is_initialized() else ""
+        raise FloatingPointError(f"loss is {loss.item()}{rank} (dice {dice.item()}, ce {ce.item()})")
     scaler.scale(loss).backward()
     if grad_clip > 0:
         scaler.unscale_(optimizer)

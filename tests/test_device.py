@@ -36,7 +36,18 @@ def test_device_names_are_checked_against_this_machine(monkeypatch):
     with pytest.raises(DeviceError, match="--device cuda:5: this machine has 1 CUDA device.*below 1"):
         resolve_device("cuda:5")
     assert resolve_device("cuda:0") == torch.device("cuda:0")
-    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda:0")
+
+
+def test_cuda_without_an_index_is_the_ranks_gpu(monkeypatch):
+    """Under torchrun --device cuda puts rank N on cuda:LOCAL_RANK, not every rank on cuda:0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
+    assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda:0")  # an explicit index is kept
+    with pytest.raises(DeviceError, match="this machine has 2 CUDA device"):
+        resolve_device("cuda", local_rank=2)
 
 
 @pytest.mark.parametrize("amp, device, expected", [

@@ -274,6 +274,41 @@ def test_ddp_on_gloo_keeps_both_ranks_identical(tmp_path, cache):
     # forward); checkpoints hold rank 0's.
 
 
+NAN_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from mulmodseg.losses import DiceCELoss
+from mulmodseg.model import MulModSeg
+from mulmodseg.training import train_step
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(MulModSeg("unet", 3, embeddings="onehot", base_channels=2))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+image = torch.randn(2, 1, 16, 16, 16)
+if dist.get_rank() == 1:
+    image[0, 0, 0, 0, 0] = float("nan")
+batch = {"image": image, "label": torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)}
+try:
+    train_step(model, DiceCELoss(), opt, torch.amp.GradScaler("cpu", enabled=False), batch, "CT", torch.device("cpu"))
+except FloatingPointError as exc:
+    print("stopped:", exc)
+    sys.exit(3)
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank():
+    """Rank 1's loss is NaN: both ranks stop with a message instead of rank 0 waiting in backward."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", NAN_SCRIPT], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [3, 3], logs
+    assert "the loss of another rank is not finite" in logs[0]
+    assert "loss is nan on rank 1" in logs[1]
+
+
 def test_overfits_one_real_crop():
     """On one crop of the real CT the loss falls by at least half within 15 steps."""
     image, label, _ = mdata.preprocess(SAMPLE / "ct/imagesTr/ts_ct_001.nii.gz", SAMPLE / "ct/labelsTr/ts_ct_001.nii.gz",
