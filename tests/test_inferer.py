@@ -200,3 +200,12 @@ def test_rejects_bad_arguments():
 def test_rejects_a_window_batch_that_is_not_a_positive_integer(sw_batch_size):
     with pytest.raises(ValueError, match=f"sw_batch_size must be a positive integer, got {sw_batch_size}"):
         sliding_window_inference(torch.zeros(1, 1, 8, 8, 8), 4, lambda x: x, sw_batch_size)
+
+
+def test_bf16_predictor_outputs_are_blended_in_float32():
+    # Values 1 + k/128 are exact in bf16, and each window returns its input, so the exact blend is the input.
+    # Summed in bf16 (8 mirrored passes, then Gaussian-weighted windows) they would be off by up to 2^-8.
+    inputs = 1 + torch.randint(0, 128, (1, 1, 12, 12, 12), generator=torch.Generator().manual_seed(0)) / 128
+    out = sliding_window_inference(inputs, 8, lambda x: x.to(torch.bfloat16), 4, overlap=0.5, tta_flips=True)
+    assert out.dtype == torch.float32
+    assert (out - inputs).abs().max().item() < 1e-6
