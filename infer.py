@@ -8,8 +8,9 @@ import argparse
 import sys
 
 from mulmodseg.checkpoint import CheckpointError
-from mulmodseg.cli import HelpFormatter
+from mulmodseg.cli import CHANNELS_LAST, HelpFormatter, add_cpu_speed_arguments
 from mulmodseg.data import DataError
+from mulmodseg.device import set_threads
 from mulmodseg.predict import InferenceSettings, find_inputs, segment_files
 
 
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "along the axes the checkpoint was trained with (train.py --mirror_axes; 2^N times slower), a "
                    "left/right mirror swapping paired classes back; refused for a checkpoint trained without mirroring")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp, help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones, none on the CPU)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
+                   help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones; on the CPU bf16 "
+                   "where it has bf16 matrix units, AMX or AVX512-BF16, else none)")
+    add_cpu_speed_arguments(p)
     p.add_argument("--sw_batch_size", type=int, default=d.sw_batch_size, help="windows per forward pass (at least 1)")
     p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in [0, 1)")
     p.add_argument("--mode", choices=["gaussian", "constant"], default=d.mode, help="window blending")
@@ -47,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        set_threads(args.threads)
         settings = InferenceSettings(
             sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode=args.mode, tta=args.tta,
-            device=args.device, amp=args.amp, prompt_modality=args.prompt_modality,
+            device=args.device, amp=args.amp, channels_last=CHANNELS_LAST[args.channels_last],
+            prompt_modality=args.prompt_modality,
         )
         segment_files(
             args.checkpoint, find_inputs(args.input), args.output, args.modality, settings,

@@ -6,13 +6,14 @@ A thin command line over ``mulmodseg.training``; see ``python train.py --help``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from mulmodseg.checkpoint import CheckpointError
-from mulmodseg.cli import HelpFormatter
+from mulmodseg.cli import CHANNELS_LAST, HelpFormatter, add_cpu_speed_arguments
 from mulmodseg.data import DataError
-from mulmodseg.device import DeviceError
+from mulmodseg.device import DeviceError, set_threads
 from mulmodseg.text.clip import ACTIVATIONS
 from mulmodseg.text.clip import CheckpointError as WeightsError
 from mulmodseg.text.clip import WeightsUnavailableError
@@ -75,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "unless a Hugging Face config.json names another); open_clip's nn.GELU models such as LAION's need gelu")
     g.add_argument("--template", default=d.template, help="prompt template: v1, v2, v3 or a text with {mod} and {cls}")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory: the SwinUNETR blocks and the head (the UNet's BatchNorm stages are not recomputed)")
-    g.add_argument("--channels_last", action="store_true", help="channels_last_3d memory format (faster UNet steps on CPU, see bench/RESULTS.md)")
     g.add_argument("--norm_stats", choices=["per_modality", "shared"], default=d.norm_stats,
                    help="UNet BatchNorm running statistics: one set per modality (affine weights shared), or one set "
                    "pooled over all modalities, which fits neither at inference (bench/learn.py measures both); "
@@ -108,10 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     g.add_argument("--grad_clip", type=float, default=d.grad_clip, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp, help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones, off on the CPU)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
+                   help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones; on the CPU bf16 "
+                   "where it has bf16 matrix units, AMX or AVX512-BF16, else off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for weights, splits and crops")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    add_cpu_speed_arguments(g)
 
     g = p.add_argument_group("run directory")
     g.add_argument("--out", default=d.out, help="run directory for checkpoints, logs, config and curves")
@@ -144,7 +147,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     fields.update(
         data_dirs=dirs, roi_size=tuple(roi), spacing=tuple(args.spacing), ct_window=tuple(args.ct_window),
-        mirror_axes=tuple(args.mirror_axes),
+        mirror_axes=tuple(args.mirror_axes), channels_last=CHANNELS_LAST[args.channels_last],
         mr_percentiles=tuple(args.mr_percentiles), max_cases=parse_pairs(args.max_cases, "--max_cases", int),
     )
     return absolute_paths(TrainConfig(**fields))
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(Path(args.out) / "curves.png")
         return 0
     try:
+        set_threads(args.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         train(config_from_args(args), resume=args.resume, given=given_fields(argv))
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,7 +1,15 @@
-"""Where and in which precision to run: the ``--device`` and ``--amp`` options as torch objects."""
+"""Where, in which precision and how to run: ``--device``, ``--amp``, ``--channels_last`` and ``--threads``."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any, Callable
+
 import torch
+
+# /proc/cpuinfo flags of CPUs that multiply bf16 matrices in hardware: Intel AMX (from Sapphire Rapids) and
+# AVX512-BF16 (from Intel Cooper Lake and AMD Zen 4).
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 class DeviceError(ValueError):
@@ -39,18 +47,73 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 matrix units: ``amx_bf16`` or ``avx512_bf16`` among the ``flags`` of Linux's
+    ``cpuinfo``. False where that file is absent (macOS, Windows) or lists neither. oneDNN's own
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is not the test: it is also True on plain AVX512 CPUs,
+    which only emulate bf16."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":  # every core lists the same flags: the first line says it
+            return not NATIVE_BF16_FLAGS.isdisjoint(value.split())
+    return False
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp`` on ``device``: None (fp32) for ``none``, and for ``auto`` off CUDA;
-    bf16 for ``bf16``; fp16 for ``fp16``. ``auto`` on CUDA is bf16 where ``device`` itself computes it
-    natively (compute capability 8, Ampere, or newer), else fp16: older GPUs only emulate bf16, far
-    slower than fp16. The chosen GPU is asked, not the current one, which matters on a machine that
-    mixes GPU generations."""
-    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+    """The autocast dtype for ``--amp`` on ``device``: None (fp32) for ``none``; bf16 for ``bf16``; fp16 for
+    ``fp16``. ``auto`` on CUDA is bf16 where ``device`` itself computes it natively (compute capability 8,
+    Ampere, or newer), else fp16: older GPUs only emulate bf16, far slower than fp16. The chosen GPU is
+    asked, not the current one, which matters on a machine that mixes GPU generations. ``auto`` on the
+    CPU is bf16 where the CPU has bf16 matrix units (``cpu_has_native_bf16``), else None (fp32),
+    also on CPUs that only emulate bf16. On any other device ``auto`` is None."""
+    if amp == "none":
         return None
     if amp == "fp16":
         return torch.float16
     if amp == "bf16":
         return torch.bfloat16
-    if amp == "auto":
+    if amp == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     raise DeviceError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
+
+
+def use_channels_last(setting: bool | None, backbone: str, device: torch.device) -> bool:
+    """Whether the network and its inputs take the channels_last_3d layout: ``setting`` when it is True or
+    False; for None (auto) only the UNet on the CPU, the one place it measured faster (bench/RESULTS.md)."""
+    if setting is not None:
+        return setting
+    return backbone == "unet" and device.type == "cpu"
+
+
+def channels_last_inputs(predictor: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``predictor`` called with its input ``(B, C, D, H, W)`` laid out as channels_last_3d: a network
+    converted to that format runs its convolutions in it only when the input is too, and the sliding
+    window's crops come contiguous."""
+    def predict(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return predictor(x.contiguous(memory_format=torch.channels_last_3d), *args, **kwargs)
+    return predict
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask where the OS keeps one (Linux; a container
+    or ``taskset`` narrows it), else every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_threads(threads: int, processes: int = 1) -> int:
+    """Set torch's intra-op threads for ``--threads`` and return how many: ``threads``, or for 0 the
+    ``usable_cores`` shared among the ``processes`` that run on this machine (torchrun's ranks), at
+    least one each: more threads than cores make every rank slower."""
+    if threads < 0:
+        raise DeviceError(f"--threads {threads}: give a number of threads, or 0 for the cores this process may use")
+    count = threads or max(1, usable_cores() // processes)
+    torch.set_num_threads(count)
+    return count

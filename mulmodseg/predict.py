@@ -21,7 +21,7 @@ import torch
 
 from mulmodseg import data as mdata
 from mulmodseg.checkpoint import folder_problem, load_checkpoint
-from mulmodseg.device import autocast_dtype, resolve_device
+from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.metrics import REPORT_FILES, case_metrics, check_nsd_tolerance, count_flops, count_parameters, write_reports
 from mulmodseg.model import MulModSeg
@@ -38,6 +38,7 @@ class InferenceSettings:
     tta: bool = False  # average over the mirrors along the axes the checkpoint was trained with
     device: str = "auto"
     amp: str = "auto"  # auto | bf16 | fp16 | none
+    channels_last: bool | None = None  # channels_last_3d network and windows; None: auto (use_channels_last)
     prompt_modality: str | None = None  # the paper's wrong-modality test: prompts of another modality
 
     def __post_init__(self) -> None:
@@ -180,6 +181,12 @@ class Segmenter:
         self.device = resolve_device(self.settings.device)
         self.amp_dtype = autocast_dtype(self.settings.amp, self.device)
         self.model, self.config = load_model(checkpoint, self.device)
+        backbone = self.config["model"]["backbone"]
+        self.channels_last = use_channels_last(self.settings.channels_last, backbone, self.device)
+        self.predictor = self.model
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+            self.predictor = channels_last_inputs(self.model)
         self.roi_size = tuple(self.config["roi_size"])
         self.classes = self.config["classes"]
         self.modalities = list(self.config["preprocess"])
@@ -216,7 +223,7 @@ class Segmenter:
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             free = torch.cuda.mem_get_info(self.device)[0] + cached
         out = sliding_window_inference(
-            x, self.roi_size, self.model, sw_batch_size=s.sw_batch_size, overlap=s.overlap, mode=s.mode,
+            x, self.roi_size, self.predictor, sw_batch_size=s.sw_batch_size, overlap=s.overlap, mode=s.mode,
             sw_device=self.device, device=accumulation_device(self.device, len(self.classes), image.shape, free),
             progress=progress, tta_flips=self.mirror_axes if s.tta else (), flip_channel_order=self.flip_channel_order,
             autocast_dtype=self.amp_dtype, modality=modality, prompt_modality=s.prompt_modality,

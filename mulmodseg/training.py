@@ -34,7 +34,7 @@ from torch import nn
 from mulmodseg import data as mdata
 from mulmodseg import text as mtext
 from mulmodseg.checkpoint import folder_problem, load_checkpoint, save_checkpoint
-from mulmodseg.device import autocast_dtype, resolve_device
+from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.metrics import dice_per_class, summarise
@@ -85,7 +85,7 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float = 0.0
     gradient_checkpointing: bool = False
-    channels_last: bool = False  # channels_last_3d memory format (measured faster for the UNet on CPU: bench/RESULTS.md)
+    channels_last: bool | None = None  # channels_last_3d layout; None: auto (the UNet on the CPU, use_channels_last)
     norm_stats: str = "per_modality"  # UNet BatchNorm running statistics: per_modality | shared (bench/learn.py)
     positive_centres: str = "class"  # crop centres: "class" (a present class, then a voxel) | "voxel" (reference)
     num_workers: int = 2
@@ -115,8 +115,9 @@ class TrainConfig:
 
 
 # What runs saved before a field existed did: the warp shared the intensity augmentation's probability,
-# the UNet pooled its BatchNorm statistics over modalities, crop centres were uniform over labelled voxels.
-OLDER_DEFAULTS = {"warp_prob": 0.5, "norm_stats": "shared", "positive_centres": "voxel"}
+# the UNet pooled its BatchNorm statistics over modalities, crop centres were uniform over labelled voxels,
+# and the layout was contiguous.
+OLDER_DEFAULTS = {"warp_prob": 0.5, "norm_stats": "shared", "positive_centres": "voxel", "channels_last": False}
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -179,6 +180,8 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> None:
         problems.append(f"--norm_stats {cfg.norm_stats!r}: choose one of {list(NORM_STATS)}")
     if cfg.positive_centres not in mdata.POSITIVE_CENTRES:
         problems.append(f"--positive_centres {cfg.positive_centres!r}: choose one of {list(mdata.POSITIVE_CENTRES)}")
+    if cfg.channels_last not in (None, True, False):
+        problems.append(f"--channels_last {cfg.channels_last!r}: choose auto, on or off (None, True or False)")
     if not 0 <= cfg.warp_prob <= 1:
         problems.append(f"--warp_prob must be in [0, 1], got {cfg.warp_prob}")
     if not 0 <= cfg.val_fraction < 1:
@@ -390,14 +393,17 @@ def validate(
     device: torch.device,
     sw_batch_size: int = 4,
     amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> np.ndarray:
-    """Per-case, per-class Dice (cases, K-1) of the argmax in the preprocessed space (NaN: absent in both)."""
+    """Per-case, per-class Dice (cases, K-1) of the argmax in the preprocessed space (NaN: absent in both).
+    ``channels_last`` lays the windows out as channels_last_3d, for a model already in that format."""
     model.eval()
+    predictor = channels_last_inputs(model) if channels_last else model
     rows = []
     for image, label in volumes:
         x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None]  # a copy: cached volumes are read-only
         logits = sliding_window_inference(
-            x, roi_size, model, sw_batch_size=sw_batch_size, sw_device=device, device="cpu",
+            x, roi_size, predictor, sw_batch_size=sw_batch_size, sw_device=device, device="cpu",
             autocast_dtype=amp_dtype, modality=modality,
         )
         rows.append(dice_per_class(logits.argmax(1)[0].numpy(), np.asarray(label), num_classes))
@@ -554,6 +560,7 @@ class Trainer:
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
         self.device = resolve_device(cfg.device, self.local_rank)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.channels_last = use_channels_last(cfg.channels_last, cfg.backbone, self.device)
         self.classes = list(resolve_classes(cfg.classes))
 
         self.cases, self.val_cases = {}, {}
@@ -609,7 +616,7 @@ class Trainer:
                               modalities=self.modalities, classes=self.classes, norm_stats=cfg.norm_stats, **kwargs)
         model.set_gradient_checkpointing(cfg.gradient_checkpointing)
         model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last_3d) if cfg.channels_last else model
+        return model.to(memory_format=torch.channels_last_3d) if self.channels_last else model
 
     def setup_data(self) -> None:
         cfg = self.config
@@ -739,7 +746,7 @@ class Trainer:
             for step, (modality, batch) in enumerate(batches, 1):
                 try:
                     dice, ce = train_step(self.net, self.loss_fn, self.optimizer, self.scaler, batch, modality,
-                                          self.device, self.amp_dtype, cfg.grad_clip, cfg.channels_last)
+                                          self.device, self.amp_dtype, cfg.grad_clip, self.channels_last)
                 except FloatingPointError as exc:
                     last = self.out / "last.pt"
                     kept = (f"The last good checkpoint is kept: {last}" if last.is_file()
@@ -778,7 +785,7 @@ class Trainer:
             if not self.val_volumes[name]:
                 continue
             dice = validate(self.model, self.val_volumes[name], name, len(self.classes), self.config.roi_size,
-                            self.device, self.config.sw_batch_size, self.amp_dtype)
+                            self.device, self.config.sw_batch_size, self.amp_dtype, self.channels_last)
             summary = summarise([{"dice": row} for row in dice])
             scores[f"{name}/val_dice"] = summary["mean"]
             scores[f"{name}/val_dice_per_class"] = [None if np.isnan(v) else float(v) for v in summary["per_class"]]

@@ -17,11 +17,13 @@ import torch
 import infer as infer_cli
 import train as train_cli
 from mulmodseg import data as mdata
+from mulmodseg import device as mdevice
 from mulmodseg import predict
 from mulmodseg.data import DataError
 from mulmodseg.metrics import count_flops
 from mulmodseg.predict import (
-    Segmenter, accumulation_device, find_inputs, load_model, output_path, segment_files, write_evaluation, write_like,
+    InferenceSettings, Segmenter, accumulation_device, find_inputs, load_model, output_path, segment_files,
+    write_evaluation, write_like,
 )
 from mulmodseg.training import train
 from mulmodseg.viz import read_png
@@ -245,7 +247,7 @@ def test_help_explains_every_flag():
     text = infer_cli.build_parser().format_help()
     for flag in ("--checkpoint", "--modality", "--input", "--output", "--overwrite", "--labels", "--save_probabilities",
                  "--preview", "--tta", "--device", "--sw_batch_size", "--overlap", "--prompt_modality",
-                 "--nsd_tolerance"):
+                 "--nsd_tolerance", "--amp", "--channels_last", "--threads"):
         assert flag in text
 
 
@@ -445,3 +447,37 @@ def test_a_case_killed_while_writing_leaves_nothing_that_looks_done(tmp_path, ch
     assert records[0]["seconds"] is not None
     with np.load(output_path(CT, tmp_path, "_probabilities.npz")) as saved:
         assert saved["probabilities"].shape[0] == 14
+
+
+def test_channels_last_windows_give_the_contiguous_logits(checkpoint):
+    segmenter = Segmenter(checkpoint, InferenceSettings(device="cpu", amp="none", channels_last=False))
+    image, _, _ = mdata.preprocess(MR, None, "MR", **segmenter.config["preprocess"]["MR"])
+    contiguous = segmenter.logits(image, "MR")
+    fast = Segmenter(checkpoint, InferenceSettings(device="cpu", amp="none", channels_last=True))
+    weight = next(p for p in fast.model.parameters() if p.dim() == 5 and p.shape[1] > 1)  # a 1-channel one is both
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    logits = fast.logits(image, "MR")
+    # CPU BatchNorm kernels accumulate less precisely in channels_last (bench/README.md): ~1e-4 relative, not 1e-6.
+    scale = contiguous.abs().max().item()
+    assert logits.shape == contiguous.shape == (14, *image.shape)
+    assert (logits - contiguous).abs().max().item() <= 5e-4 * scale
+    assert (logits.argmax(0) == contiguous.argmax(0)).float().mean().item() > 0.999
+
+
+@pytest.mark.parametrize("native, amp_dtype", [(False, None), (True, torch.bfloat16)])
+def test_auto_settings_on_the_cpu(checkpoint, monkeypatch, native, amp_dtype):
+    """The UNet on the CPU runs in channels_last_3d, in bf16 only where the CPU has bf16 matrix units."""
+    monkeypatch.setattr(mdevice, "cpu_has_native_bf16", lambda: native)
+    auto = Segmenter(checkpoint, InferenceSettings(device="cpu"))
+    assert auto.amp_dtype is amp_dtype and auto.channels_last is True
+    forced = Segmenter(checkpoint, InferenceSettings(device="cpu", amp="bf16", channels_last=False))
+    assert forced.amp_dtype is torch.bfloat16 and forced.channels_last is False and forced.predictor is forced.model
+
+
+def test_threads_are_set_before_inference(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(infer_cli, "set_threads", lambda threads: calls.append(threads))
+    base = ["--checkpoint", str(tmp_path / "none.pt"), "--modality", "CT", "--input", str(CT),
+            "--output", str(tmp_path / "out")]
+    assert infer_cli.main(base) == 2 and infer_cli.main([*base, "--threads", "3"]) == 2  # no such checkpoint
+    assert calls == [0, 3]

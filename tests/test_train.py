@@ -19,6 +19,7 @@ from torch import nn
 
 import train as train_cli
 from mulmodseg import data as mdata
+from mulmodseg import device as mdevice
 from mulmodseg.checkpoint import load_checkpoint
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.model import MulModSeg
@@ -719,3 +720,38 @@ def test_fp16_autocast_uses_a_grad_scaler_that_is_checkpointed(tmp_path, cache):
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["scaler"]["scale"] > 1.0  # the scaler ran (bf16 and fp32 runs keep it disabled and empty)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("native, amp_dtype", [(False, None), (True, torch.bfloat16)])
+def test_a_cpu_run_picks_bf16_by_the_cpu_and_channels_last_for_the_unet(tmp_path, monkeypatch, native, amp_dtype):
+    monkeypatch.setattr(mdevice, "cpu_has_native_bf16", lambda: native)
+    args = small_args(tmp_path / "r", tmp_path / "cache", 1) + ["--device", "cpu"]
+    for flags, setting, channels_last in (([], None, True), (["--channels_last", "off"], False, False),
+                                          (["--channels_last"], True, True)):
+        config = train_cli.config_from_args(train_cli.build_parser().parse_args(args + flags))
+        assert config.channels_last is setting
+        trainer = Trainer(config, log=lambda m: None)
+        trainer.setup_data = trainer.setup_optimisation = lambda: None  # the precision and layout are what is tested
+        trainer.prepare()
+        assert trainer.amp_dtype is amp_dtype and trainer.channels_last is channels_last
+        weight = next(p for p in trainer.model.parameters() if p.dim() == 5 and p.shape[1] > 1)
+        assert weight.is_contiguous(memory_format=torch.channels_last_3d) is channels_last
+
+
+def test_channels_last_of_saved_runs_and_resumes():
+    assert TrainConfig.from_dict({"epochs": 3}).channels_last is False  # runs from before the setting: contiguous
+    assert TrainConfig.from_dict(dataclasses.asdict(TrainConfig())).channels_last is None
+    assert "channels_last" not in train_cli.given_fields([])  # a resumed run keeps its saved layout
+    assert "channels_last" in train_cli.given_fields(["--channels_last", "off"])
+    with pytest.raises(TrainingError, match="--channels_last 'on': choose auto, on or off"):
+        check_config(TrainConfig(data_dirs={"CT": "x"}, channels_last="on"))
+
+
+def test_threads_are_set_once_before_training(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train_cli, "set_threads", lambda threads, processes: calls.append((threads, processes)))
+    monkeypatch.setattr(train_cli, "train", lambda *args, **kwargs: None)
+    assert train_cli.main(small_args(tmp_path / "r", tmp_path / "cache", 1) + ["--threads", "3"]) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's ranks on this machine share its cores
+    assert train_cli.main(small_args(tmp_path / "r", tmp_path / "cache", 1)) == 0
+    assert calls == [(3, 1), (0, 2)]
