@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,9 +19,10 @@ class DeviceError(ValueError):
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` is the GPU of this rank when there is one, else the CPU; otherwise a torch device string
-    (``cpu``, ``cuda``, ``cuda:N``, ...), checked against the GPUs this machine has. ``cuda`` without an
-    index is this rank's GPU, ``cuda:local_rank``: under torchrun every process gets its own (a bare
-    ``cuda`` would put them all on the current GPU, 0).
+    (``cpu``, ``cuda``, ``cuda:N``, ...), checked against the GPUs this machine has; ``gpu`` and ``gpu:N``
+    are ``cuda`` and ``cuda:N`` (TotalSegmentator's spelling). ``cuda`` without an index is this rank's GPU,
+    ``cuda:local_rank``: under torchrun every process gets its own (a bare ``cuda`` would put them all on
+    the current GPU, 0).
 
     On CUDA this also turns on cuDNN autotuning: crops and sliding windows have one fixed shape, so
     timing the 3D convolution algorithms once per shape and keeping the fastest pays off (nnU-Net
@@ -30,7 +32,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     else:
         try:
-            device = torch.device(name)
+            device = torch.device(re.sub(r"^gpu(?=$|:)", "cuda", name))
         except RuntimeError as e:
             raise DeviceError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from e
         if device.type == "cuda":

@@ -34,13 +34,17 @@ def test_device_names_are_checked_against_this_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    for name in ("gpu", "CUDA", "cuda:x", ""):
+    for name in ("GPU", "gpus", "CUDA", "cuda:x", ""):
         with pytest.raises(DeviceError, match=f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N"):
             resolve_device(name)
     with pytest.raises(DeviceError, match="--device cuda:5: this machine has 1 CUDA device.*below 1"):
         resolve_device("cuda:5")
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     assert resolve_device("cuda") == torch.device("cuda:0")
+    # TotalSegmentator's spelling: gpu is cuda, checked the same way.
+    assert resolve_device("gpu") == resolve_device("gpu:0") == torch.device("cuda:0")
+    with pytest.raises(DeviceError, match="--device gpu:1: this machine has 1 CUDA device"):
+        resolve_device("gpu:1")
 
 
 def test_cuda_without_an_index_is_the_ranks_gpu(monkeypatch):
