@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import nibabel as nib
 
 from mulmodseg import data as mdata
-from mulmodseg.cli import HelpFormatter
+from mulmodseg.cli import EXIT_CODES_HELP, EXIT_DATA_ERROR, HelpFormatter, add_version_argument
 from mulmodseg.data.checks import check_label_pairs
 from mulmodseg.metrics import case_metrics, check_nsd_tolerance, write_reports
 from mulmodseg.predict import find_inputs, label_candidates, output_dir_problems, output_path
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mulmodseg.evaluate",
         description="Score label maps against reference labels (no model needed): Dice, NSD and HD95 per case "
         "and class on each label's voxel grid, written to metrics.csv, summary.md, summary.csv and summary.json.",
-        formatter_class=HelpFormatter,
+        formatter_class=HelpFormatter, epilog=EXIT_CODES_HELP,
     )
+    add_version_argument(p)
     p.add_argument("--pred", required=True, help="folder of predicted label maps (.nii/.nii.gz), e.g. infer.py's --output")
     p.add_argument("--labels", required=True, help="folder of reference labels: case.nii.gz for a prediction "
                    "case.nii.gz or case_0000.nii.gz, or the prediction's own name")
@@ -113,11 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m mulmodseg.evaluate`` and ``mulmodseg-evaluate``: score the folders ``argv`` names (default:
+    the command line); returns the exit status (``mulmodseg.cli``)."""
     args = build_parser().parse_args(argv)
     try:
         evaluate_folders(args.pred, args.labels, args.classes, args.label_map, args.nsd_tolerance, args.output,
                          args.modality)
-    except (mdata.DataError, ValueError) as exc:
+    except mdata.DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -10,6 +10,7 @@ used a label map.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,13 +20,17 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from mulmodseg import __version__
 from mulmodseg import data as mdata
 from mulmodseg.checkpoint import folder_problem, load_checkpoint
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.metrics import REPORT_FILES, case_metrics, check_nsd_tolerance, count_flops, count_parameters, write_reports
 from mulmodseg.model import MulModSeg
+from mulmodseg.postprocess import postprocess, resolve_classes
 from mulmodseg.viz import preview
+
+DATASET_JSON = "dataset.json"
 
 
 @dataclasses.dataclass
@@ -123,6 +128,59 @@ def invert_label_map(settings: dict) -> dict[int, int] | None:
     return inverse
 
 
+def written_values(num_classes: int, inverse: dict[int, int] | None) -> dict[int, int]:
+    """Class id (1..K-1) -> its value in the written label maps: the id itself, or the dataset's value when
+    the run used a label map (``inverse``, from ``invert_label_map``); a class without one is left out (it is
+    written as background)."""
+    if inverse is None:
+        return {k: k for k in range(1, num_classes)}
+    return {k: v for k, v in sorted(inverse.items()) if 0 < k < num_classes}
+
+
+def class_file(name: str) -> str:
+    """The ``--per_class`` file of class ``name``: spaces as underscores (``right kidney`` -> ``right_kidney.nii.gz``)."""
+    return f"{name.replace(' ', '_')}.nii.gz"
+
+
+def dataset_description(classes: Sequence[str], values: dict[int, int], modality: str, checkpoint: str | Path,
+                        settings: dict) -> dict:
+    """dataset.json beside the label maps, in nnU-Net's form: ``labels`` (class name -> value in the files,
+    background 0), ``modality`` (v1's key) and ``channel_names`` (v2's), ``file_ending``; then the checkpoint
+    and the ``settings`` that made the files, and the version that wrote them (which marks the file as ours)."""
+    return {
+        "labels": {classes[0]: 0, **{classes[k]: v for k, v in values.items()}},
+        "modality": {"0": modality}, "channel_names": {"0": modality}, "file_ending": ".nii.gz",
+        "checkpoint": str(Path(checkpoint).resolve()), "settings": settings, "mulmodseg_version": __version__,
+    }
+
+
+def foreign_dataset_json(path: Path) -> bool:
+    """Whether ``path`` is a dataset.json that infer.py did not write (a dataset's own, e.g. an MSD datalist
+    that training reads), which no --overwrite may replace."""
+    if not path.is_file():
+        return False
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(content, dict) and "mulmodseg_version" in content)
+
+
+def class_statistics(label: np.ndarray, image: np.ndarray, spacing: Sequence[float], classes: Sequence[str],
+                     values: dict[int, int]) -> dict:
+    """``--statistics`` of one case: for each class of ``values`` (class id -> value in the files), its value,
+    voxel count, volume in mm^3 and mean intensity of ``image`` over it (None when the class is absent).
+    ``label: (X, Y, Z)`` class ids and ``image: (X, Y, Z)`` the scan, both on the scan's grid of voxel sizes
+    ``spacing`` (mm)."""
+    flat = label.ravel()
+    voxels = np.bincount(flat, minlength=len(classes))
+    sums = np.bincount(flat, weights=image.ravel(), minlength=len(classes))
+    voxel_mm3 = float(np.prod(spacing))
+    return {classes[k]: {"value": v, "voxels": int(voxels[k]), "volume_mm3": float(voxels[k]) * voxel_mm3,
+                         "mean_intensity": float(sums[k] / voxels[k]) if voxels[k] else None}
+            for k, v in values.items()}
+
+
 def to_dataset_values(label: np.ndarray, inverse: dict[int, int] | None) -> np.ndarray:
     """Training ids -> dataset values, in the smallest unsigned type that holds them (uint8 unless a
     label map's values need more): a lookup table of that type, so no 8-byte copy of the scan is made."""
@@ -171,6 +229,15 @@ def write_preview(reference: nib.Nifti1Image, label: np.ndarray, path: Path) -> 
     label = nib.as_closest_canonical(nib.Nifti1Image(label, reference.affine))
     write_then_rename(path, lambda tmp: preview(np.asanyarray(image.dataobj, dtype=np.float32),
                                                 np.asanyarray(label.dataobj), tmp, spacing=image.header.get_zooms()[:3]))
+
+
+class InferenceInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``segment_files``' cases: ``complete`` lists the label maps whose cases have all their
+    outputs (what ``skip_existing`` keeps), ``remaining`` the scans still to segment."""
+
+    def __init__(self, complete: list[Path], remaining: list[Path]):
+        super().__init__()
+        self.complete, self.remaining = complete, remaining
 
 
 class Segmenter:
@@ -283,25 +350,46 @@ def segment_files(
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
     skip_existing: bool = False,
     nsd_tolerance: float = 2.0,
+    keep_largest: Sequence[str] | None = None,
+    min_component_mm3: float | None = None,
+    per_class: bool = False,
+    statistics: bool = False,
 ) -> list[dict]:
     """Segment ``inputs`` into ``output_dir``; returns one record per case (with Dice, NSD at ``nsd_tolerance``
     mm and HD95, ``mulmodseg.metrics.case_metrics``, when labels are given).
 
-    Before any inference: the checkpoint loads, the modality is one it knows, ``output_dir`` can be
-    written, no output would replace an input scan or label file (even with ``overwrite``) or, without
-    ``overwrite`` or ``skip_existing``, an existing file (label maps, probabilities, previews, evaluation
-    tables), and every scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D, finite, label
-    values known); all problems at once. ``skip_existing`` continues an interrupted call: a case whose
-    outputs all exist is not segmented again (its label map is read back for the evaluation), the others
-    are, and the evaluation tables are written anew.
+    Each label map is postprocessed on the scan's grid when asked (``mulmodseg.postprocess.postprocess``:
+    ``keep_largest`` names the classes that keep only their largest component, an empty list all of them;
+    ``min_component_mm3`` removes smaller components), then written, and scored as written. Beside the
+    label maps goes ``dataset.json`` (``dataset_description``); per case, optionally, the probabilities
+    (not postprocessed), a preview, one binary map per class (``per_class``: ``NAME/<class>.nii.gz``) and
+    ``NAME_statistics.json`` (``statistics``: ``class_statistics``).
+
+    Before any inference: the checkpoint loads, the modality and the ``keep_largest`` classes are ones it
+    knows, ``output_dir`` can be written, no output would replace an input scan or label file or a
+    dataset.json that this function did not write (even with ``overwrite``) or, without ``overwrite`` or
+    ``skip_existing``, an existing file (label maps, every extra output asked for, dataset.json,
+    evaluation tables), and every scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D,
+    finite, label values known); all problems at once. ``skip_existing`` continues an interrupted call: a
+    case whose outputs all exist is not segmented (nor postprocessed) again, its label map is read back
+    for the evaluation, the others are segmented, and dataset.json and the evaluation tables are written
+    anew. Ctrl-C while the cases run raises ``InferenceInterrupted``.
     """
     output_dir = Path(output_dir)
     inputs = [Path(p) for p in inputs]
     check_nsd_tolerance(nsd_tolerance)  # before the checkpoint loads
+    if min_component_mm3 is not None and not min_component_mm3 > 0:
+        raise ValueError(f"--min_component_mm3 {min_component_mm3}: must be a volume above 0 mm^3")
     segmenter = Segmenter(checkpoint, settings)
     segmenter.check_modality(modality)
+    classes = segmenter.classes
+    inverse = invert_label_map(segmenter.config["preprocess"][modality])
+    values = written_values(len(classes), inverse)
+    largest = [] if keep_largest is None else resolve_classes(keep_largest, classes, values)
     targets = {p: output_path(p, output_dir) for p in inputs}
-    extras = [suffix for suffix, wanted in (("_probabilities.npz", save_probabilities), (".png", previews)) if wanted]
+    extras = [suffix for suffix, wanted in (("_probabilities.npz", save_probabilities), (".png", previews),
+                                            ("_statistics.json", statistics)) if wanted]
+    class_files = [class_file(classes[k]) for k in values] if per_class else []
     problems, writers, label_files = output_dir_problems(output_dir), {}, {}
     if labels_dir is not None:
         for src in inputs:
@@ -319,11 +407,18 @@ def segment_files(
                         if mdata.is_extra_channel(stem, stems, label_stems)]
     # Scans and labels are never written over, even with --overwrite.
     given = {p.resolve(): "scan" for p in inputs} | {p.resolve(): "label file" for p in label_files.values()}
-    # Nothing else this call would write may already exist: write_evaluation's tables count when labels are given.
+    # Nothing else this call would write may already exist: dataset.json, and write_evaluation's tables when
+    # labels are given.
     outputs = [] if labels_dir is None else [output_dir / n for n in REPORT_FILES]
+    if foreign_dataset_json(output_dir / DATASET_JSON):
+        problems.append(f"{output_dir / DATASET_JSON}: not written by infer.py (a dataset's own description?), so it "
+                        "is never replaced, even with --overwrite; choose another --output")
+    else:
+        outputs.append(output_dir / DATASET_JSON)
     done = set()
     for src, dst in targets.items():
-        case_outputs = [dst, *(output_path(src, output_dir, suffix) for suffix in extras)]
+        case_outputs = [dst, *(output_path(src, output_dir, suffix) for suffix in extras),
+                        *(output_path(src, output_dir, "") / name for name in class_files)]
         outputs += case_outputs
         if skip_existing and all(p.is_file() for p in case_outputs):
             done.add(src)
@@ -339,56 +434,79 @@ def segment_files(
         raise mdata.DataError(problems)
     label_map = segmenter.config["preprocess"][modality].get("label_map")
     cases = [mdata.Case(targets[src].name, src, label_files.get(src), modality) for src in inputs]
-    num_classes = None if label_map else len(segmenter.classes)
+    num_classes = None if label_map else len(classes)
     for warning in channel_warnings + mdata.check_cases(cases, label_map=label_map, num_classes=num_classes):
         log(f"warning: {warning}")
 
-    inverse = invert_label_map(segmenter.config["preprocess"][modality])
-    records = []
-    for i, src in enumerate(inputs, 1):
-        t0 = time.time()
-        reference = mdata.load_volume(src)
-        record = {"case": mdata.nifti_stem(targets[src]), "modality": modality, "output": str(targets[src]),
-                  "seconds": None}
-        truth = None
-        if src in label_files:  # read before anything is written, whatever --output holds
-            # Read as training reads labels: float files to integers, the run's label map applied.
-            truth = mdata.read_label(mdata.load_volume(label_files[src]), str(label_files[src]), reference, label_map)
-        if src in done:
-            if truth is not None:  # the earlier call's label map, back to training ids as a label file is read
-                label = mdata.read_label(mdata.load_volume(targets[src]), str(targets[src]), reference, label_map)
-            log(f"[{i}/{len(inputs)}] {src.name}: {targets[src]} exists, skipped (--skip_existing)")
-        else:
-            # A live window count with ETA when a person watches; a line per quarter in a log file.
-            progress = True if sys.stderr.isatty() else quarter_reporter(f"[{i}/{len(inputs)}] {src.name}", log)
-            label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities, progress=progress)
-            written = to_dataset_values(label, inverse)
-            if save_probabilities:
-                # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
-                # Outside the foreground crop is background, so probability 1 for class 0 and 0 for the rest.
-                restored = np.empty((len(probs), *reference.shape), dtype=np.float16)
-                for k, channel in enumerate(probs):
-                    restored[k] = mdata.restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
-                write_then_rename(output_path(src, output_dir, "_probabilities.npz"), lambda tmp: np.savez_compressed(
-                    tmp, probabilities=restored, classes=np.array(segmenter.classes)))
-            if previews:
-                write_preview(reference, label, output_path(src, output_dir, ".png"))
-            # The label map last: with it, every output of the case is there (--skip_existing's test).
-            write_like(written, reference, targets[src])
-            # Scored as written: a class that the label map gives no dataset value is background in the file.
-            label = written if label_map is None else mdata.apply_label_map(written, mdata.parse_label_map(label_map))
-            record["seconds"] = time.time() - t0
-            timed = [r["seconds"] for r in records if r["seconds"] is not None] + [record["seconds"]]
-            eta = np.mean(timed) * sum(1 for later in inputs[i:] if later not in done)
-            log(f"[{i}/{len(inputs)}] {src.name} -> {targets[src]} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
-        if truth is not None:
-            # On the scan's grid, with its voxel sizes (the label was read onto that grid).
+    # Written before the first case: every label map in output_dir has its classes beside it.
+    run_settings = {"modality": modality, "sliding_window": dataclasses.asdict(segmenter.settings),
+                    "keep_largest": [classes[k] for k in largest] if keep_largest is not None else None,
+                    "min_component_mm3": min_component_mm3, "per_class": per_class, "statistics": statistics,
+                    "save_probabilities": save_probabilities}
+    description = dataset_description(classes, values, modality, checkpoint, run_settings)
+    write_then_rename(output_dir / DATASET_JSON, lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n"))
+    records, complete = [], []
+    try:
+        for i, src in enumerate(inputs, 1):
+            t0 = time.time()
+            reference = mdata.load_volume(src)
             spacing = nib.affines.voxel_sizes(reference.affine)
-            record.update(case_metrics(label, truth, len(segmenter.classes), spacing, nsd_tolerance))
-            record["reference"] = str(label_files[src])
-        records.append(record)
-    if labels_dir is not None:
-        write_evaluation(records, segmenter, output_dir, modality, log, nsd_tolerance)
+            record = {"case": mdata.nifti_stem(targets[src]), "modality": modality, "output": str(targets[src]),
+                      "seconds": None}
+            truth = None
+            if src in label_files:  # read before anything is written, whatever --output holds
+                # Read as training reads labels: float files to integers, the run's label map applied.
+                truth = mdata.read_label(mdata.load_volume(label_files[src]), str(label_files[src]), reference, label_map)
+            if src in done:
+                if truth is not None:  # the earlier call's label map, back to training ids as a label file is read
+                    label = mdata.read_label(mdata.load_volume(targets[src]), str(targets[src]), reference, label_map)
+                complete.append(targets[src])
+                log(f"[{i}/{len(inputs)}] {src.name}: {targets[src]} exists, skipped (--skip_existing)")
+            else:
+                # A live window count with ETA when a person watches; a line per quarter in a log file.
+                progress = True if sys.stderr.isatty() else quarter_reporter(f"[{i}/{len(inputs)}] {src.name}", log)
+                label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities, progress=progress)
+                if keep_largest is not None or min_component_mm3 is not None:
+                    label = postprocess(label, spacing, largest, min_component_mm3)
+                written = to_dataset_values(label, inverse)
+                if save_probabilities:
+                    # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
+                    # Outside the foreground crop is background, so probability 1 for class 0 and 0 for the rest.
+                    restored = np.empty((len(probs), *reference.shape), dtype=np.float16)
+                    for k, channel in enumerate(probs):
+                        restored[k] = mdata.restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
+                    write_then_rename(output_path(src, output_dir, "_probabilities.npz"), lambda tmp: np.savez_compressed(
+                        tmp, probabilities=restored, classes=np.array(classes)))
+                if previews:
+                    write_preview(reference, label, output_path(src, output_dir, ".png"))
+                if per_class:
+                    for k in values:
+                        write_like((label == k).astype(np.uint8), reference,
+                                   output_path(src, output_dir, "") / class_file(classes[k]))
+                if statistics:
+                    stats = {"case": record["case"], "input": str(src), "voxel_size_mm": spacing.tolist(),
+                             "classes": class_statistics(label, reference.get_fdata(dtype=np.float32), spacing,
+                                                         classes, values)}
+                    write_then_rename(output_path(src, output_dir, "_statistics.json"),
+                                      lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
+                # The label map last: with it, every output of the case is there (--skip_existing's test).
+                write_like(written, reference, targets[src])
+                complete.append(targets[src])
+                # Scored as written: a class that the label map gives no dataset value is background in the file.
+                label = written if label_map is None else mdata.apply_label_map(written, mdata.parse_label_map(label_map))
+                record["seconds"] = time.time() - t0
+                timed = [r["seconds"] for r in records if r["seconds"] is not None] + [record["seconds"]]
+                eta = np.mean(timed) * sum(1 for later in inputs[i:] if later not in done)
+                log(f"[{i}/{len(inputs)}] {src.name} -> {targets[src]} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
+            if truth is not None:
+                # On the scan's grid, with its voxel sizes (the label was read onto that grid).
+                record.update(case_metrics(label, truth, len(classes), spacing, nsd_tolerance))
+                record["reference"] = str(label_files[src])
+            records.append(record)
+        if labels_dir is not None:
+            write_evaluation(records, segmenter, output_dir, modality, log, nsd_tolerance)
+    except KeyboardInterrupt as exc:
+        raise InferenceInterrupted(complete, [src for src in inputs if targets[src] not in complete]) from exc
     return records
 
 

@@ -116,10 +116,12 @@ def test_command_line(folders):
     proc = subprocess.run([sys.executable, "-m", "mulmodseg.evaluate", "--pred", str(tmp_path / "pred"),
                            "--labels", str(tmp_path / "missing"), "--classes", str(classes)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and f"--labels {tmp_path / 'missing'}: no such folder" in proc.stderr
+    # A data problem exits 3; a bad flag value (below) 2, argparse's code.
+    assert proc.returncode == 3 and f"--labels {tmp_path / 'missing'}: no such folder" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "mulmodseg.evaluate", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
-    for flag in ("--pred", "--labels", "--classes", "--label_map", "--nsd_tolerance", "--output"):
+    for flag in ("--pred", "--labels", "--classes", "--label_map", "--nsd_tolerance", "--output", "--version"):
         assert flag in proc.stdout
+    assert "3 a problem in the data" in proc.stdout
     assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--classes", str(classes),
                  "--nsd_tolerance", "-1"]) == 2

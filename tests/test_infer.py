@@ -19,8 +19,10 @@ import train as train_cli
 from mulmodseg import data as mdata
 from mulmodseg import device as mdevice
 from mulmodseg import predict
+from mulmodseg.cli import predict as predict_cli
 from mulmodseg.data import DataError
 from mulmodseg.metrics import count_flops
+from mulmodseg.postprocess import component_sizes, postprocess
 from mulmodseg.predict import (
     InferenceSettings, Segmenter, accumulation_device, find_inputs, load_model, output_path, segment_files,
     write_evaluation, write_like,
@@ -95,7 +97,8 @@ def test_refuses_to_overwrite_outputs_and_inputs(tmp_path, checkpoint):
     assert run(*args)[0] == 0
     first = sha(output_path(CT, tmp_path))
     code, log = run(*args)
-    assert code == 2 and "exists; pass --overwrite" in log and str(output_path(CT, tmp_path)) in log
+    # Exit 3: a data problem found by the checks (2 is argparse's, for bad flags).
+    assert code == 3 and "exists; pass --overwrite" in log and str(output_path(CT, tmp_path)) in log
     assert sha(output_path(CT, tmp_path)) == first
     assert run(*args, "--overwrite")[0] == 0
 
@@ -104,7 +107,7 @@ def test_refuses_to_overwrite_outputs_and_inputs(tmp_path, checkpoint):
     copy = copy_dir / CT.name
     shutil.copy(CT, copy)
     code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", copy, "--output", copy_dir, "--overwrite")
-    assert code == 2 and "would replace an input scan" in log
+    assert code == 3 and "would replace an input scan" in log
     assert sha(copy) == sha(CT)
 
 
@@ -120,14 +123,14 @@ def test_clear_errors_for_bad_arguments(tmp_path, checkpoint):
     code, log = run("--checkpoint", bad, "--modality", "CT", "--input", CT, "--output", tmp_path)
     assert code == 2 and "bad.pt: not a readable checkpoint" in log
     code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", tmp_path / "missing", "--output", tmp_path)
-    assert code == 2 and "missing: no such file or folder" in log
+    assert code == 3 and "missing: no such file or folder" in log
     scans = tmp_path / "scans"
     scans.mkdir()
     nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)), scans / "nan.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), scans / "four_d.nii.gz")
     (scans / "broken.nii.gz").write_bytes(CT.read_bytes()[:5000])
     code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", scans, "--output", tmp_path / "out")
-    assert code == 2 and "3 data problem(s)" in log
+    assert code == 3 and "3 data problem(s)" in log
     for name in ("nan.nii.gz", "four_d.nii.gz", "broken.nii.gz"):
         assert str(scans / name) in log
     assert not (tmp_path / "out").exists()
@@ -247,8 +250,12 @@ def test_help_explains_every_flag():
     text = infer_cli.build_parser().format_help()
     for flag in ("--checkpoint", "--modality", "--input", "--output", "--overwrite", "--labels", "--save_probabilities",
                  "--preview", "--tta", "--device", "--sw_batch_size", "--overlap", "--prompt_modality",
-                 "--nsd_tolerance", "--amp", "--channels_last", "--threads"):
+                 "--nsd_tolerance", "--amp", "--channels_last", "--threads", "--keep_largest", "--min_component_mm3",
+                 "--per_class", "--statistics", "--version", "-i INPUT", "-o OUTPUT"):
         assert flag in text
+    assert "3 a problem in the data" in text and "130 interrupted" in text
+    args = infer_cli.build_parser().parse_args(["--checkpoint", "c.pt", "--modality", "CT", "-i", "a", "-o", "b"])
+    assert (args.input, args.output, args.keep_largest, args.min_component_mm3) == ("a", "b", None, None)
 
 
 def test_label_map_runs_write_the_dataset_values(tmp_path):
@@ -269,6 +276,8 @@ def test_label_map_runs_write_the_dataset_values(tmp_path):
     assert values <= {0, 6}
     header, row = (tmp_path / "out" / "metrics.csv").read_text().splitlines()[:2]
     assert header.split(",")[:3] == ["case", "modality", "liver"]
+    # dataset.json names the values the file holds: the dataset's own.
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["labels"] == {"background": 0, "liver": 6}
 
     # The same label stored as float32 (as some tools write them) is read as training reads it.
     label = nib.load(str(SAMPLE / "ct" / "labelsTr" / CT.name))
@@ -440,7 +449,8 @@ def test_a_case_killed_while_writing_leaves_nothing_that_looks_done(tmp_path, ch
     monkeypatch.setattr(predict.np, "savez_compressed", killed)
     with pytest.raises(KeyboardInterrupt):
         segment_files(checkpoint, [CT], tmp_path, "CT", save_probabilities=True, previews=True, log=lambda m: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the label map comes last; no temporary file left
+    # dataset.json comes first, the label map last; no temporary file left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json"]
     monkeypatch.undo()
     records = segment_files(checkpoint, [CT], tmp_path, "CT", save_probabilities=True, previews=True,
                             skip_existing=True, log=lambda m: None)
@@ -476,8 +486,129 @@ def test_auto_settings_on_the_cpu(checkpoint, monkeypatch, native, amp_dtype):
 
 def test_threads_are_set_before_inference(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(infer_cli, "set_threads", lambda threads: calls.append(threads))
+    monkeypatch.setattr(predict_cli, "set_threads", lambda threads: calls.append(threads))
     base = ["--checkpoint", str(tmp_path / "none.pt"), "--modality", "CT", "--input", str(CT),
             "--output", str(tmp_path / "out")]
     assert infer_cli.main(base) == 2 and infer_cli.main([*base, "--threads", "3"]) == 2  # no such checkpoint
     assert calls == [0, 3]
+
+
+def test_postprocessing_and_the_outputs_that_know_their_classes(tmp_path, checkpoint):
+    plain = segment_files(checkpoint, [MR], tmp_path / "plain", "MR", log=lambda m: None)
+    raw = np.asanyarray(nib.load(plain[0]["output"]).dataobj)
+    scan = nib.load(str(MR))
+    spacing = nib.affines.voxel_sizes(scan.affine)
+    out = tmp_path / "out"
+    records = segment_files(checkpoint, [MR], out, "MR", keep_largest=[], min_component_mm3=50.0, per_class=True,
+                            statistics=True, log=lambda m: None)
+    label = np.asanyarray(nib.load(records[0]["output"]).dataobj)
+    # The network's label map postprocessed on the scan's grid: each class one component of at least 50 mm^3.
+    assert np.array_equal(label, postprocess(raw, spacing, list(range(1, 14)), 50.0))
+    assert (label != raw).sum() > 0 and (label > 0).sum() > 0
+    for k in np.unique(label[label > 0]):
+        sizes = component_sizes(label == k)[1]
+        assert len(sizes) == 2 and sizes[1] * np.prod(spacing) >= 50
+
+    classes = load_model(checkpoint)[1]["classes"]
+    description = json.loads((out / "dataset.json").read_text())
+    assert description["labels"] == {name: k for k, name in enumerate(classes)} and len(classes) == 14
+    assert description["modality"] == {"0": "MR"} and description["file_ending"] == ".nii.gz"
+    assert description["checkpoint"] == str(checkpoint.resolve())
+    assert description["settings"]["keep_largest"] == classes[1:]
+    assert description["settings"]["min_component_mm3"] == 50.0
+    assert description["settings"]["sliding_window"]["overlap"] == 0.5
+
+    files = {name: out / "ts_mr_001" / f"{name.replace(' ', '_')}.nii.gz" for name in classes[1:]}
+    assert sorted((out / "ts_mr_001").iterdir()) == sorted(files.values())
+    assert files["right kidney"].name == "right_kidney.nii.gz"
+    rebuilt = np.zeros_like(label)
+    for k, name in enumerate(classes[1:], 1):
+        img = nib.load(str(files[name]))
+        mask = np.asanyarray(img.dataobj)
+        assert img.get_data_dtype() == np.uint8 and np.array_equal(img.affine, scan.affine)
+        assert set(np.unique(mask).tolist()) <= {0, 1}
+        rebuilt[mask == 1] = k
+    assert np.array_equal(rebuilt, label)
+
+    stats = json.loads((out / "ts_mr_001_statistics.json").read_text())
+    image = scan.get_fdata()
+    assert list(stats["classes"]) == classes[1:] and stats["voxel_size_mm"] == pytest.approx(list(spacing))
+    for k, name in enumerate(classes[1:], 1):
+        entry, voxels = stats["classes"][name], int((label == k).sum())
+        assert entry["value"] == k and entry["voxels"] == voxels
+        assert entry["volume_mm3"] == pytest.approx(voxels * np.prod(spacing))
+        if voxels:
+            assert entry["mean_intensity"] == pytest.approx(image[label == k].mean(), rel=1e-5)
+        else:
+            assert entry["mean_intensity"] is None
+
+
+def test_class_statistics_by_hand():
+    label = np.array([[[0, 1, 1, 2]]], np.uint8)
+    image = np.array([[[10.0, 2.0, 4.0, 7.0]]], np.float32)
+    stats = predict.class_statistics(label, image, (2.0, 1.0, 0.5), ["background", "a", "b", "c"],
+                                     {1: 1, 2: 205, 3: 3})
+    assert stats == {"a": {"value": 1, "voxels": 2, "volume_mm3": 2.0, "mean_intensity": 3.0},
+                     "b": {"value": 205, "voxels": 1, "volume_mm3": 1.0, "mean_intensity": 7.0},
+                     "c": {"value": 3, "voxels": 0, "volume_mm3": 0.0, "mean_intensity": None}}
+
+
+def test_skip_existing_counts_the_new_outputs_and_does_not_postprocess_again(tmp_path, checkpoint, monkeypatch):
+    options = dict(keep_largest=["liver"], per_class=True, statistics=True, log=lambda m: None)
+    segment_files(checkpoint, [MR], tmp_path, "MR", **options)
+    (tmp_path / "ts_mr_001" / "liver.nii.gz").unlink()
+    with pytest.raises(DataError) as error:  # every output that exists is named
+        segment_files(checkpoint, [MR], tmp_path, "MR", **options)
+    for path in (tmp_path / "dataset.json", output_path(MR, tmp_path), tmp_path / "ts_mr_001_statistics.json",
+                 tmp_path / "ts_mr_001" / "spleen.nii.gz"):
+        assert f"{path}: exists; pass --overwrite" in str(error.value)
+    assert len(error.value.problems) == 1 + 1 + 1 + 12  # dataset.json, label map, statistics, 12 class files
+    calls, original = [], predict.postprocess
+    monkeypatch.setattr(predict, "postprocess", lambda *a: calls.append(a[2]) or original(*a))
+    segment_files(checkpoint, [MR], tmp_path, "MR", skip_existing=True, **options)  # a class file is missing
+    assert calls == [[6]] and (tmp_path / "ts_mr_001" / "liver.nii.gz").is_file()
+    segment_files(checkpoint, [MR], tmp_path, "MR", skip_existing=True, **options)
+    assert calls == [[6]]  # complete: neither segmented nor postprocessed again
+
+
+def test_a_datasets_own_dataset_json_is_never_replaced(tmp_path, checkpoint):
+    datalist = {"training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}]}
+    (tmp_path / "dataset.json").write_text(json.dumps(datalist))
+    with pytest.raises(DataError, match="dataset.json: not written by infer.py") as error:
+        segment_files(checkpoint, [MR], tmp_path, "MR", overwrite=True, log=lambda m: None)
+    assert len(error.value.problems) == 1
+    assert json.loads((tmp_path / "dataset.json").read_text()) == datalist and not output_path(MR, tmp_path).exists()
+
+
+def test_bad_postprocessing_flags_exit_2_before_any_work(tmp_path, checkpoint, capsys):
+    base = ["--checkpoint", str(checkpoint), "--modality", "MR", "-i", str(MR), "-o", str(tmp_path / "out")]
+    assert infer_cli.main([*base, "--keep_largest", "liver", "livr"]) == 2
+    assert "--keep_largest livr: not a class of this checkpoint" in capsys.readouterr().err
+    assert infer_cli.main([*base, "--min_component_mm3", "0"]) == 2
+    assert "--min_component_mm3 0.0: must be a volume above 0 mm^3" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_names_the_complete_cases_and_how_to_continue(tmp_path, checkpoint, monkeypatch, capsys):
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        shutil.copy(MR, scans / name)
+    original = Segmenter.segment
+
+    def interrupted_at_b(self, src, *args, **kwargs):
+        if src.name == "b.nii.gz":
+            raise KeyboardInterrupt
+        return original(self, src, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "segment", interrupted_at_b)
+    args = ["--checkpoint", str(checkpoint), "--modality", "MR", "-i", str(scans), "-o", str(out)]
+    assert infer_cli.main(args) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"\ninterrupted; 1 of 3 cases are complete in {out} (a.nii.gz); run the same command with "
+                        "--skip_existing to segment the other 2\n") and "Traceback" not in err
+    assert infer_cli.main([*args, "--overwrite"]) == 130
+    assert "run the same command with --skip_existing instead of --overwrite" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert infer_cli.main([*args, "--skip_existing"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz", "dataset.json"]

@@ -17,6 +17,7 @@ import pytest
 import infer
 import train
 from experiments import collect, prepare, run
+from mulmodseg.evaluate import build_parser as evaluate_parser
 from mulmodseg.text.__main__ import build_parser as text_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,12 @@ PARSERS = {
     ("train.py",): train.build_parser,
     ("infer.py",): infer.build_parser,
     ("-m", "mulmodseg.text"): text_parser,
+    ("-m", "mulmodseg.evaluate"): evaluate_parser,
+    # setup.py's console commands: the same parsers.
+    ("mulmodseg-train",): train.build_parser,
+    ("mulmodseg-predict",): infer.build_parser,
+    ("mulmodseg-evaluate",): evaluate_parser,
+    ("mulmodseg-text",): text_parser,
     ("experiments/prepare.py",): prepare.build_parser,
     ("experiments/collect.py",): collect.build_parser,
 }
@@ -54,6 +61,8 @@ def program_and_args(command: str) -> tuple[tuple[str, ...], list[str]]:
         while tokens[0].startswith("--"):
             tokens.pop(0)
         tokens = ["python", *tokens]
+    if tokens[0].startswith("mulmodseg-"):
+        return (tokens[0],), tokens[1:]
     assert tokens[0] == "python", f"unknown program in {command!r}: add a check for it to tests/test_readme.py"
     if tokens[1] == "-m":
         return tuple(tokens[1:3]), tokens[3:]

@@ -1,9 +1,16 @@
 """setup.py's promises: the package imports only its declared run-time dependencies (and the standard
-library), and declares no dependency it never imports."""
+library), and declares no dependency it never imports; its commands are the scripts' mains, and every
+program says the one version."""
 import ast
+import importlib
 import re
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+import mulmodseg
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = [ROOT / "train.py", ROOT / "infer.py"]
@@ -28,3 +35,33 @@ def test_the_package_imports_only_what_setup_py_requires():
     used = imported_modules([*(ROOT / "mulmodseg").rglob("*.py"), *PROGRAMS])
     third_party = used - set(sys.stdlib_module_names) - {"__future__", "mulmodseg"}
     assert third_party == declared, third_party ^ declared
+
+
+ENTRY_POINTS = {
+    "mulmodseg-train": "mulmodseg.cli.train:main",
+    "mulmodseg-predict": "mulmodseg.cli.predict:main",
+    "mulmodseg-evaluate": "mulmodseg.evaluate:main",
+    "mulmodseg-text": "mulmodseg.text.__main__:main",
+}
+
+
+def test_console_commands_are_the_scripts_mains():
+    declared = dict(re.findall(r'"(mulmodseg-\w+) = ([\w.:]+)"', (ROOT / "setup.py").read_text()))
+    assert declared == ENTRY_POINTS
+    import infer
+    import train
+    assert train.main is importlib.import_module("mulmodseg.cli.train").main
+    assert infer.main is importlib.import_module("mulmodseg.cli.predict").main
+    # setup.py reads mulmodseg.__version__: one source of truth.
+    proc = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == mulmodseg.__version__ == "0.1.0"
+
+
+@pytest.mark.parametrize("target", sorted(ENTRY_POINTS.values()))
+def test_every_command_has_the_one_version(target, capsys):
+    module, name = target.split(":")
+    with pytest.raises(SystemExit) as exit_:
+        getattr(importlib.import_module(module), name)(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip().endswith(f" {mulmodseg.__version__}")

@@ -227,7 +227,7 @@ def test_bad_input_fails_before_any_work(tmp_path):
     empty.mkdir()
     proc = run_cli(["--ct_dir", str(empty), "--mr_dir", str(SAMPLE / "mr"), *SMALL, "--out", str(tmp_path / "r")])
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # a data problem (DataError), not a bad flag
     assert str(empty) in out
     assert not (tmp_path / "r").exists()
 
@@ -603,7 +603,7 @@ def test_a_read_only_shared_cache_serves_its_entries(tmp_path, cache, monkeypatc
     args = small_args(tmp_path / "third", cache, 1)
     args[args.index(str(SAMPLE / "ct"))] = str(data)
     capsys.readouterr()
-    assert train_cli.main(args) == 2
+    assert train_cli.main(args) == 3  # DataError
     assert f"{cache}: cannot add {data / 'imagesTr' / 'ts_ct_001.nii.gz'} to this cache (Permission denied); pass a " \
            "--cache_dir you can write" in capsys.readouterr().err
 
@@ -614,7 +614,7 @@ def test_a_training_scan_without_a_label_is_reported_before_preprocessing(tmp_pa
     shutil.copy(SAMPLE / "ct" / "imagesTr" / "ts_ct_001.nii.gz", data / "imagesTr" / "a.nii.gz")
     (data / "dataset.json").write_text(json.dumps({"training": [{"image": "imagesTr/a.nii.gz"}]}))
     code = train_cli.main(["--ct_dir", str(data), *SMALL, "--mode", "CT", "--epochs", "1", "--out", str(tmp_path / "r")])
-    assert code == 2 and f"{data / 'imagesTr' / 'a.nii.gz'}: no label file" in capsys.readouterr().err
+    assert code == 3 and f"{data / 'imagesTr' / 'a.nii.gz'}: no label file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

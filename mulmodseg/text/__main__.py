@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from mulmodseg import __version__  # the command's --version only: the library modules import nothing outside text
+
 from .clip import (
     ACTIVATIONS,
     DEFAULT_CACHE_DIR,
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: python -m mulmodseg.text --clip_weights ViT-B-32.pt --classes amos --template v3 "
         "--modalities CT MR --out amos_v3.pt",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--clip_weights",
         metavar="PATH",

@@ -1,7 +1,22 @@
-"""What the command-line programs (train.py, infer.py, experiments/) share."""
+"""The command-line programs: ``mulmodseg.cli.train`` (train.py, ``mulmodseg-train``) and
+``mulmodseg.cli.predict`` (infer.py, ``mulmodseg-predict``), and what every program shares (also
+``python -m mulmodseg.evaluate``, ``python -m mulmodseg.text`` and experiments/).
+
+Exit codes: 0 done; 1 the system failed (a disk filled up, ...); 2 bad arguments (argparse's own, and values
+that cannot work); ``EXIT_DATA_ERROR`` (3) a data problem found by the checks before any work
+(``mulmodseg.data.DataError``); ``EXIT_INTERRUPTED`` (130, the shell's code for Ctrl-C) interrupted.
+"""
 from __future__ import annotations
 
 import argparse
+
+from mulmodseg import __version__
+
+EXIT_DATA_ERROR = 3
+EXIT_INTERRUPTED = 130
+# The end of each program's --help.
+EXIT_CODES_HELP = (f"exit codes: 0 done, 1 system error, 2 bad arguments, {EXIT_DATA_ERROR} a problem in the data "
+                   f"(reported before any work), {EXIT_INTERRUPTED} interrupted (Ctrl-C)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -27,3 +42,8 @@ def add_cpu_speed_arguments(parser: argparse.ArgumentParser | argparse._Argument
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (default 0: the cores this process may use, shared among "
                         "torchrun's ranks on this machine)")
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    """``--version``: prints the program's name and ``mulmodseg.__version__``, then exits 0."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

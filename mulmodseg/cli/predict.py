@@ -1,0 +1,112 @@
+"""Segment CT or MR scans with a trained checkpoint: ``python infer.py --checkpoint runs/x/last.pt --modality MR
+-i scan.nii.gz -o out/`` or ``mulmodseg-predict ...`` (the same ``main``). A command line over
+``mulmodseg.predict``; see ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mulmodseg.checkpoint import CheckpointError
+from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_DATA_ERROR, EXIT_INTERRUPTED, HelpFormatter,
+                           add_cpu_speed_arguments, add_version_argument)
+from mulmodseg.data import DataError
+from mulmodseg.device import set_threads
+from mulmodseg.predict import InferenceInterrupted, InferenceSettings, find_inputs, segment_files
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = InferenceSettings()
+    p = argparse.ArgumentParser(
+        description="Segment NIfTI scans with a MulModSeg checkpoint; label maps are written on each input's own grid.",
+        formatter_class=HelpFormatter, epilog=EXIT_CODES_HELP,
+    )
+    add_version_argument(p)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (last.pt or best.pt)")
+    p.add_argument("--modality", required=True, help="the scans' modality, as named in training (CT, MR, ...)")
+    p.add_argument("-i", "--input", required=True, help="a .nii/.nii.gz file or a folder of them (never modified)")
+    p.add_argument("-o", "--output", required=True, help="folder for the label maps, named like the inputs, and "
+                   "dataset.json (class name -> value in the label maps, the checkpoint and settings used)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
+    again.add_argument("--skip_existing", action="store_true",
+                       help="continue an interrupted run into the same --output: scans whose outputs all exist are not "
+                       "segmented again (with --labels they are scored from those files)")
+    p.add_argument("--labels", help="folder of ground-truth label maps with the inputs' names: writes metrics.csv (Dice, NSD and HD95 per case and class), summary.md and summary.csv (mean and std per class, the paper's table layout) and summary.json")
+    p.add_argument("--nsd_tolerance", type=float, default=2.0, help="with --labels: the normalised surface Dice's tolerance in mm")
+    p.add_argument("--keep_largest", nargs="*", metavar="CLASS",
+                   help="postprocessing: keep only the largest 26-connected component of these classes (names, with "
+                   "spaces or underscores, or values as the label map holds them; all classes when none is named); "
+                   "for organs that are one piece (liver, spleen, stomach), not for paired or fragmented ones")
+    p.add_argument("--min_component_mm3", type=float, metavar="V",
+                   help="postprocessing: remove every component of a class smaller than V mm^3")
+    p.add_argument("--per_class", action="store_true",
+                   help="also write NAME/<class>.nii.gz: one binary (0/1) uint8 map per class on the input's grid, "
+                   "spaces in class names as underscores")
+    p.add_argument("--statistics", action="store_true",
+                   help="also write NAME_statistics.json: each class's volume in mm^3, voxel count and mean input "
+                   "intensity on the input's grid")
+    p.add_argument("--save_probabilities", action="store_true", help="also write NAME_probabilities.npz: softmax (classes, X, Y, Z) as float16 on the input's voxel grid")
+    p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices")
+    p.add_argument("--tta", action="store_true", help="test-time mirroring: average over every combination of mirrors "
+                   "along the axes the checkpoint was trained with (train.py --mirror_axes; 2^N times slower), a "
+                   "left/right mirror swapping paired classes back; refused for a checkpoint trained without mirroring")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (gpu and gpu:N: the same as cuda)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
+                   help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones; on the CPU bf16 "
+                   "where it has bf16 matrix units, AMX or AVX512-BF16, else none)")
+    add_cpu_speed_arguments(p)
+    p.add_argument("--sw_batch_size", type=int, default=d.sw_batch_size, help="windows per forward pass (at least 1)")
+    p.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--mode", choices=["gaussian", "constant"], default=d.mode, help="window blending")
+    p.add_argument("--prompt_modality", help="use another modality's prompts (the paper's wrong-modality test)")
+    return p
+
+
+def interrupted_hint(error: KeyboardInterrupt, args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves behind and how to go on: the cases complete in ``--output`` and the command that
+    segments the rest."""
+    if not isinstance(error, InferenceInterrupted):
+        return "no case was segmented yet"
+    if not error.complete:
+        return f"no case is complete in {args.output}; run the same command again"
+    again = "with --skip_existing instead of --overwrite" if args.overwrite else "with --skip_existing"
+    if not error.remaining:
+        return f"every case is complete in {args.output}; run the same command {again} to write the evaluation tables"
+    return (f"{len(error.complete)} of {len(error.complete) + len(error.remaining)} cases are complete in "
+            f"{args.output} ({', '.join(p.name for p in error.complete)}); run the same command {again} to segment "
+            f"the other {len(error.remaining)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """infer.py and ``mulmodseg-predict``: segment the scans ``argv`` names (default: the command line);
+    returns the exit status (``mulmodseg.cli``)."""
+    args = build_parser().parse_args(argv)
+    try:
+        set_threads(args.threads)
+        settings = InferenceSettings(
+            sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode=args.mode, tta=args.tta,
+            device=args.device, amp=args.amp, channels_last=CHANNELS_LAST[args.channels_last],
+            prompt_modality=args.prompt_modality,
+        )
+        segment_files(
+            args.checkpoint, find_inputs(args.input), args.output, args.modality, settings,
+            overwrite=args.overwrite, save_probabilities=args.save_probabilities, previews=args.preview,
+            labels_dir=args.labels, skip_existing=args.skip_existing, nsd_tolerance=args.nsd_tolerance,
+            keep_largest=args.keep_largest, min_component_mm3=args.min_component_mm3, per_class=args.per_class,
+            statistics=args.statistics,
+        )
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while writing
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C: say how to go on instead of printing a traceback
+        print(f"\ninterrupted; {interrupted_hint(exc, args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0

@@ -1,0 +1,202 @@
+"""Train MulModSeg on unpaired CT and MR folders: ``python train.py --ct_dir CT --mr_dir MR --out runs/x`` or
+``mulmodseg-train ...`` (the same ``main``). A command line over ``mulmodseg.training``; see ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mulmodseg.checkpoint import CheckpointError
+from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_DATA_ERROR, EXIT_INTERRUPTED, HelpFormatter,
+                           add_cpu_speed_arguments, add_version_argument)
+from mulmodseg.data import DataError
+from mulmodseg.device import DeviceError, set_threads
+from mulmodseg.text.clip import ACTIVATIONS
+from mulmodseg.text.clip import CheckpointError as WeightsError
+from mulmodseg.text.clip import WeightsUnavailableError
+from mulmodseg.text.prompts import TableError
+from mulmodseg.training import (BUNDLED_SAMPLE, TrainConfig, TrainingError, absolute_paths, run_leftovers, train,
+                                write_curves)
+
+# Problems with what the user gave: reported as one clear message, without a traceback (DataError too, with
+# its own exit code).
+USER_ERRORS = (TrainingError, DeviceError, CheckpointError, WeightsError, WeightsUnavailableError, TableError)
+
+
+def parse_pairs(pairs: list[str], flag: str, cast=str) -> dict:
+    """``["CT=70", "MR=35"]`` -> ``{"CT": 70, "MR": 35}``."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise TrainingError(f"{flag} expects NAME=VALUE, got {pair!r}")
+        try:
+            out[name] = cast(value)
+        except ValueError:
+            raise TrainingError(f"{flag} {pair}: {value!r} is not a valid {cast.__name__}") from None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        description="Train one segmentation model on unpaired CT and MR scans (MulModSeg, alternating training).",
+        formatter_class=HelpFormatter,
+        epilog=EXIT_CODES_HELP,
+    )
+    add_version_argument(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--ct_dir", help="CT dataset folder (imagesTr/labelsTr, MSD dataset.json, or <id>.nii.gz + <id>_gt.nii.gz). "
+                   "Without --ct_dir and --mr_dir the bundled sample (data/sample) is used")
+    g.add_argument("--mr_dir", help="MR dataset folder, same layouts as --ct_dir")
+    g.add_argument("--data_dir", action="append", default=[], metavar="MODALITY=DIR",
+                   help="a folder for any other modality name (repeatable), e.g. PET=/data/pet")
+    g.add_argument("--classes", default=d.classes, help="class names: amos, amos_reference (the reference's spellings), mmwhs, "
+                   "or a file with one name per line or a JSON list (background first)")
+    g.add_argument("--label_map", default=d.label_map, help="map label values, JSON file or 'src:dst,...' (MMWHS: 205:1,420:2,...)")
+    g.add_argument("--max_cases", action="append", default=[], metavar="MODALITY=N",
+                   help="keep N training cases of a modality, drawn with --seed after --val_fraction holds its share out (CT:MR ratio experiments)")
+    g.add_argument("--val_fraction", type=float, default=d.val_fraction, help="fraction of cases held out for validation")
+    g.add_argument("--spacing", type=float, nargs=3, default=d.spacing, help="target voxel spacing in mm (RAS axes)")
+    g.add_argument("--ct_window", type=float, nargs=2, default=d.ct_window, help="CT intensity window in HU, scaled to [0, 1]")
+    g.add_argument("--mr_percentiles", type=float, nargs=2, default=d.mr_percentiles, help="MR clipping percentiles, then min-max to [0, 1]")
+    g.add_argument("--cache_dir", default=d.cache_dir, help="preprocessed-volume cache (default: OUT/cache)")
+    g.add_argument("--num_workers", type=int, default=d.num_workers, help="data loader worker processes per modality")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", choices=["unet", "swinunetr"], default=d.backbone, help="vision backbone")
+    g.add_argument("--feature_size", type=int, default=d.feature_size, help="SwinUNETR feature size (multiple of 12)")
+    g.add_argument("--base_channels", type=int, default=d.base_channels, help="UNet width: channels of the first conv (the paper's 32)")
+    g.add_argument("--text", default=d.text, help="class embeddings: clip (CLIP ViT-B/32 prompts), onehot, none (vision-only), or a saved table file")
+    g.add_argument("--clip_weights", default=d.clip_weights,
+                   help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt, open_clip or Hugging Face files); without it --text clip downloads the official file once")
+    g.add_argument("--clip_activation", choices=sorted(ACTIVATIONS), default=d.clip_activation,
+                   help="the text tower's MLP activation, overriding what the weights' files say (default: quick_gelu, OpenAI's, "
+                   "unless a Hugging Face config.json names another); open_clip's nn.GELU models such as LAION's need gelu")
+    g.add_argument("--template", default=d.template, help="prompt template: v1, v2, v3 or a text with {mod} and {cls}")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory: the SwinUNETR blocks and the head (the UNet's BatchNorm stages are not recomputed)")
+    g.add_argument("--norm_stats", choices=["per_modality", "shared"], default=d.norm_stats,
+                   help="UNet BatchNorm running statistics: one set per modality (affine weights shared), or one set "
+                   "pooled over all modalities, which fits neither at inference (bench/learn.py measures both); "
+                   "SwinUNETR uses InstanceNorm and ignores this")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--mode", default=d.mode, help="alt (one batch per modality in turn), mix (mixed batches), or a modality name to train on it alone")
+    g.add_argument("--modality_order", nargs="+", default=d.modality_order, help="ALT order of modalities (default: CT, MR, then --data_dir order)")
+    g.add_argument("--roi_size", type=int, nargs="+", default=list(d.roi_size), help="crop size: one number or three")
+    g.add_argument("--batch_size", type=int, default=d.batch_size, help="volumes per step; each gives --num_samples crops")
+    g.add_argument("--num_samples", type=int, default=d.num_samples, help="crops per volume (positive:negative centres 1:1)")
+    g.add_argument("--positive_centres", choices=["class", "voxel"], default=d.positive_centres,
+                   help="where positive crops centre: class (a class present in the scan drawn uniformly, then one of "
+                   "its voxels, as nnU-Net oversamples) or voxel (uniform over labelled voxels, the reference's, which "
+                   "centres most crops on the liver)")
+    g.add_argument("--rotate_degrees", type=float, default=d.rotate_degrees,
+                   help="random rotation about the S/I axis up to this angle (the reference's CT augmentation used 6)")
+    g.add_argument("--scale_range", type=float, default=d.scale_range,
+                   help="random per-axis scaling by 1 +- this (the reference's CT augmentation used 0.1)")
+    g.add_argument("--warp_modalities", nargs="+", default=d.warp_modalities, metavar="MODALITY",
+                   help="modalities that get --rotate_degrees/--scale_range (default: all; the reference: CT)")
+    g.add_argument("--warp_prob", type=float, default=d.warp_prob,
+                   help="share of crops that get --rotate_degrees/--scale_range (the reference's: 1)")
+    g.add_argument("--mirror_axes", type=int, nargs="*", default=list(d.mirror_axes), metavar="AXIS",
+                   help="mirror crops along these RAS axes (0 left/right, 1 front/back, 2 up/down), each with "
+                   "probability 0.5; a left/right mirror also swaps paired classes (right/left kidney, ...). infer.py "
+                   "--tta mirrors the same axes. Default: none, as the reference")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    g.add_argument("--warmup_epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs before the cosine decay")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    g.add_argument("--grad_clip", type=float, default=d.grad_clip, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
+                   help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones; on the CPU bf16 "
+                   "where it has bf16 matrix units, AMX or AVX512-BF16, else off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for weights, splits and crops")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (gpu and gpu:N: the same as cuda)")
+    add_cpu_speed_arguments(g)
+
+    g = p.add_argument_group("run directory")
+    g.add_argument("--out", default=d.out, help="run directory for checkpoints, logs, config and curves")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    g.add_argument("--save_every", type=int, default=d.save_every, help="write last.pt every N epochs")
+    g.add_argument("--keep_every", type=int, default=d.keep_every, help="also keep epoch_N.pt every N epochs (0: never)")
+    g.add_argument("--val_every", type=int, default=d.val_every, help="validate every N epochs (0: never); keeps best.pt")
+    g.add_argument("--sw_batch_size", type=int, default=d.sw_batch_size, help="windows per forward in validation")
+    g.add_argument("--log_every", type=int, default=d.log_every, help="progress line every N steps")
+    g.add_argument("--plot_only", action="store_true", help="only redraw OUT/curves.png from OUT/log.jsonl (e.g. during a run)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's ``TrainConfig`` from parsed flags (bundled sample when no folder is given), its folders
+    and files as absolute paths (``absolute_paths``)."""
+    dirs = {}
+    if args.ct_dir:
+        dirs["CT"] = args.ct_dir
+    if args.mr_dir:
+        dirs["MR"] = args.mr_dir
+    dirs.update(parse_pairs(args.data_dir, "--data_dir"))
+    if not dirs:
+        if not args.resume:  # a resumed run keeps its own folders
+            print(f"no --ct_dir/--mr_dir given: training on the bundled sample in {BUNDLED_SAMPLE}", file=sys.stderr)
+        dirs = {"CT": str(BUNDLED_SAMPLE / "ct"), "MR": str(BUNDLED_SAMPLE / "mr")}
+    roi = args.roi_size * 3 if len(args.roi_size) == 1 else args.roi_size
+    if len(roi) != 3:
+        raise TrainingError(f"--roi_size takes one or three numbers, got {args.roi_size}")
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    fields.update(
+        data_dirs=dirs, roi_size=tuple(roi), spacing=tuple(args.spacing), ct_window=tuple(args.ct_window),
+        mirror_axes=tuple(args.mirror_axes), channels_last=CHANNELS_LAST[args.channels_last],
+        mr_percentiles=tuple(args.mr_percentiles), max_cases=parse_pairs(args.max_cases, "--max_cases", int),
+    )
+    return absolute_paths(TrainConfig(**fields))
+
+
+def given_fields(argv: list[str] | None) -> set[str]:
+    """The ``TrainConfig`` fields that ``argv`` sets explicitly (a resumed run keeps the others)."""
+    probe = build_parser()
+    for action in probe._actions:  # no defaults: only what argv sets lands in the namespace
+        action.default = argparse.SUPPRESS
+    given = set(vars(probe.parse_args(argv)))
+    if given & {"ct_dir", "mr_dir", "data_dir"}:
+        given.add("data_dirs")
+    return given & set(TrainConfig.__dataclass_fields__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """train.py and ``mulmodseg-train``: train (or ``--plot_only``) from ``argv`` (default: the command line);
+    returns the exit status (``mulmodseg.cli``)."""
+    args = build_parser().parse_args(argv)
+    if args.plot_only:
+        log = Path(args.out) / "log.jsonl"
+        if not log.is_file():
+            print(f"error: {log} does not exist yet", file=sys.stderr)
+            return 2
+        write_curves(log, Path(args.out) / "curves.png")
+        print(Path(args.out) / "curves.png")
+        return 0
+    try:
+        set_threads(args.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        train(config_from_args(args), resume=args.resume, given=given_fields(argv))
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DATA_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: say how to go on instead of printing a traceback
+        out = Path(args.out)
+        leftovers = run_leftovers(out)
+        if (out / "last.pt").is_file():
+            hint = f"{out / 'last.pt'} holds the last saved epoch: run the same command with --resume to continue"
+        elif leftovers:
+            hint = (f"no last.pt was written yet; delete {', '.join(leftovers)} in {out} (or choose another --out) "
+                    "to start again")
+        else:
+            hint = "no checkpoint was written yet"
+        print(f"\ninterrupted; {hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
