@@ -15,8 +15,8 @@ not a measure of generalisation. Targets: mean Dice over liver, spleen, both kid
 >= 0.75 on the CT and on the MR with the default normalisation, and its eval reading within 0.02 of
 its batch-statistics reading for every organ.
 
-    python bench/learn.py                      # about 2 x 21 min on a 2-core CPU
-    python bench/learn.py --epochs 150         # 2 x 12 min: the README's main command
+    python bench/learn.py                          # about 2 x 21 min on a 2-core CPU
+    python bench/learn.py --variants per_modality  # the README's main command's training alone
 """
 from __future__ import annotations
 

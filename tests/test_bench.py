@@ -4,6 +4,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -103,3 +104,18 @@ def test_profile_step_quick_lists_the_costliest_operators(capsys):
     out = capsys.readouterr().out
     assert "Profile of one training step: ours unet, batch 2 x 32^3" in out
     assert "aten::" in out and "Self CPU" in out
+
+
+def test_learn_quick(capsys, tmp_path):
+    """One tiny training per normalisation variant, scored three ways on both bundled scans."""
+    import learn
+
+    out = learn.main(["--quick", "--out", str(tmp_path / "learn")])
+    text = capsys.readouterr().out
+    assert len(table_rows(text, "per_modality")) == len(table_rows(text, "shared")) == 6  # 3 readings x 2 scans
+    assert set(out["results"]) == {(v, r) for v in ("per_modality", "shared") for r in learn.READINGS}
+    for scores in out["results"].values():
+        for dice, label in scores.values():
+            assert dice.shape == (13,) and label.dtype == np.uint8
+    assert (tmp_path / "learn" / "per_modality" / "last.pt").is_file()
+    assert (tmp_path / "learn" / "shared" / "last.pt").is_file()
