@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import mulmodseg.data.cache as cache_module
 from mulmodseg.text.prompts import resolve_classes
 from mulmodseg.data import (Case, CropDataset, left_right_order, DataError, VolumeCache, check_cases, collate_crops,
-                            default_settings, discover_amos, discover_cases, discover_modalities, kfold_split,
+                            default_settings, discover_amos, discover_cases, discover_modalities, fold_problems,
+                            has_validation_list, kfold_split, make_folds, validation_cases,
                             load_training_volumes, load_volume, parse_label_map, preprocess, restore, restore_argmax, split_cases,
                             subsample)
 
@@ -235,6 +236,50 @@ def test_kfold_split_two_fold_covers_all_once():
     assert sorted(len(v) for _, v in folds) == [10, 11]
     assert all(sorted(t + v) == cases for t, v in folds)
     assert kfold_split(cases, 2, 0, seed=3) == folds[0]
+
+
+def test_make_folds_are_seeded_per_modality_disjoint_and_cover_every_scan():
+    ids = {"CT": [f"ct{i}" for i in range(7)], "MR": [f"mr{i}" for i in range(3)]}
+    folds = make_folds(ids, 3, seed=1)
+    assert folds == make_folds(ids, 3, seed=1)  # deterministic
+    assert folds != make_folds(ids, 3, seed=2)
+    for name, names in ids.items():
+        vals = [f["val"] for f in folds[name]]
+        assert sorted(sum(vals, [])) == sorted(names)  # each scan validates once
+        assert sorted(len(v) for v in vals) == ([2, 2, 3] if name == "CT" else [1, 1, 1])  # stratified: 7 -> 3 2 2
+        assert all(sorted(f["train"] + f["val"]) == sorted(names) and not set(f["train"]) & set(f["val"])
+                   for f in folds[name])
+    # Each modality on its own: the CT folds do not depend on the MR scans.
+    assert make_folds({"CT": ids["CT"]}, 3, seed=1)["CT"] == folds["CT"]
+    assert fold_problems(folds, ids, "s.json") == []
+    with pytest.raises(ValueError, match="MR: 3 scan\\(s\\) cannot be split into 4 folds"):
+        make_folds(ids, 4)
+
+
+def test_fold_problems_names_each_bad_split():
+    ids = {"CT": ["a", "b", "c", "d"], "MR": ["x", "y"]}
+    bad = {"CT": [{"train": ["a", "b"], "val": ["c", "zz"]}, {"train": ["c", "d"], "val": ["c", "d"]}],
+           "PET": [{"train": [], "val": []}]}
+    assert fold_problems(bad, ids, "s.json") == [
+        "s.json: no folds for MR",
+        "s.json: CT fold 0 names 1 scan(s) not in the data: zz",
+        "s.json: CT fold 1 trains and validates on c, d",
+        "s.json: CT c is in the validation lists of folds 0 and 1; the folds must be disjoint",
+    ]
+    uneven = {"CT": make_folds(ids, 2)["CT"], "MR": make_folds(ids, 2)["MR"][:1]}
+    assert fold_problems(uneven, ids, "s.json") == ["s.json: the modalities have different numbers of folds "
+                                                    "({'CT': 2, 'MR': 1})"]
+    assert fold_problems([{"train": [], "val": []}], ids, "s.json")[0].startswith("s.json: expected {\"CT\": [")
+
+
+def test_a_datalists_validation_list(tmp_path):
+    assert not has_validation_list(tmp_path) and validation_cases(tmp_path, "CT") == []
+    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": "a_gt.nii.gz"}],
+                                                       "validation": [{"image": "v.nii.gz", "label": "v_gt.nii.gz"}]}))
+    assert has_validation_list(tmp_path)
+    assert [(c.id, c.label.name) for c in validation_cases(tmp_path, "MR")] == [("v", "v_gt.nii.gz")]
+    (tmp_path / "dataset.json").write_text("{not json")
+    assert not has_validation_list(tmp_path)  # discovery reports the broken file
 
 
 def test_subsample_ratio_control():

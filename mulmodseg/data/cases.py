@@ -195,6 +195,21 @@ def _read_datalist(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def has_validation_list(root: PathLike) -> bool:
+    """Whether `root` holds a `dataset.json` with a non-empty `validation` list (False for an unreadable
+    file too: discovery reports that)."""
+    try:
+        datalist = _read_datalist(Path(root) / "dataset.json")
+    except DataError:
+        return False
+    return bool(datalist and isinstance(datalist.get(_SPLIT_KEYS["val"]), list) and datalist[_SPLIT_KEYS["val"]])
+
+
+def validation_cases(root: PathLike, modality: str) -> List[Case]:
+    """The cases of the `validation` list of `root`'s `dataset.json`, sorted by id ([] without one)."""
+    return discover_cases(root, modality, "val") if has_validation_list(root) else []
+
+
 def amos_modality(case_id: str) -> str:
     """AMOS convention: scans numbered above 500 are MR, the others CT."""
     match = re.search(r"(\d+)$", case_id)

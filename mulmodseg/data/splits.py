@@ -1,10 +1,13 @@
 """Train/validation splits, k-fold splits and seeded subsampling (CT:MR ratio control) of case lists.
 
 All functions are pure: the same cases and seed give the same result, in the input order.
+
+Cross-validation splits (``make_folds``, ``fold_problems``) use nnU-Net's ``splits_final.json`` shape once
+per modality: ``{"CT": [{"train": [ids], "val": [ids]}, ...one per fold], "MR": [...]}``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, TypeVar
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -47,6 +50,50 @@ def kfold_split(cases: Sequence[T], k: int, fold: int, seed: int = 0) -> Tuple[L
     folds = np.array_split(np.random.default_rng(seed).permutation(len(cases)), k)
     chosen = set(folds[fold].tolist())
     return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
+
+
+Splits = Dict[str, List[Dict[str, List[str]]]]
+
+
+def make_folds(ids: Mapping[str, Sequence[str]], k: int, seed: int = 0) -> Splits:
+    """{modality: k folds of {"train": ids, "val": ids}}: each modality's ``ids`` partitioned on its own
+    by ``kfold_split`` with ``seed`` (so every fold holds about 1/k of each modality's scans)."""
+    for name, names in ids.items():
+        if len(names) < k:  # kfold_split's own message would not name the modality
+            raise ValueError(f"{name}: {len(names)} scan(s) cannot be split into {k} folds")
+    return {name: [dict(zip(("train", "val"), kfold_split(list(names), k, fold, seed))) for fold in range(k)]
+            for name, names in ids.items()}
+
+
+def fold_problems(splits: object, ids: Mapping[str, Sequence[str]], where: str) -> List[str]:
+    """What is wrong with ``splits`` (read from ``where``) for a run over ``ids`` ({modality: case ids}):
+    not the shape of ``make_folds``, a modality missing, folds counts that differ between modalities,
+    unknown ids, a scan in both lists of a fold, or in the validation lists of two folds. Empty: usable."""
+    if not isinstance(splits, dict) or not all(
+            isinstance(folds, list) and folds and all(isinstance(f, dict) and isinstance(f.get("train"), list)
+                                                      and isinstance(f.get("val"), list) for f in folds)
+            for folds in splits.values()):
+        return [f'{where}: expected {{"CT": [{{"train": [ids], "val": [ids]}}, ...one per fold], "MR": ...}}']
+    problems = [f"{where}: no folds for {name}" for name in ids if name not in splits]
+    counts = {name: len(splits[name]) for name in ids if name in splits}
+    if len(set(counts.values())) > 1:
+        problems.append(f"{where}: the modalities have different numbers of folds ({counts})")
+    for name in counts:
+        known, seen = set(ids[name]), {}
+        for fold, lists in enumerate(splits[name]):
+            unknown = sorted((set(lists["train"]) | set(lists["val"])) - known)
+            if unknown:
+                problems.append(f"{where}: {name} fold {fold} names {len(unknown)} scan(s) not in the data: "
+                                f"{', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}")
+            both = sorted(set(lists["train"]) & set(lists["val"]))
+            if both:
+                problems.append(f"{where}: {name} fold {fold} trains and validates on {', '.join(both[:3])}")
+            for case in lists["val"]:
+                if case in seen:
+                    problems.append(f"{where}: {name} {case} is in the validation lists of folds {seen[case]} "
+                                    f"and {fold}; the folds must be disjoint")
+                seen.setdefault(case, fold)
+    return problems
 
 
 def subsample(cases: Sequence[T], n: int, seed: int = 0) -> List[T]:
