@@ -37,7 +37,7 @@ from mulmodseg.checkpoint import folder_problem, load_checkpoint, save_checkpoin
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.losses import DiceCELoss
-from mulmodseg.metrics import dice_per_class, summarise
+from mulmodseg.metrics import dice_per_class, summarise, write_reports
 from mulmodseg.model import NORM_STATS, MulModSeg
 from mulmodseg.nets import BACKBONES
 from mulmodseg.text import EmbeddingTable
@@ -45,6 +45,8 @@ from mulmodseg.text.prompts import resolve_classes
 from mulmodseg.viz import plot_curves
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+DEFAULT_FOLDS = 5  # nnU-Net's
+SPLITS_FILE = "splits.json"  # in --out: the folds every fold of a cross-validation study shares
 
 
 class TrainingError(Exception):
@@ -95,6 +97,9 @@ class TrainConfig:
     label_map: str | None = None
     max_cases: dict[str, int] = field(default_factory=dict)  # modality -> cases kept (CT:MR ratios)
     val_fraction: float = 0.0
+    fold: int | None = None  # cross-validation: train fold K into OUT/fold_K, validating on its scans
+    num_folds: int | None = None  # with fold: DEFAULT_FOLDS, or the folds of splits / OUT/splits.json
+    splits: str | None = None  # with fold: a user's splits file (mulmodseg.data.make_folds' shape)
     val_every: int = 0
     sw_batch_size: int = 4
     save_every: int = 1
@@ -128,7 +133,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         return os.path.abspath(os.path.expanduser(path))
 
     changes: dict[str, Any] = {"data_dirs": {name: absolute(d) for name, d in cfg.data_dirs.items()}}
-    for name in ("cache_dir", "clip_weights"):
+    for name in ("cache_dir", "clip_weights", "splits"):
         if getattr(cfg, name):
             changes[name] = absolute(getattr(cfg, name))
     for name in ("text", "classes", "label_map"):
@@ -143,9 +148,16 @@ RESUMABLE = frozenset({"epochs", "device", "out", "num_workers", "log_every", "s
                        "val_every", "sw_batch_size", "cache_dir"})
 
 
+def run_dir(out: str | Path, fold: int | None) -> Path:
+    """The folder of a run's checkpoints and logs: ``out``, or ``out/fold_K`` for fold K of a
+    cross-validation study (beside the study's ``out/splits.json``)."""
+    return Path(out) if fold is None else Path(out) / f"fold_{fold}"
+
+
 def check_config(cfg: TrainConfig, resuming: bool = False) -> None:
     """Raise one ``TrainingError`` listing every setting that cannot work, before any data is read.
-    ``resuming``: the table file of ``--text`` need not exist (the table comes back with the weights)."""
+    ``resuming``: the table file of ``--text`` and the ``--splits`` file need not exist (the table comes
+    back with the weights, the split is ``OUT/splits.json``)."""
     problems = []
     for name in ("epochs", "batch_size", "num_samples", "save_every", "log_every", "sw_batch_size", "lr"):
         if not getattr(cfg, name) > 0:
@@ -186,8 +198,11 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> None:
         problems.append(f"--warp_prob must be in [0, 1], got {cfg.warp_prob}")
     if not 0 <= cfg.val_fraction < 1:
         problems.append(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.val_every and not cfg.val_fraction:
-        problems.append(f"--val_every {cfg.val_every} has nothing to validate on: also pass --val_fraction, e.g. 0.2")
+    problems += fold_config_problems(cfg, resuming)
+    if (cfg.val_every and not cfg.val_fraction and cfg.fold is None
+            and not any(mdata.has_validation_list(d) for d in cfg.data_dirs.values())):
+        problems.append(f"--val_every {cfg.val_every} has nothing to validate on: also pass --val_fraction, e.g. 0.2, "
+                        "or --fold, or give a dataset.json with a validation list")
     if cfg.backbone not in BACKBONES:
         problems.append(f"--backbone {cfg.backbone!r}: choose one of {sorted(BACKBONES)}")
     else:
@@ -206,6 +221,28 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> None:
             problems.append(f"--max_cases {name}={count} must keep at least 1 case")
     if problems:
         raise TrainingError(f"{len(problems)} setting problem(s):\n  - " + "\n  - ".join(problems))
+
+
+def fold_config_problems(cfg: TrainConfig, resuming: bool = False) -> list[str]:
+    """``check_config``'s part for ``--fold``, ``--num_folds`` and ``--splits``: the last two only with
+    ``--fold``, a fold number that exists, and no ``--val_fraction`` (the fold is the validation set)."""
+    if cfg.fold is None:
+        return [f"{flag} {value} without --fold: pass --fold K to train fold K (0-based) of a cross-validation"
+                for flag, value in (("--num_folds", cfg.num_folds), ("--splits", cfg.splits)) if value is not None]
+    problems = []
+    folds = cfg.num_folds or (None if cfg.splits else DEFAULT_FOLDS)
+    if cfg.num_folds is not None and cfg.num_folds < 2:
+        problems.append(f"--num_folds must be >= 2, got {cfg.num_folds}")
+    elif cfg.fold < 0:
+        problems.append(f"--fold {cfg.fold}: folds are numbered from 0")
+    elif folds is not None and cfg.fold >= folds:  # with --splits alone, the file's count is checked in prepare
+        problems.append(f"--fold {cfg.fold}: --num_folds {folds} numbers the folds 0 to {folds - 1}")
+    if cfg.val_fraction:
+        problems.append(f"--val_fraction {cfg.val_fraction} with --fold: the fold's scans are the validation set; "
+                        "drop --val_fraction")
+    if cfg.splits and not resuming and not Path(cfg.splits).expanduser().is_file():
+        problems.append(f"--splits {cfg.splits}: no such file")
+    return problems
 
 
 def resumed_config(saved: TrainConfig, given: TrainConfig, fields: Iterable[str]) -> TrainConfig:
@@ -510,7 +547,7 @@ class Trainer:
         applied to the saved run's settings (see ``resumed_config``)."""
         self.config = config
         self.given = set(given) if given is not None else {f.name for f in dataclasses.fields(TrainConfig)}
-        self.out = Path(config.out)
+        self.out = run_dir(config.out, config.fold)
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -527,7 +564,8 @@ class Trainer:
             dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
         last = self.out / "last.pt"
         if resume and not last.is_file():
-            raise TrainingError(f"--resume: {last} does not exist; start a new run without --resume")
+            study = " (a cross-validation study: pass its --fold K)" if (self.out / SPLITS_FILE).is_file() else ""
+            raise TrainingError(f"--resume: {last} does not exist{study}; start a new run without --resume")
         if not resume and last.is_file():
             raise TrainingError(
                 f"{self.out} already holds a checkpoint ({last}); pass --resume to continue it or choose another --out"
@@ -563,20 +601,7 @@ class Trainer:
         self.channels_last = use_channels_last(cfg.channels_last, cfg.backbone, self.device)
         self.classes = list(resolve_classes(cfg.classes))
 
-        self.cases, self.val_cases = {}, {}
-        for name in self.train_modalities:
-            cases = mdata.discover_cases(cfg.data_dirs[name], name)
-            train, val = mdata.split_cases(cases, cfg.val_fraction, cfg.seed) if cfg.val_fraction else (cases, [])
-            if not train:
-                raise TrainingError(f"{name}: no scans left to train on: {len(cases)} in {cfg.data_dirs[name]}, "
-                                    f"{len(val)} held out by --val_fraction {cfg.val_fraction}; lower --val_fraction")
-            if name in cfg.max_cases:  # N training scans, as --max_cases says, whatever validation holds
-                train = mdata.subsample(train, cfg.max_cases[name], cfg.seed)
-            self.cases[name], self.val_cases[name] = train, val
-        if cfg.val_every and not any(self.val_cases.values()):
-            counts = ", ".join(f"{len(self.cases[n])} {n}" for n in self.train_modalities)
-            raise TrainingError(f"--val_every {cfg.val_every}: --val_fraction {cfg.val_fraction} holds out no scan "
-                                f"of {counts}; raise --val_fraction or drop --val_every")
+        self.select_cases()
         if resume:
             self.check_resumed_cases(self.resume_state)
         all_cases = [c for name in self.train_modalities for c in self.cases[name] + self.val_cases[name]]
@@ -602,6 +627,79 @@ class Trainer:
             if self.is_main:
                 trim_log(self.out / "log.jsonl", self.start_epoch)
             self.log(f"resuming {last} at epoch {self.start_epoch + 1}/{cfg.epochs}")
+
+    def select_cases(self) -> None:
+        """``cases`` and ``val_cases`` per training modality: the fold's lists with ``--fold``, else the
+        datalist's ``validation`` list when there is one, else a ``--val_fraction`` draw (or none); then
+        ``--max_cases`` of the training scans."""
+        cfg = self.config
+        # A study's split covers every modality given, so that e.g. a CT-only and an ALT run share it.
+        found = {name: mdata.discover_cases(cfg.data_dirs[name], name)
+                 for name in (cfg.data_dirs if cfg.fold is not None else self.train_modalities)}
+        self.splits = self.study_splits(found) if cfg.fold is not None else None
+        self.cases, self.val_cases = {}, {}
+        for name in self.train_modalities:
+            cases, listed = found[name], mdata.validation_cases(cfg.data_dirs[name], name)
+            if self.splits is not None:
+                by_id = {c.id: c for c in cases}
+                train, val = ([by_id[i] for i in self.splits[name][cfg.fold][part]] for part in ("train", "val"))
+                unused = len(cases) - len(train) - len(val)
+                if listed or unused:
+                    self.log(f"{name}: fold {cfg.fold} leaves {unused} scan(s) of the training list and the "
+                             f"{len(listed)} of the datalist's validation list unused")
+            elif listed:
+                if cfg.val_fraction:
+                    raise TrainingError(f"--val_fraction {cfg.val_fraction}: {cfg.data_dirs[name]}/dataset.json has a "
+                                        f"validation list ({len(listed)} scans), which is the validation set; drop "
+                                        "--val_fraction")
+                held = {c.id for c in listed}
+                train, val = [c for c in cases if c.id not in held], listed
+            else:
+                train, val = mdata.split_cases(cases, cfg.val_fraction, cfg.seed) if cfg.val_fraction else (cases, [])
+            if not train:
+                how = (f"--fold {cfg.fold}" if self.splits is not None else "the datalist's validation list" if listed
+                       else f"--val_fraction {cfg.val_fraction}; lower --val_fraction")
+                raise TrainingError(f"{name}: no scans left to train on: {len(cases)} in {cfg.data_dirs[name]}, "
+                                    f"{len(val)} held out by {how}")
+            if name in cfg.max_cases:  # N training scans, as --max_cases says, whatever validation holds
+                train = mdata.subsample(train, cfg.max_cases[name], cfg.seed)
+            self.cases[name], self.val_cases[name] = train, val
+        if cfg.val_every and not any(self.val_cases.values()):
+            counts = ", ".join(f"{len(self.cases[n])} {n}" for n in self.train_modalities)
+            raise TrainingError(f"--val_every {cfg.val_every}: --val_fraction {cfg.val_fraction} holds out no scan "
+                                f"of {counts}; raise --val_fraction or drop --val_every")
+
+    def study_splits(self, found: dict[str, list[mdata.Case]]) -> mdata.Splits:
+        """The cross-validation study's folds: ``OUT/splits.json`` when an earlier fold wrote it (a given
+        ``--splits`` must equal it), else the ``--splits`` file, else ``make_folds`` of the scans with
+        ``--seed``; checked against the scans ``found`` ({modality: cases}). ``fit`` writes them to
+        ``OUT/splits.json`` when it does not exist yet."""
+        cfg = self.config
+        ids = {name: [c.id for c in cases] for name, cases in found.items()}
+        study, given = Path(cfg.out) / SPLITS_FILE, Path(cfg.splits) if cfg.splits else None
+        if given is not None and not given.is_file():  # a resumed run whose file is gone: the study keeps the split
+            given = None
+        if study.is_file():
+            splits, where = read_splits(study), study
+            if given is not None and read_splits(given) != splits:
+                raise TrainingError(f"--splits {given} differs from {study}, the split of this study's other folds; "
+                                    f"give the same file, or another --out")
+        elif given is not None:
+            splits, where = read_splits(given), given
+        else:
+            try:
+                return mdata.make_folds(ids, cfg.num_folds or DEFAULT_FOLDS, cfg.seed)
+            except ValueError as error:
+                raise TrainingError(f"--num_folds {cfg.num_folds or DEFAULT_FOLDS}: {error}") from None
+        problems = mdata.fold_problems(splits, ids, str(where))
+        count = len(next(iter(splits.values()))) if not problems else 0
+        if count and cfg.num_folds and count != cfg.num_folds:
+            problems.append(f"{where} holds {count} folds, but --num_folds is {cfg.num_folds}")
+        elif count and cfg.fold >= count:
+            problems.append(f"--fold {cfg.fold}: {where} holds folds 0 to {count - 1}")
+        if problems:
+            raise TrainingError(f"{len(problems)} problem(s) with the split:\n  - " + "\n  - ".join(problems))
+        return splits
 
     def build_model(self, table) -> MulModSeg:
         """A fresh network (same initial weights on every rank), or the resumed run's shape."""
@@ -736,6 +834,12 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(self.checkpoint_config(), indent=2))
+            study = Path(cfg.out) / SPLITS_FILE
+            if self.splits is not None and not study.is_file():
+                # Folds started at once make the same split: whichever renames last writes what the other wrote.
+                tmp = study.with_name(f".{study.name}.{os.getpid()}")
+                tmp.write_text(json.dumps(self.splits, indent=1) + "\n")
+                tmp.replace(study)
         self.net.train()
         record: dict = {}
         t_start, steps_done = time.time(), 0
@@ -771,22 +875,35 @@ class Trainer:
             record = {"epoch": epoch + 1, "iteration": self.iteration, "lr": lr, "time": time.time() - t_start}
             for k, a in sums.items():
                 record[f"{k}/dice_loss"], record[f"{k}/ce_loss"] = a[0] / a[2], a[1] / a[2]
-            if cfg.val_every and (epoch + 1) % cfg.val_every == 0:
-                record.update(self.run_validation())
+            # A fold always validates after its last epoch: its reports are the cross-validation's result.
+            last_of_fold = cfg.fold is not None and epoch + 1 == cfg.epochs
+            if (cfg.val_every and (epoch + 1) % cfg.val_every == 0) or last_of_fold:
+                record.update(self.run_validation(epoch + 1))
             self.end_epoch(epoch + 1, record)
             self.start_epoch = epoch + 1  # a later fit() with more epochs continues from here
         if self.is_main:
             self.write_curves()
         return record
 
-    def run_validation(self) -> dict:
+    def run_validation(self, epoch: int) -> dict:
+        """Validate every training modality's validation scans: the log record's scores, and (rank 0)
+        ``mulmodseg.metrics.write_reports`` into ``validation/<modality>/`` of the run folder, replacing
+        the previous epoch's."""
         scores = {}
         for name in self.train_modalities:
             if not self.val_volumes[name]:
                 continue
             dice = validate(self.model, self.val_volumes[name], name, len(self.classes), self.config.roi_size,
                             self.device, self.config.sw_batch_size, self.amp_dtype, self.channels_last)
-            summary = summarise([{"dice": row} for row in dice])
+            rows = [{"case": case.id, "modality": name, "dice": row} for case, row in zip(self.val_cases[name], dice)]
+            summary = summarise(rows)
+            if self.is_main:
+                folder = self.out / "validation" / name
+                folder.mkdir(parents=True, exist_ok=True)
+                fold = "" if self.config.fold is None else f"fold {self.config.fold} "
+                write_reports(folder, rows, self.classes[1:], f"{fold}{name}",
+                              {"epoch": epoch, "fold": self.config.fold, "modality": name, "classes": self.classes},
+                              f"Dice of the argmax on the training grid (the preprocessed scans), epoch {epoch}.")
             scores[f"{name}/val_dice"] = summary["mean"]
             scores[f"{name}/val_dice_per_class"] = [None if np.isnan(v) else float(v) for v in summary["per_class"]]
             self.log(f"validation {name}: mean Dice {summary['mean']:.4f}")
@@ -809,6 +926,14 @@ class Trainer:
 
     def write_curves(self) -> None:
         write_curves(self.out / "log.jsonl", self.out / "curves.png")
+
+
+def read_splits(path: Path) -> object:
+    """The JSON in a splits file (its shape is checked by ``mulmodseg.data.fold_problems``)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"--splits {path}: unreadable ({error})") from None
 
 
 def write_curves(log_path: str | Path, png_path: str | Path) -> None:

@@ -1,8 +1,10 @@
 """The trainer: schedule, ALT order, exact resume after SIGKILL, NaN stop, DDP on gloo, overfitting a real crop."""
 
+import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -755,3 +757,166 @@ def test_threads_are_set_once_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's ranks on this machine share its cores
     assert train_cli.main(small_args(tmp_path / "r", tmp_path / "cache", 1)) == 0
     assert calls == [(3, 1), (0, 2)]
+
+
+# ---------------------------------------------------------------------------------------------- cross-validation
+
+
+def tiny_dataset(folder: Path, ids: list[str], validation: list[str] = ()) -> Path:
+    """imagesTr/labelsTr of 8^3 volumes named ``ids``, plus a datalist when some are ``validation`` scans."""
+    for case in [*ids, *validation]:
+        for sub in ("imagesTr", "labelsTr"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), folder / sub / f"{case}.nii.gz")
+    if validation:
+        entry = lambda c: {"image": f"imagesTr/{c}.nii.gz", "label": f"labelsTr/{c}.nii.gz"}  # noqa: E731
+        (folder / "dataset.json").write_text(json.dumps({"training": [entry(c) for c in ids],
+                                                         "validation": [entry(c) for c in validation]}))
+    return folder
+
+
+def selected(config: TrainConfig, log=None) -> Trainer:
+    """A trainer prepared up to its case lists (no volumes, model or optimiser)."""
+    trainer = Trainer(config, log=log or (lambda m: None))
+    trainer.setup_data = trainer.setup_optimisation = lambda: None
+    trainer.build_model = lambda table: None
+    trainer.prepare()
+    return trainer
+
+
+def ids(cases) -> list[str]:
+    return [c.id for c in cases]
+
+
+def test_fold_flags_that_cannot_work_are_refused_before_any_data_is_read(tmp_path):
+    base = TrainConfig(data_dirs={"CT": "x"})
+    check_config(dataclasses.replace(base, fold=4))  # of the default 5
+    check_config(dataclasses.replace(base, fold=1, num_folds=2, val_every=1))  # the fold is the validation set
+    bad = dataclasses.replace(base, fold=2, num_folds=2, val_fraction=0.2, splits=str(tmp_path / "none.json"))
+    with pytest.raises(TrainingError) as err:
+        check_config(bad)
+    assert str(err.value) == ("3 setting problem(s):\n"
+                              "  - --fold 2: --num_folds 2 numbers the folds 0 to 1\n"
+                              "  - --val_fraction 0.2 with --fold: the fold's scans are the validation set; drop "
+                              "--val_fraction\n"
+                              f"  - --splits {tmp_path / 'none.json'}: no such file")
+    check_config(dataclasses.replace(bad, fold=0, val_fraction=0.0), resuming=True)  # the study keeps the split
+    for changes, message in (({"fold": 5}, "--fold 5: --num_folds 5 numbers the folds 0 to 4"),
+                             ({"fold": -1}, "--fold -1: folds are numbered from 0"),
+                             ({"fold": 0, "num_folds": 1}, "--num_folds must be >= 2, got 1"),
+                             ({"num_folds": 3}, "--num_folds 3 without --fold: pass --fold K"),
+                             ({"splits": "s.json"}, "--splits s.json without --fold: pass --fold K")):
+        with pytest.raises(TrainingError, match=re.escape(message)):
+            check_config(dataclasses.replace(base, **changes))
+
+
+def test_each_fold_validates_on_its_share_of_every_modality(tmp_path):
+    ct = tiny_dataset(tmp_path / "ct", [f"c{i}" for i in range(5)])
+    mr = tiny_dataset(tmp_path / "mr", [f"m{i}" for i in range(3)])
+    config = TrainConfig(data_dirs={"CT": str(ct), "MR": str(mr)}, text="onehot", out=str(tmp_path / "cv"),
+                         num_folds=2, seed=3)
+    folds = [selected(dataclasses.replace(config, fold=k)) for k in range(2)]
+    expected = mdata.make_folds({"CT": [f"c{i}" for i in range(5)], "MR": [f"m{i}" for i in range(3)]}, 2, 3)
+    for k, trainer in enumerate(folds):
+        assert trainer.out == tmp_path / "cv" / f"fold_{k}"
+        assert trainer.splits == expected
+        for name in ("CT", "MR"):
+            assert ids(trainer.cases[name]) == expected[name][k]["train"]
+            assert ids(trainer.val_cases[name]) == expected[name][k]["val"]
+    assert sorted(ids(folds[0].val_cases["CT"]) + ids(folds[1].val_cases["CT"])) == [f"c{i}" for i in range(5)]
+    assert sorted(len(f.val_cases["MR"]) for f in folds) == [1, 2]
+    # --max_cases subsamples the fold's training scans; the validation scans stay the fold's.
+    capped = selected(dataclasses.replace(config, fold=0, max_cases={"CT": 1}))
+    assert len(capped.cases["CT"]) == 1 and set(ids(capped.cases["CT"])) <= set(expected["CT"][0]["train"])
+    assert ids(capped.val_cases["CT"]) == expected["CT"][0]["val"]
+    with pytest.raises(TrainingError, match=re.escape("--num_folds 4: MR: 3 scan(s) cannot be split into 4 folds")):
+        selected(dataclasses.replace(config, fold=0, num_folds=4))
+
+
+def test_a_study_reuses_its_split_and_checks_a_given_one(tmp_path):
+    ct = tiny_dataset(tmp_path / "ct", ["a", "b", "c", "d"])
+    config = TrainConfig(data_dirs={"CT": str(ct)}, text="onehot", out=str(tmp_path / "cv"), fold=1)
+    mine = {"CT": [{"train": ["a", "b"], "val": ["c", "d"]}, {"train": ["c", "d"], "val": ["a"]}]}
+    given = tmp_path / "mine.json"
+    given.write_text(json.dumps(mine))
+    trainer = selected(dataclasses.replace(config, splits=str(given)))
+    assert ids(trainer.cases["CT"]) == ["c", "d"] and ids(trainer.val_cases["CT"]) == ["a"]  # b unused
+    # OUT/splits.json, once an earlier fold wrote it, is the split, whatever --seed and --num_folds' default say.
+    (tmp_path / "cv").mkdir(exist_ok=True)
+    (tmp_path / "cv" / "splits.json").write_text(json.dumps(mine))
+    trainer = selected(dataclasses.replace(config, seed=7))
+    assert ids(trainer.val_cases["CT"]) == ["a"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"CT": mine["CT"][::-1]}))
+    with pytest.raises(TrainingError, match=re.escape(f"--splits {other} differs from {tmp_path / 'cv' / 'splits.json'}")):
+        selected(dataclasses.replace(config, splits=str(other)))
+    with pytest.raises(TrainingError, match=re.escape(f"{tmp_path / 'cv' / 'splits.json'} holds 2 folds, but "
+                                                      "--num_folds is 3")):
+        selected(dataclasses.replace(config, num_folds=3))
+    (tmp_path / "cv" / "splits.json").write_text(json.dumps({"CT": [{"train": ["a"], "val": ["b", "zz"]},
+                                                                    {"train": ["b"], "val": ["b"]}]}))
+    with pytest.raises(TrainingError) as err:
+        selected(config)
+    assert str(err.value).splitlines()[1:] == [
+        f"  - {tmp_path / 'cv' / 'splits.json'}: CT fold 0 names 1 scan(s) not in the data: zz",
+        f"  - {tmp_path / 'cv' / 'splits.json'}: CT fold 1 trains and validates on b",
+        f"  - {tmp_path / 'cv' / 'splits.json'}: CT b is in the validation lists of folds 0 and 1; the folds must be "
+        "disjoint"]
+
+
+def test_a_datalists_validation_list_is_the_validation_set_unless_a_fold_is_asked_for(tmp_path):
+    ct = tiny_dataset(tmp_path / "ct", ["a", "b", "c", "d"], validation=["v"])
+    config = TrainConfig(data_dirs={"CT": str(ct)}, text="onehot", out=str(tmp_path / "r"), val_every=1)
+    check_config(config)  # the datalist gives --val_every something to validate on
+    trainer = selected(config)
+    assert ids(trainer.cases["CT"]) == ["a", "b", "c", "d"] and ids(trainer.val_cases["CT"]) == ["v"]
+    with pytest.raises(TrainingError, match=re.escape(f"--val_fraction 0.5: {ct}/dataset.json has a validation list "
+                                                      "(1 scans), which is the validation set; drop --val_fraction")):
+        selected(dataclasses.replace(config, val_fraction=0.5))
+    messages = []
+    trainer = selected(dataclasses.replace(config, fold=0, num_folds=2), log=messages.append)
+    assert "v" not in ids(trainer.cases["CT"]) + ids(trainer.val_cases["CT"]) and len(trainer.val_cases["CT"]) == 2
+    assert "CT: fold 0 leaves 0 scan(s) of the training list and the 1 of the datalist's validation list unused" in messages
+
+
+def test_two_folds_train_validate_report_and_resume_on_their_split(tmp_path, cache, capsys):
+    """The sample CT and MR twice each: fold K trains on one copy and validates on the other."""
+    data = {}
+    for name in ("ct", "mr"):
+        data[name] = tmp_path / name
+        for sub in ("imagesTr", "labelsTr"):
+            (data[name] / sub).mkdir(parents=True)
+            for case in ("a", "b"):
+                (data[name] / sub / f"{case}.nii.gz").symlink_to(SAMPLE / name / sub / f"ts_{name}_001.nii.gz")
+    study = tmp_path / "cv"
+    args = ["--ct_dir", str(data["ct"]), "--mr_dir", str(data["mr"]), *SMALL, "--epochs", "1", "--out", str(study),
+            "--cache_dir", str(cache), "--num_folds", "2", "--seed", "1"]
+    assert train_cli.main([*args, "--fold", "0"]) == 0
+    split = json.loads((study / "splits.json").read_text())
+    assert split == mdata.make_folds({"CT": ["a", "b"], "MR": ["a", "b"]}, 2, 1)
+    # The second fold reads the study's split, here edited to show that it is read, not made again.
+    swapped = {name: folds[::-1] for name, folds in split.items()}
+    (study / "splits.json").write_text(json.dumps(swapped))
+    assert train_cli.main([*args, "--fold", "1"]) == 0
+    for fold, folds in ((0, split), (1, swapped)):
+        run = study / f"fold_{fold}"
+        assert load_checkpoint(run / "last.pt")["cases"] == {n: folds[n][fold] for n in ("CT", "MR")}
+        record = json.loads((run / "log.jsonl").read_text())  # validated after the last epoch without --val_every
+        for name in ("CT", "MR"):
+            with open(run / "validation" / name / "metrics.csv") as f:
+                rows = list(csv.DictReader(f))
+            assert [r["case"] for r in rows] == folds[name][fold]["val"] and rows[0]["modality"] == name
+            assert float(rows[0]["mean"]) == pytest.approx(record[f"{name}/val_dice"], abs=5e-5)
+            summary = json.loads((run / "validation" / name / "summary.json").read_text())
+            assert summary["settings"]["epoch"] == 1 and summary["settings"]["fold"] == fold
+    capsys.readouterr()
+    # A resumed fold keeps its split: the one it trained on, not an edited splits.json.
+    (study / "splits.json").write_text(json.dumps(split))
+    assert train_cli.main([*args, "--fold", "1", "--resume", "--epochs", "2"]) == 2
+    assert "--resume: the CT training scans differ from the saved run's" in capsys.readouterr().err
+    (study / "splits.json").write_text(json.dumps(swapped))
+    assert train_cli.main([*args, "--fold", "1", "--resume", "--epochs", "2"]) == 0
+    assert load_checkpoint(study / "fold_1" / "last.pt")["epoch"] == 2
+    assert train_cli.main(["--out", str(study), "--resume", "--epochs", "3"]) == 2
+    assert (f"--resume: {study / 'last.pt'} does not exist (a cross-validation study: pass its --fold K)"
+            in capsys.readouterr().err)

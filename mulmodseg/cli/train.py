@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from mulmodseg.checkpoint import CheckpointError
 from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_DATA_ERROR, EXIT_INTERRUPTED, HelpFormatter,
@@ -18,8 +17,8 @@ from mulmodseg.text.clip import ACTIVATIONS
 from mulmodseg.text.clip import CheckpointError as WeightsError
 from mulmodseg.text.clip import WeightsUnavailableError
 from mulmodseg.text.prompts import TableError
-from mulmodseg.training import (BUNDLED_SAMPLE, TrainConfig, TrainingError, absolute_paths, run_leftovers, train,
-                                write_curves)
+from mulmodseg.training import (BUNDLED_SAMPLE, DEFAULT_FOLDS, TrainConfig, TrainingError, absolute_paths,
+                                run_dir, run_leftovers, train, write_curves)
 
 # Problems with what the user gave: reported as one clear message, without a traceback (DataError too, with
 # its own exit code).
@@ -59,7 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label_map", default=d.label_map, help="map label values, JSON file or 'src:dst,...' (MMWHS: 205:1,420:2,...)")
     g.add_argument("--max_cases", action="append", default=[], metavar="MODALITY=N",
                    help="keep N training cases of a modality, drawn with --seed after --val_fraction holds its share out (CT:MR ratio experiments)")
-    g.add_argument("--val_fraction", type=float, default=d.val_fraction, help="fraction of cases held out for validation")
+    g.add_argument("--val_fraction", type=float, default=d.val_fraction,
+                   help="fraction of cases held out for validation, drawn with --seed; refused where a folder's "
+                   "dataset.json has a validation list (that list is the validation set) and with --fold")
+    g.add_argument("--fold", type=int, default=d.fold, metavar="K",
+                   help="cross-validation: train fold K (0-based) into OUT/fold_K, validating on that fold's scans "
+                   "after the last epoch (and every --val_every), which writes OUT/fold_K/validation/MODALITY/ "
+                   "metrics.csv and summaries; the split is OUT/splits.json, made by the first fold (each "
+                   "modality's scans in --num_folds folds drawn with --seed) and reused by the others. The fold wins "
+                   "over a dataset.json's validation list, which is then left unused; --max_cases subsamples the "
+                   "fold's training scans")
+    g.add_argument("--num_folds", type=int, default=d.num_folds, metavar="N",
+                   help=f"with --fold: the number of folds (default {DEFAULT_FOLDS}, or the count in --splits or in "
+                   "an existing OUT/splits.json, which must agree with it)")
+    g.add_argument("--splits", default=d.splits, metavar="FILE",
+                   help='with --fold: your own split, {"CT": [{"train": [ids], "val": [ids]}, ...one per fold], '
+                   '"MR": [...]} (nnU-Net\'s splits_final.json per modality); checked (ids exist, no scan in two '
+                   "validation folds) and copied to OUT/splits.json, which it must equal when that exists")
     g.add_argument("--spacing", type=float, nargs=3, default=d.spacing, help="target voxel spacing in mm (RAS axes)")
     g.add_argument("--ct_window", type=float, nargs=2, default=d.ct_window, help="CT intensity window in HU, scaled to [0, 1]")
     g.add_argument("--mr_percentiles", type=float, nargs=2, default=d.mr_percentiles, help="MR clipping percentiles, then min-max to [0, 1]")
@@ -119,11 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_cpu_speed_arguments(g)
 
     g = p.add_argument_group("run directory")
-    g.add_argument("--out", default=d.out, help="run directory for checkpoints, logs, config and curves")
+    g.add_argument("--out", default=d.out, help="run directory for checkpoints, logs, config and curves "
+                   "(with --fold K: the study's folder, holding splits.json and the run directory fold_K)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     g.add_argument("--save_every", type=int, default=d.save_every, help="write last.pt every N epochs")
     g.add_argument("--keep_every", type=int, default=d.keep_every, help="also keep epoch_N.pt every N epochs (0: never)")
-    g.add_argument("--val_every", type=int, default=d.val_every, help="validate every N epochs (0: never); keeps best.pt")
+    g.add_argument("--val_every", type=int, default=d.val_every, help="validate every N epochs (0: never, but a --fold run "
+                   "validates after its last epoch) on the validation set (--fold's, else a dataset.json's validation "
+                   "list, else --val_fraction's), writing RUN/validation/MODALITY/metrics.csv and summaries (Dice on "
+                   "the training grid); keeps best.pt")
     g.add_argument("--sw_batch_size", type=int, default=d.sw_batch_size, help="windows per forward in validation")
     g.add_argument("--log_every", type=int, default=d.log_every, help="progress line every N steps")
     g.add_argument("--plot_only", action="store_true", help="only redraw OUT/curves.png from OUT/log.jsonl (e.g. during a run)")
@@ -170,13 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     """train.py and ``mulmodseg-train``: train (or ``--plot_only``) from ``argv`` (default: the command line);
     returns the exit status (``mulmodseg.cli``)."""
     args = build_parser().parse_args(argv)
+    out = run_dir(args.out, args.fold)
     if args.plot_only:
-        log = Path(args.out) / "log.jsonl"
+        log = out / "log.jsonl"
         if not log.is_file():
             print(f"error: {log} does not exist yet", file=sys.stderr)
             return 2
-        write_curves(log, Path(args.out) / "curves.png")
-        print(Path(args.out) / "curves.png")
+        write_curves(log, out / "curves.png")
+        print(out / "curves.png")
         return 0
     try:
         set_threads(args.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
@@ -188,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DATA_ERROR
     except KeyboardInterrupt:  # Ctrl-C: say how to go on instead of printing a traceback
-        out = Path(args.out)
         leftovers = run_leftovers(out)
         if (out / "last.pt").is_file():
             hint = f"{out / 'last.pt'} holds the last saved epoch: run the same command with --resume to continue"
