@@ -4,13 +4,16 @@ Each scan is preprocessed exactly as in training (settings from the checkpoint),
 sliding-window inferer, its softmax restored linearly onto the original voxel grid and argmaxed there
 (``mulmodseg.data.restore_argmax``); the result is written with the input's affine, qform and sform, as
 unsigned integers holding the training class ids, or the dataset's own label values when the run
-used a label map.
+used a label map. Several checkpoints (e.g. the folds of a cross-validation) segment as one
+``Ensemble``, the mean of their softmax probabilities; a folder can be shared by several processes,
+each segmenting its share (``input_share``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -142,15 +145,17 @@ def class_file(name: str) -> str:
     return f"{name.replace(' ', '_')}.nii.gz"
 
 
-def dataset_description(classes: Sequence[str], values: dict[int, int], modality: str, checkpoint: str | Path,
-                        settings: dict) -> dict:
+def dataset_description(classes: Sequence[str], values: dict[int, int], modality: str,
+                        checkpoints: Sequence[str | Path], settings: dict) -> dict:
     """dataset.json beside the label maps, in nnU-Net's form: ``labels`` (class name -> value in the files,
     background 0), ``modality`` (v1's key) and ``channel_names`` (v2's), ``file_ending``; then the checkpoint
-    and the ``settings`` that made the files, and the version that wrote them (which marks the file as ours)."""
+    (a list of them for an ensemble) and the ``settings`` that made the files, and the version that wrote
+    them (which marks the file as ours)."""
+    paths = [str(Path(c).resolve()) for c in checkpoints]
     return {
         "labels": {classes[0]: 0, **{classes[k]: v for k, v in values.items()}},
         "modality": {"0": modality}, "channel_names": {"0": modality}, "file_ending": ".nii.gz",
-        "checkpoint": str(Path(checkpoint).resolve()), "settings": settings, "mulmodseg_version": __version__,
+        "checkpoint": paths[0] if len(paths) == 1 else paths, "settings": settings, "mulmodseg_version": __version__,
     }
 
 
@@ -198,7 +203,7 @@ def write_then_rename(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a hidden name beside ``path`` (same extension), then rename it to ``path``:
     an output under its own name is always whole, which --skip_existing relies on."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp.{path.name}")
+    tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")  # per process: parts share dataset.json
     try:
         write(tmp)
         tmp.replace(path)
@@ -308,9 +313,79 @@ class Segmenter:
         ``--save_probabilities`` restores the same way."""
         self.check_modality(modality)
         image, _, meta = mdata.preprocess(image_path, None, modality, **self.config["preprocess"][modality])
-        logits = self.logits(image, modality, progress)
-        probs = softmax_(logits).cpu().numpy()
+        probs = self.softmax(image, modality, progress)
         return mdata.restore_argmax(probs, meta), probs if probabilities else None, meta
+
+    def softmax(self, image: np.ndarray, modality: str, progress=False) -> np.ndarray:
+        """image: (X, Y, Z) preprocessed -> softmax (K, X, Y, Z) float32 on the CPU."""
+        return softmax_(self.logits(image, modality, progress)).cpu().numpy()
+
+
+class Ensemble:
+    """Checkpoints that segment the same classes of the same modalities, averaged: the mean of their
+    softmax probabilities, on the training grid when all of them preprocess the scan alike, else each
+    group of alike ones restored linearly to the scan's grid first. One checkpoint is an ensemble of one,
+    whose label maps are those of ``Segmenter.segment``."""
+
+    def __init__(self, checkpoints: Sequence[str | Path], settings: InferenceSettings | None = None):
+        """Load every checkpoint; raise ValueError, before any scan is read, when they are not one
+        segmentation task (other classes, modalities or label maps)."""
+        if not checkpoints:
+            raise ValueError("--checkpoint: give at least one checkpoint")
+        self.paths = [Path(c) for c in checkpoints]
+        self.members = [Segmenter(path, settings) for path in self.paths]
+        first = self.members[0]
+        self.settings, self.device = first.settings, first.device
+        self.classes, self.config = first.classes, first.config  # the written values: the same for every member
+        # The written values depend on each modality's label map too: members must agree on them.
+        task = [(m.classes, {k: v.get("label_map") for k, v in sorted(m.config["preprocess"].items())})
+                for m in self.members]
+        differ = [path for path, t in zip(self.paths, task) if t != task[0]]
+        if differ:
+            raise ValueError(
+                f"--checkpoint: an ensemble's checkpoints must segment the same classes of the same modalities "
+                f"(and label maps); {self.paths[0]} has {len(first.classes)} classes {first.classes} for "
+                f"{first.modalities}, but "
+                + "; ".join(f"{m_path} has {len(m.classes)} classes {m.classes} for {m.modalities}"
+                            for m_path, m in zip(self.paths, self.members) if m_path in differ))
+
+    def check_modality(self, modality: str) -> None:
+        """``Segmenter.check_modality`` for every member."""
+        for member in self.members:
+            member.check_modality(modality)
+
+    def segment(self, image_path: str | Path, modality: str, probabilities: bool = False, progress=False
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A scan on disk -> (label map (X, Y, Z) of training ids on the scan's grid, the ensemble's softmax
+        (K, X, Y, Z) on that grid as float16 when ``probabilities``, else None)."""
+        self.check_modality(modality)
+        groups: dict[str, list[Segmenter]] = {}  # members that preprocess the scan alike share one pass
+        for member in self.members:
+            groups.setdefault(json.dumps(member.config["preprocess"][modality], sort_keys=True), []).append(member)
+        means = []
+        for members in groups.values():
+            image, _, meta = mdata.preprocess(image_path, None, modality, **members[0].config["preprocess"][modality])
+            total = members[0].softmax(image, modality, progress)
+            for member in members[1:]:
+                total += member.softmax(image, modality, progress)
+            total /= len(members)  # in place: a copy of a whole scan's softmax would raise the peak memory
+            means.append((total, meta, len(members)))
+        if len(means) == 1:
+            mean, meta, _ = means[0]
+            return mdata.restore_argmax(mean, meta), restore_probabilities(mean, meta) if probabilities else None
+        restored = sum(restore_probabilities(mean, meta, np.float32) * count for mean, meta, count in means)
+        restored /= len(self.members)
+        return restored.argmax(0).astype(np.uint8), restored.astype(np.float16) if probabilities else None
+
+
+def restore_probabilities(probs: np.ndarray, meta: dict, dtype: type = np.float16) -> np.ndarray:
+    """Softmax (K, X, Y, Z) on the training grid -> (K, *original shape) of ``dtype`` on the scan's grid,
+    linearly, channel by channel (one float32 copy of a channel at a time); outside the foreground crop
+    background, probability 1 for class 0 and 0 for the others."""
+    restored = np.empty((len(probs), *meta["original_shape"]), dtype=dtype)
+    for k, channel in enumerate(probs):
+        restored[k] = mdata.restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
+    return restored
 
 
 def softmax_(logits: torch.Tensor) -> torch.Tensor:
@@ -337,8 +412,17 @@ def quarter_reporter(name: str, log: Callable[[str], None]) -> Callable[[int, in
     return report
 
 
+def input_share(inputs: Sequence[Path], num_parts: int = 1, part_id: int = 0) -> list[Path]:
+    """Part ``part_id`` (0-based) of ``num_parts`` of ``inputs``: every ``num_parts``-th scan by sorted file
+    name, from the ``part_id``-th on, so that processes given the same list share it without overlap."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"--num_parts {num_parts} --part_id {part_id}: need --num_parts >= 1 and "
+                         f"0 <= --part_id < --num_parts")
+    return sorted(inputs, key=lambda p: (p.name, str(p)))[part_id::num_parts]
+
+
 def segment_files(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     inputs: Sequence[Path],
     output_dir: str | Path,
     modality: str,
@@ -354,9 +438,12 @@ def segment_files(
     min_component_mm3: float | None = None,
     per_class: bool = False,
     statistics: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
 ) -> list[dict]:
-    """Segment ``inputs`` into ``output_dir``; returns one record per case (with Dice, NSD at ``nsd_tolerance``
-    mm and HD95, ``mulmodseg.metrics.case_metrics``, when labels are given).
+    """Segment ``inputs`` into ``output_dir`` with the ``Ensemble`` of ``checkpoint`` (one path or several);
+    returns one record per case (with Dice, NSD at ``nsd_tolerance`` mm and HD95,
+    ``mulmodseg.metrics.case_metrics``, when labels are given).
 
     Each label map is postprocessed on the scan's grid when asked (``mulmodseg.postprocess.postprocess``:
     ``keep_largest`` names the classes that keep only their largest component, an empty list all of them;
@@ -374,16 +461,26 @@ def segment_files(
     case whose outputs all exist is not segmented (nor postprocessed) again, its label map is read back
     for the evaluation, the others are segmented, and dataset.json and the evaluation tables are written
     anew. Ctrl-C while the cases run raises ``InferenceInterrupted``.
+
+    ``num_parts`` > 1 segments only share ``part_id`` of ``inputs`` (``input_share``), so that that many
+    processes fill one ``output_dir``: each writes the same dataset.json (an existing one is no conflict
+    then), none scores (``labels_dir`` is refused: score the whole folder once every part is done).
     """
     output_dir = Path(output_dir)
-    inputs = [Path(p) for p in inputs]
+    everything = [Path(p) for p in inputs]
+    inputs = input_share(everything, num_parts, part_id)
     check_nsd_tolerance(nsd_tolerance)  # before the checkpoint loads
     if min_component_mm3 is not None and not min_component_mm3 > 0:
         raise ValueError(f"--min_component_mm3 {min_component_mm3}: must be a volume above 0 mm^3")
-    segmenter = Segmenter(checkpoint, settings)
-    segmenter.check_modality(modality)
-    classes = segmenter.classes
-    inverse = invert_label_map(segmenter.config["preprocess"][modality])
+    if labels_dir is not None and num_parts > 1:
+        raise ValueError(f"--labels with --num_parts {num_parts}: a part sees only its share of the scans; when every "
+                         f"part is done, score the folder with python -m mulmodseg.evaluate --pred {output_dir} "
+                         "--labels DIR, or run once more without --num_parts, with --skip_existing --labels DIR")
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    ensemble = Ensemble(checkpoints, settings)
+    ensemble.check_modality(modality)
+    classes = ensemble.classes
+    inverse = invert_label_map(ensemble.config["preprocess"][modality])
     values = written_values(len(classes), inverse)
     largest = [] if keep_largest is None else resolve_classes(keep_largest, classes, values)
     targets = {p: output_path(p, output_dir) for p in inputs}
@@ -391,6 +488,11 @@ def segment_files(
                                             ("_statistics.json", statistics)) if wanted]
     class_files = [class_file(classes[k]) for k in values] if per_class else []
     problems, writers, label_files = output_dir_problems(output_dir), {}, {}
+    for src in everything:  # over every part's scans: two parts must not write one file either
+        dst = output_path(src, output_dir)
+        if dst in writers:
+            problems.append(f"{src}: would write {dst}, as {writers[dst]} does; rename one of them")
+        writers.setdefault(dst, src)
     if labels_dir is not None:
         for src in inputs:
             found = [p for p in label_candidates(src, Path(labels_dir)) if p.is_file()]
@@ -413,7 +515,7 @@ def segment_files(
     if foreign_dataset_json(output_dir / DATASET_JSON):
         problems.append(f"{output_dir / DATASET_JSON}: not written by infer.py (a dataset's own description?), so it "
                         "is never replaced, even with --overwrite; choose another --output")
-    else:
+    elif num_parts == 1:  # the parts of a shared folder each write the same dataset.json
         outputs.append(output_dir / DATASET_JSON)
     done = set()
     for src, dst in targets.items():
@@ -422,9 +524,6 @@ def segment_files(
         outputs += case_outputs
         if skip_existing and all(p.is_file() for p in case_outputs):
             done.add(src)
-        if dst in writers:
-            problems.append(f"{src}: would write {dst}, as {writers[dst]} does; rename one of them")
-        writers.setdefault(dst, src)
     for path in outputs:
         if path.resolve() in given:
             problems.append(f"{path}: the output would replace an input {given[path.resolve()]}; choose another --output")
@@ -432,19 +531,21 @@ def segment_files(
             problems.append(f"{path}: exists; pass --overwrite to replace it, or --skip_existing to keep it")
     if problems:
         raise mdata.DataError(problems)
-    label_map = segmenter.config["preprocess"][modality].get("label_map")
+    label_map = ensemble.config["preprocess"][modality].get("label_map")
     cases = [mdata.Case(targets[src].name, src, label_files.get(src), modality) for src in inputs]
     num_classes = None if label_map else len(classes)
     for warning in channel_warnings + mdata.check_cases(cases, label_map=label_map, num_classes=num_classes):
         log(f"warning: {warning}")
 
     # Written before the first case: every label map in output_dir has its classes beside it.
-    run_settings = {"modality": modality, "sliding_window": dataclasses.asdict(segmenter.settings),
+    run_settings = {"modality": modality, "sliding_window": dataclasses.asdict(ensemble.settings),
                     "keep_largest": [classes[k] for k in largest] if keep_largest is not None else None,
                     "min_component_mm3": min_component_mm3, "per_class": per_class, "statistics": statistics,
                     "save_probabilities": save_probabilities}
-    description = dataset_description(classes, values, modality, checkpoint, run_settings)
+    description = dataset_description(classes, values, modality, checkpoints, run_settings)
     write_then_rename(output_dir / DATASET_JSON, lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n"))
+    if num_parts > 1:
+        log(f"part {part_id} of {num_parts} (0-based): {len(inputs)} of the {len(everything)} scans")
     records, complete = [], []
     try:
         for i, src in enumerate(inputs, 1):
@@ -465,18 +566,14 @@ def segment_files(
             else:
                 # A live window count with ETA when a person watches; a line per quarter in a log file.
                 progress = True if sys.stderr.isatty() else quarter_reporter(f"[{i}/{len(inputs)}] {src.name}", log)
-                label, probs, meta = segmenter.segment(src, modality, probabilities=save_probabilities, progress=progress)
+                label, probs = ensemble.segment(src, modality, probabilities=save_probabilities, progress=progress)
                 if keep_largest is not None or min_component_mm3 is not None:
                     label = postprocess(label, spacing, largest, min_component_mm3)
                 written = to_dataset_values(label, inverse)
                 if save_probabilities:
                     # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
-                    # Outside the foreground crop is background, so probability 1 for class 0 and 0 for the rest.
-                    restored = np.empty((len(probs), *reference.shape), dtype=np.float16)
-                    for k, channel in enumerate(probs):
-                        restored[k] = mdata.restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
                     write_then_rename(output_path(src, output_dir, "_probabilities.npz"), lambda tmp: np.savez_compressed(
-                        tmp, probabilities=restored, classes=np.array(classes)))
+                        tmp, probabilities=probs, classes=np.array(classes)))
                 if previews:
                     write_preview(reference, label, output_path(src, output_dir, ".png"))
                 if per_class:
@@ -504,26 +601,30 @@ def segment_files(
                 record["reference"] = str(label_files[src])
             records.append(record)
         if labels_dir is not None:
-            write_evaluation(records, segmenter, output_dir, modality, log, nsd_tolerance)
+            write_evaluation(records, ensemble, output_dir, modality, log, nsd_tolerance)
     except KeyboardInterrupt as exc:
         raise InferenceInterrupted(complete, [src for src in inputs if targets[src] not in complete]) from exc
     return records
 
 
-def write_evaluation(records: list[dict], segmenter: Segmenter, output_dir: Path, modality: str,
+def write_evaluation(records: list[dict], ensemble: Ensemble, output_dir: Path, modality: str,
                      log: Callable[[str], None], nsd_tolerance: float = 2.0) -> None:
     """The reports of ``mulmodseg.metrics.write_reports`` (metrics.csv, summary.md, summary.csv,
-    summary.json), with the model's cost at the end of summary.md."""
-    window = (1, segmenter.model.in_channels, *segmenter.roi_size)
-    kwargs = {} if segmenter.model.vision_only else {"modality": modality}
-    # On the model's own device: a window's forward pass on the CPU can take minutes.
-    flops = count_flops(segmenter.model, window, **kwargs)
+    summary.json), with the cost of the ensemble's models together at the end of summary.md."""
+    flops = 0
+    for member in ensemble.members:
+        window = (1, member.model.in_channels, *member.roi_size)
+        kwargs = {} if member.model.vision_only else {"modality": modality}
+        # On the model's own device: a window's forward pass on the CPU can take minutes.
+        flops += count_flops(member.model, window, **kwargs)
+    windows = "+".join(dict.fromkeys("x".join(map(str, m.roi_size)) for m in ensemble.members))
+    backbone = "+".join(dict.fromkeys(m.config["model"]["backbone"] for m in ensemble.members))
     timed = [r["seconds"] for r in records if r["seconds"] is not None]  # skipped cases took no time
-    speed = f"{np.mean(timed):.2f} s per case on {segmenter.device}" if timed else "no case segmented in this call"
-    cost = (f"parameters {count_parameters(segmenter.model):,}; {flops / 1e9:.1f} GFLOPs per "
-            f"{'x'.join(map(str, segmenter.roi_size))} window; {speed}")
-    settings = {"backbone": segmenter.config["model"]["backbone"], "modality": modality,
-                "classes": list(segmenter.classes), "nsd_tolerance_mm": nsd_tolerance,
-                "sliding_window": dataclasses.asdict(segmenter.settings)}
-    setting = f"{segmenter.config['model']['backbone']} {modality}"
-    log(write_reports(output_dir, records, segmenter.classes[1:], setting, settings, cost))
+    speed = f"{np.mean(timed):.2f} s per case on {ensemble.device}" if timed else "no case segmented in this call"
+    parameters = sum(count_parameters(m.model) for m in ensemble.members)
+    cost = f"parameters {parameters:,}; {flops / 1e9:.1f} GFLOPs per {windows} window; {speed}"
+    settings = {"backbone": backbone, "modality": modality, "checkpoints": [str(p) for p in ensemble.paths],
+                "classes": list(ensemble.classes), "nsd_tolerance_mm": nsd_tolerance,
+                "sliding_window": dataclasses.asdict(ensemble.settings)}
+    models = f" ensemble of {len(ensemble.members)}" if len(ensemble.members) > 1 else ""
+    log(write_reports(output_dir, records, ensemble.classes[1:], f"{backbone}{models} {modality}", settings, cost))

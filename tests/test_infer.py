@@ -24,8 +24,8 @@ from mulmodseg.data import DataError
 from mulmodseg.metrics import count_flops
 from mulmodseg.postprocess import component_sizes, postprocess
 from mulmodseg.predict import (
-    InferenceSettings, Segmenter, accumulation_device, find_inputs, load_model, output_path, segment_files,
-    write_evaluation, write_like,
+    Ensemble, InferenceSettings, Segmenter, accumulation_device, find_inputs, input_share, load_model, output_path,
+    restore_probabilities, segment_files, write_evaluation, write_like,
 )
 from mulmodseg.training import train
 from mulmodseg.viz import read_png
@@ -229,7 +229,8 @@ def test_label_maps_do_not_inherit_the_scans_display_settings(tmp_path):
 
 def test_flops_are_counted_where_the_model_is(tmp_path, checkpoint, monkeypatch):
     """A meta-device model has no data to copy: moving it to the CPU (as before) would raise."""
-    segmenter = Segmenter(checkpoint)
+    ensemble = Ensemble([checkpoint])
+    segmenter = ensemble.members[0]
     expected = count_flops(segmenter.model, (1, 1, 32, 32, 32), modality="CT")
     segmenter.model.to("meta")
     counted = []
@@ -240,7 +241,7 @@ def test_flops_are_counted_where_the_model_is(tmp_path, checkpoint, monkeypatch)
 
     monkeypatch.setattr(predict, "count_flops", spy)
     records = [{"case": "a", "modality": "CT", "dice": np.full(13, 0.5), "seconds": 1.0}]
-    write_evaluation(records, segmenter, tmp_path, "CT", log=lambda m: None)
+    write_evaluation(records, ensemble, tmp_path, "CT", log=lambda m: None)
     assert counted == [("meta", expected)] and expected > 0
     assert next(segmenter.model.parameters()).device.type == "meta"
     assert "GFLOPs per 32x32x32 window" in (tmp_path / "summary.md").read_text()
@@ -349,7 +350,7 @@ def test_label_files_are_inputs_too(tmp_path, checkpoint):
 def test_output_folder_problems_come_before_any_work(tmp_path, checkpoint, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("segmented although --output cannot be written")
-    monkeypatch.setattr(Segmenter, "segment", never)
+    monkeypatch.setattr(Ensemble, "segment", never)
     taken = tmp_path / "result.nii.gz"
     taken.write_bytes(b"an earlier result")
     with pytest.raises(DataError, match=f"--output {taken}: a file name, but --output is the folder"):
@@ -422,8 +423,8 @@ def test_skip_existing_continues_an_interrupted_call(tmp_path, checkpoint, monke
     # An interrupted call: a's outputs are there, b's are not.
     segment_files(checkpoint, [scans / "a.nii.gz"], tmp_path / "out", "CT", previews=True, log=lambda m: None)
     stamp = (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns
-    segmented, original = [], Segmenter.segment
-    monkeypatch.setattr(Segmenter, "segment", lambda self, src, *a, **k: segmented.append(src.name) or original(
+    segmented, original = [], Ensemble.segment
+    monkeypatch.setattr(Ensemble, "segment", lambda self, src, *a, **k: segmented.append(src.name) or original(
         self, src, *a, **k))
     lines = []
     records = segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", previews=True, labels_dir=labels,
@@ -594,14 +595,14 @@ def test_ctrl_c_names_the_complete_cases_and_how_to_continue(tmp_path, checkpoin
     scans.mkdir()
     for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
         shutil.copy(MR, scans / name)
-    original = Segmenter.segment
+    original = Ensemble.segment
 
     def interrupted_at_b(self, src, *args, **kwargs):
         if src.name == "b.nii.gz":
             raise KeyboardInterrupt
         return original(self, src, *args, **kwargs)
 
-    monkeypatch.setattr(Segmenter, "segment", interrupted_at_b)
+    monkeypatch.setattr(Ensemble, "segment", interrupted_at_b)
     args = ["--checkpoint", str(checkpoint), "--modality", "MR", "-i", str(scans), "-o", str(out)]
     assert infer_cli.main(args) == 130
     err = capsys.readouterr().err
@@ -612,3 +613,122 @@ def test_ctrl_c_names_the_complete_cases_and_how_to_continue(tmp_path, checkpoin
     monkeypatch.undo()
     assert infer_cli.main([*args, "--skip_existing"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz", "dataset.json"]
+
+
+# ---------------------------------------------------------------------------------------------- ensembles and parts
+
+
+def variant(checkpoint: Path, path: Path, seed: int, **preprocess) -> Path:
+    """A copy of ``checkpoint`` with its weights moved by seeded noise (another model of the same task),
+    and ``preprocess`` settings changed for every modality."""
+    ckpt = torch.load(checkpoint, weights_only=False)
+    gen = torch.Generator().manual_seed(seed)
+    for name, value in ckpt["model"].items():
+        if value.is_floating_point() and "running" not in name:
+            value += 0.3 * value.std().nan_to_num() * torch.randn(value.shape, generator=gen)
+    for settings in ckpt["config"]["preprocess"].values():
+        settings.update(preprocess)
+    torch.save(ckpt, path)
+    return path
+
+
+def saved_probabilities(out: Path, scan: Path) -> np.ndarray:
+    with np.load(output_path(scan, out, "_probabilities.npz")) as saved:
+        return saved["probabilities"]
+
+
+def test_an_ensemble_averages_the_softmax_of_its_models(tmp_path, checkpoint):
+    other = variant(checkpoint, tmp_path / "b.pt", seed=1)
+    quiet = {"save_probabilities": True, "log": lambda m: None}
+    segment_files([checkpoint, other], [MR], tmp_path / "both", "MR", **quiet)
+    ensemble = saved_probabilities(tmp_path / "both", MR)
+    # By hand: the two models' softmax on the training grid, averaged, restored as for one model.
+    a, b = Segmenter(checkpoint), Segmenter(other)
+    image, _, meta = mdata.preprocess(MR, None, "MR", **a.config["preprocess"]["MR"])
+    pa, pb = a.softmax(image, "MR"), b.softmax(image, "MR")
+    assert np.abs(pa - pb).max() > 5e-3  # two different models (after one epoch, both near uniform)
+    assert np.array_equal(ensemble, restore_probabilities((pa + pb) / 2, meta))
+    assert np.array_equal(np.asanyarray(nib.load(str(output_path(MR, tmp_path / "both"))).dataobj),
+                          mdata.restore_argmax((pa + pb) / 2, meta))
+    # Restoring is linear, so this is also the mean of what each model alone saves.
+    for name, ckpt in (("a", checkpoint), ("b", other)):
+        segment_files(ckpt, [MR], tmp_path / name, "MR", **quiet)
+    alone = [saved_probabilities(tmp_path / n, MR).astype(np.float32) for n in ("a", "b")]
+    assert np.abs(ensemble.astype(np.float32) - (alone[0] + alone[1]) / 2).max() <= 1e-3  # float16 rounding
+    assert min(np.abs(ensemble.astype(np.float32) - one).max() for one in alone) > 2e-3  # neither model alone
+    # An ensemble of one is the model itself.
+    assert np.array_equal(alone[0], restore_probabilities(pa, meta).astype(np.float32))
+    description = json.loads((tmp_path / "both" / "dataset.json").read_text())
+    assert description["checkpoint"] == [str(checkpoint.resolve()), str(other.resolve())]
+
+
+def test_an_ensemble_of_other_grids_averages_on_the_scans_grid(tmp_path, checkpoint):
+    coarse = variant(checkpoint, tmp_path / "coarse.pt", seed=2, spacing=[8.0, 8.0, 8.0])
+    segment_files([checkpoint, coarse], [MR], tmp_path / "both", "MR", save_probabilities=True, log=lambda m: None)
+    probs = saved_probabilities(tmp_path / "both", MR).astype(np.float32)
+    restored = []
+    for ckpt in (checkpoint, coarse):
+        segmenter = Segmenter(ckpt)
+        image, _, meta = mdata.preprocess(MR, None, "MR", **segmenter.config["preprocess"]["MR"])
+        restored.append(restore_probabilities(segmenter.softmax(image, "MR"), meta, np.float32))
+    assert restored[0].shape == restored[1].shape == probs.shape == (14, *nib.load(str(MR)).shape)
+    mean = (restored[0] + restored[1]) / 2
+    assert np.abs(probs - mean).max() <= 1e-3  # float16
+    label = np.asanyarray(nib.load(str(output_path(MR, tmp_path / "both"))).dataobj)
+    assert np.array_equal(label, mean.argmax(0))
+
+
+def test_an_ensemble_of_other_tasks_is_refused_before_any_scan_is_read(tmp_path, checkpoint, capsys):
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["config"]["classes"] = [*ckpt["config"]["classes"][:-1], "bladder"]
+    torch.save(ckpt, tmp_path / "classes.pt")
+    ckpt = torch.load(checkpoint, weights_only=False)
+    del ckpt["config"]["preprocess"]["CT"]
+    torch.save(ckpt, tmp_path / "mr_only.pt")
+    for other, what in (("classes.pt", "'duodenum'] for ['CT', 'MR'], but"), ("mr_only.pt", "for ['MR']")):
+        code = infer_cli.main(["--checkpoint", str(checkpoint), str(tmp_path / other), "--modality", "MR",
+                               "--input", str(MR), "--output", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and "an ensemble's checkpoints must segment the same classes of the same modalities" in err
+        assert what in err and f"{tmp_path / other} has 14 classes" in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_input_share_splits_the_sorted_names_without_overlap():
+    inputs = [Path(f"/d/{name}.nii.gz") for name in ("e", "a", "d", "b", "c")]
+    parts = [input_share(inputs, 2, i) for i in range(2)]
+    assert [[p.stem for p in part] for part in parts] == [["a.nii", "c.nii", "e.nii"], ["b.nii", "d.nii"]]
+    assert input_share(inputs[::-1], 2, 1) == parts[1]  # the same share whatever order the list came in
+    with pytest.raises(ValueError, match=re.escape("--num_parts 2 --part_id 2: need --num_parts >= 1")):
+        input_share(inputs, 2, 2)
+
+
+def test_two_parts_write_exactly_what_one_call_writes(tmp_path, checkpoint, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("s1", "s2", "s3"):
+        (scans / f"{name}.nii.gz").symlink_to(MR)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for name in ("s1", "s2", "s3"):
+        (labels / f"{name}.nii.gz").symlink_to(SAMPLE / "mr" / "labelsTr" / "ts_mr_001.nii.gz")
+    base = ["--checkpoint", str(checkpoint), "--modality", "MR", "--input", str(scans), "--statistics"]
+    assert infer_cli.main([*base, "--output", str(tmp_path / "one")]) == 0
+    for part in ("1", "0"):  # in either order, into one folder, without --overwrite
+        assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--num_parts", "2", "--part_id", part]) == 0
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert names == ["dataset.json", *[f"s{i}{end}" for i in (1, 2, 3) for end in (".nii.gz", "_statistics.json")]]
+    for name in names:
+        one, parts = tmp_path / "one" / name, tmp_path / "parts" / name
+        if name.endswith(".nii.gz"):
+            assert np.array_equal(np.asanyarray(nib.load(str(one)).dataobj), np.asanyarray(nib.load(str(parts)).dataobj))
+        else:
+            assert one.read_text() == parts.read_text()
+    capsys.readouterr()
+    assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--num_parts", "2", "--labels", str(labels)]) == 2
+    assert "--labels with --num_parts 2: a part sees only its share" in capsys.readouterr().err
+    # With every part done, a last call scores the folder without segmenting again.
+    assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--skip_existing", "--labels", str(labels)]) == 0
+    assert "skipped (--skip_existing)" in capsys.readouterr().err
+    assert (tmp_path / "parts" / "metrics.csv").read_text().count("\ns") == 3

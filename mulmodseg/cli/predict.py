@@ -23,7 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter, epilog=EXIT_CODES_HELP,
     )
     add_version_argument(p)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (last.pt or best.pt)")
+    p.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
+                   help="a checkpoint written by train.py (last.pt or best.pt), or several (e.g. the folds of train.py "
+                   "--fold): their ensemble averages the models' softmax probabilities (on the training grid when "
+                   "their preprocessing agrees, else each restored to the scan's grid first), refused when their "
+                   "classes, modalities or label maps differ")
     p.add_argument("--modality", required=True, help="the scans' modality, as named in training (CT, MR, ...)")
     p.add_argument("-i", "--input", required=True, help="a .nii/.nii.gz file or a folder of them (never modified)")
     p.add_argument("-o", "--output", required=True, help="folder for the label maps, named like the inputs, and "
@@ -47,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistics", action="store_true",
                    help="also write NAME_statistics.json: each class's volume in mm^3, voxel count and mean input "
                    "intensity on the input's grid")
-    p.add_argument("--save_probabilities", action="store_true", help="also write NAME_probabilities.npz: softmax (classes, X, Y, Z) as float16 on the input's voxel grid")
+    p.add_argument("--save_probabilities", action="store_true", help="also write NAME_probabilities.npz: softmax (classes, X, Y, Z) as float16 on the input's voxel grid (an ensemble's mean)")
+    p.add_argument("--num_parts", type=int, default=1, metavar="P",
+                   help="share --input between P processes (GPUs, machines, a job array) writing one --output: each "
+                   "segments every P-th scan by sorted file name; refused with --labels: score the folder when all "
+                   "parts are done, with python -m mulmodseg.evaluate or a last run without --num_parts, with "
+                   "--skip_existing --labels")
+    p.add_argument("--part_id", type=int, default=0, metavar="I", help="with --num_parts: this process's part, 0 to P-1")
     p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices")
     p.add_argument("--tta", action="store_true", help="test-time mirroring: average over every combination of mirrors "
                    "along the axes the checkpoint was trained with (train.py --mirror_axes; 2^N times slower), a "
@@ -95,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite, save_probabilities=args.save_probabilities, previews=args.preview,
             labels_dir=args.labels, skip_existing=args.skip_existing, nsd_tolerance=args.nsd_tolerance,
             keep_largest=args.keep_largest, min_component_mm3=args.min_component_mm3, per_class=args.per_class,
-            statistics=args.statistics,
+            statistics=args.statistics, num_parts=args.num_parts, part_id=args.part_id,
         )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
