@@ -23,8 +23,9 @@ from mulmodseg.text.__main__ import build_parser as text_parser
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "experiments" / "README.md"]
 SETUP = ['pip install torch==2.13.0 && pip install -e ".[test]"', "python -m pytest -q"]
-MAIN = ("python train.py --ct_dir data/sample/ct --mr_dir data/sample/mr --backbone unet --text onehot "
-        "--roi_size 64 --epochs 2 --out runs/demo")
+MAIN = ("python train.py --ct_dir data/sample/ct --mr_dir data/sample/mr --base_channels 8 --text onehot "
+        "--spacing 4.5 4.5 4.5 --roi_size 64 --num_samples 4 --lr 3e-3 --warmup_epochs 5 --epochs 250 --num_workers 0 "
+        "--out runs/demo")
 PARSERS = {
     ("train.py",): train.build_parser,
     ("infer.py",): infer.build_parser,
@@ -122,10 +123,11 @@ def test_python_blocks_run(tmp_path, monkeypatch):
 
 
 def test_ci_runs_the_readme_commands_verbatim():
-    """.ci/run's install, main, inference and test commands are the README's, so CI exercises what users type."""
+    """.ci/run's install, main, inference (CT and MR), smoke and test commands are the README's, so CI exercises
+    what users type."""
     readme_commands = {cmd for _, body in code_blocks(ROOT / "README.md") for cmd in shell_commands(body)}
     ci_commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
                    if line.startswith(("pip install", "python train.py", "python infer.py", "python -m pytest"))]
-    assert len(ci_commands) == 4
+    assert len(ci_commands) == 6
     for command in ci_commands:
         assert command in readme_commands, command
