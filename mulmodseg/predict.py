@@ -614,9 +614,9 @@ def write_evaluation(records: list[dict], ensemble: Ensemble, output_dir: Path, 
     flops = 0
     for member in ensemble.members:
         window = (1, member.model.in_channels, *member.roi_size)
-        kwargs = {} if member.model.vision_only else {"modality": modality}
+        # With the modality even when vision-only: it picks a UNet's per-modality normalisation statistics.
         # On the model's own device: a window's forward pass on the CPU can take minutes.
-        flops += count_flops(member.model, window, **kwargs)
+        flops += count_flops(member.model, window, modality=modality)
     windows = "+".join(dict.fromkeys("x".join(map(str, m.roi_size)) for m in ensemble.members))
     backbone = "+".join(dict.fromkeys(m.config["model"]["backbone"] for m in ensemble.members))
     timed = [r["seconds"] for r in records if r["seconds"] is not None]  # skipped cases took no time
