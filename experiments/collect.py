@@ -6,6 +6,10 @@ per-organ Dice of every row (``mulmodseg.metrics.markdown_table``), then our ave
 Evaluations that share a cell (Table 4's two cross-validation folds) are pooled case by case, so a
 class's mean is over every test case where it is present. Table 8 reads the cost line that infer.py
 writes into each ``summary.md``. Cells whose evaluation has not run yet read ``not run``.
+
+A campaign run with ``run.py --folds N`` also gets a cross-validation table per table: each fold's mean
+validation Dice per modality (``RUN/fold_K/validation/MODALITY/metrics.csv``, written by train.py) and,
+per row, the mean +- std over the folds (std with n - 1).
 """
 
 from __future__ import annotations
@@ -98,6 +102,31 @@ def dice_table(table: dict) -> str:
     return "\n".join(parts)
 
 
+def fold_means(fold_dir: str | Path) -> dict[str, float]:
+    """{modality: mean validation Dice %} of one fold's ``validation/MODALITY/metrics.csv`` files."""
+    found = sorted(Path(fold_dir, "validation").glob("*/metrics.csv"))
+    return {path.parent.name: 100.0 * summarise(read_metrics_csv(path)[1])["mean"] for path in found}
+
+
+def cv_table(table: dict) -> str:
+    """Markdown: per row of ``table["folds"]``, each fold's mean validation Dice % per modality, then the
+    mean +- std over the folds (``not run`` where a fold has not validated yet)."""
+    rows = [(item["row"], [fold_means(d) for d in item["folds"]]) for item in table["folds"]]
+    modalities = sorted({m for _, folds in rows for means in folds for m in means})
+    lines = ["| Setting | fold | " + " | ".join(modalities) + " |", "|---|---|" + "---:|" * len(modalities)]
+    for row, folds in rows:
+        for fold, means in enumerate(folds):
+            lines.append(f"| {row} | {fold} | " + " | ".join(_number(means.get(m)) for m in modalities) + " |")
+        spread = []
+        for m in modalities:
+            values = [means[m] for means in folds if m in means]
+            spread.append(f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) == len(folds) > 1
+                          else NOT_RUN)
+        lines.append(f"| {row} | mean ± std | " + " | ".join(spread) + " |")
+    return ("Cross-validation, mean validation Dice % per fold (on the training grid):\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def cost_table(table: dict) -> str:
     """Markdown for Table 8 from each row's summary.md cost line, beside the paper's A100 numbers."""
     header = ["Setting", "parameters (M)", "GFLOPs per window", "window", "s per case", "device",
@@ -129,6 +158,8 @@ def collect(out_dir: str | Path, tables: list[str] | None = None) -> str:
         if table.get("smoke"):
             title += "\n\n(smoke run: bundled sample, tiny settings, random text tables; the numbers mean nothing)"
         body = cost_table(table) if table["kind"] == "cost" else dice_table(table)
+        if table.get("folds"):
+            body += "\n" + cv_table(table)
         parts.append(f"{title}\n\n{body}")
     return "\n".join(parts)
 

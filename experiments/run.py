@@ -6,6 +6,11 @@ folders (``infer.py --labels``, which writes ``metrics.csv``), then records in `
 which evaluation fills which cell, for ``experiments/collect.py``. Finished steps are skipped, an
 interrupted training is resumed, so the same command continues a stopped campaign.
 
+``--folds N`` trains every run as an N-fold cross-validation over its training scans (``train.py --fold K
+--num_folds N``, the folds in ``RUN/fold_K`` sharing ``RUN/splits.json``), evaluates the ensemble of the N
+fold models on the test folders, and lists the folds in the manifest, for collect.py's cross-validation
+table (the paper tunes its settings by two-fold cross-validation).
+
 ``--dry_run`` prints the commands instead of running them (to run them by hand, e.g. under torchrun).
 ``--smoke`` swaps the data for the bundled sample (test scans = training scans) and uses tiny settings,
 and replaces every CLIP or user table by a random table of the same shape, so that every recipe runs
@@ -81,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="train.py/infer.py --device (default: auto)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"],
                    help="train.py/infer.py --amp (default: auto, bf16 on a recent GPU; the reference ran fp32: none)")
+    p.add_argument("--folds", type=int, default=0, metavar="N",
+                   help="train each run as N cross-validation folds (train.py --fold K --num_folds N) and evaluate "
+                   "the ensemble of the N fold models; collect.py adds a table of fold means and mean +- std")
     p.add_argument("--smoke", action="store_true",
                    help="bundled sample, tiny settings, random tables: checks the recipes run")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
@@ -97,6 +105,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if unknown:
         raise SystemExit(f"unknown table(s) {unknown}: choose from {list(TABLES)} or all")
     args.tables = names
+    if args.folds == 1 or args.folds < 0:
+        raise SystemExit(f"--folds {args.folds}: give 2 or more folds, or 0 for one run on all training scans")
+    if args.folds and args.smoke:
+        raise SystemExit("--folds with --smoke: the bundled sample holds one scan per modality, too few for folds")
     return args, extra
 
 
@@ -170,15 +182,24 @@ class Planner:
         if key not in self.trained:
             run_dir = self.out / run.dataset / run.name
             self.trained[key] = run_dir
-            self.plan.steps.append(Step("train", [*argv, "--out", str(run_dir)], run_dir))
+            if not self.args.folds:
+                self.plan.steps.append(Step("train", [*argv, "--out", str(run_dir)], run_dir))
+            for fold in range(self.args.folds):
+                fold_argv = [*argv, "--out", str(run_dir), "--fold", str(fold), "--num_folds", str(self.args.folds)]
+                self.plan.steps.append(Step("train", fold_argv, run_dir / f"fold_{fold}"))
         return self.trained[key]
+
+    def checkpoints(self, run_dir: Path) -> list[str]:
+        """The checkpoints a run is evaluated with: its last.pt, or each fold's (their ensemble)."""
+        folders = [run_dir / f"fold_{fold}" for fold in range(self.args.folds)] or [run_dir]
+        return [str(folder / "last.pt") for folder in folders]
 
     def eval_step(self, run: Run, run_dir: Path, ev: Eval) -> Path:
         """The evaluation's folder, adding its step unless an identical one is planned."""
         folder = ev.folder or DATASETS[run.dataset][2][ev.modality]
         test = self.folder(run.dataset, ev.modality, folder)
         images, labels = ("imagesTr", "labelsTr") if self.args.smoke else ("imagesTs", "labelsTs")
-        argv = ["--checkpoint", str(run_dir / "last.pt"), "--modality", ev.modality,
+        argv = ["--checkpoint", *self.checkpoints(run_dir), "--modality", ev.modality,
                 "--input", str(test / images), "--labels", str(test / labels)]
         if ev.prompt:
             argv += ["--prompt_modality", ev.prompt]
@@ -194,7 +215,7 @@ class Planner:
 
     def add_table(self, name: str) -> None:
         table = TABLES[name]
-        entries = []
+        entries, folds = [], []
         for run in table.runs:
             if self.args.backbone and run.backbone != self.args.backbone:
                 continue
@@ -202,12 +223,14 @@ class Planner:
             if run_dir is None:
                 continue
             paper = dict(run.paper)
+            if self.args.folds:
+                folds.append({"row": run.row, "folds": [str(Path(c).parent) for c in self.checkpoints(run_dir)]})
             for ev in run.evals:
                 eval_dir = self.eval_step(run, run_dir, ev)
                 entries.append({"row": run.row, "column": ev.column, "eval_dir": str(eval_dir),
                                 "paper": paper.get(ev.column)})
         self.plan.manifest[name] = {"title": table.title, "kind": table.kind, "paper": table.paper,
-                                    "smoke": self.args.smoke, "entries": entries}
+                                    "smoke": self.args.smoke, "entries": entries, "folds": folds}
 
 
 def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
@@ -297,10 +320,14 @@ def write_manifest(out: Path, manifest: dict) -> None:
     (e.g. a table run once per ``--backbone``) that this one does not evaluate again."""
     path = out / "manifest.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
+
+    # A table's earlier items (entries, folds) that this invocation does not redo, then its own.
+    def merge(name: str, part: str, key: str) -> list[dict]:
+        new = {str(e[key]) for e in manifest[name][part]}
+        return [e for e in merged.get(name, {}).get(part, []) if str(e[key]) not in new] + manifest[name][part]
+
     for name, table in manifest.items():
-        new = {e["eval_dir"] for e in table["entries"]}
-        kept = [e for e in merged.get(name, {}).get("entries", []) if e["eval_dir"] not in new]
-        merged[name] = {**table, "entries": kept + table["entries"]}
+        merged[name] = {**table, "entries": merge(name, "entries", "eval_dir"), "folds": merge(name, "folds", "folds")}
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged, indent=1))
 

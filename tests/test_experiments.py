@@ -67,7 +67,7 @@ def test_every_command_parses_and_keeps_the_papers_settings(tmp_path):
     for step in steps(plan, "infer"):
         a = infer.build_parser().parse_args(step.argv)
         assert Path(a.input).name == "imagesTs" and Path(a.labels).name == "labelsTs"
-        assert Path(a.checkpoint).parent in {s.out for s in steps(plan, "train")}
+        assert len(a.checkpoint) == 1 and Path(a.checkpoint[0]).parent in {s.out for s in steps(plan, "train")}
     # 12 + 12 main runs; Table 1 adds 5 embeddings (V3 and vision-only are Table 2's), Table 4 four fold
     # runs, Table 5 two ratios, Table 6 two mixes.
     assert len(steps(plan, "train")) == 37
@@ -273,6 +273,48 @@ def test_collector_pools_folds_and_puts_the_paper_beside(tmp_path):
     assert f"| SwinUNETR | {collect.NOT_RUN} | 93.31 |" in text
     names_back, rows = collect.read_metrics_csv(fold0 / "metrics.csv")
     assert names_back == names and np.isnan(rows[0]["dice"][1]) and rows[1]["dice"][1] == pytest.approx(0.2)
+
+
+def test_folds_train_every_fold_and_evaluate_their_ensemble(tmp_path):
+    plan = plan_for(["table2"], tmp_path, *real_flags(tmp_path), "--backbone", "unet", "--folds", "2")
+    trains = steps(plan, "train")
+    run_dir = Path(flag(trains[0].argv, "--out"))
+    assert [(flag(s.argv, "--fold"), flag(s.argv, "--num_folds"), s.out) for s in trains[:2]] == [
+        ("0", "2", run_dir / "fold_0"), ("1", "2", run_dir / "fold_1")]
+    assert all(flag(s.argv, "--out") == str(run_dir) for s in trains[:2])  # one study: one splits.json
+    assert all(train.given_fields(s.argv) >= {"fold", "num_folds"} for s in trains)
+    first_eval = steps(plan, "infer")[0].argv
+    assert first_eval[first_eval.index("--checkpoint") + 1:first_eval.index("--modality")] == [
+        str(run_dir / "fold_0" / "last.pt"), str(run_dir / "fold_1" / "last.pt")]
+    infer.build_parser().parse_args(first_eval)
+    folds = plan.manifest["table2"]["folds"]
+    assert folds[0]["folds"] == [str(run_dir / "fold_0"), str(run_dir / "fold_1")]
+    assert {f["folds"][0] for f in folds} == {str(Path(flag(s.argv, "--out")) / "fold_0") for s in trains}
+    with pytest.raises(SystemExit, match="--folds 1: give 2 or more folds"):
+        plan_for(["table2"], tmp_path, *real_flags(tmp_path), "--folds", "1")
+    with pytest.raises(SystemExit, match="--folds with --smoke: the bundled sample holds one scan per modality"):
+        plan_for(["table2"], tmp_path, "--smoke", "--folds", "2")
+
+
+def test_collector_tabulates_fold_means_and_their_mean_and_std(tmp_path):
+    nan = np.nan
+    # Fold means of the CT validation: (0.5 + 1.0) / 2 = 75 % (b absent), then 55 %; MR 40 % and 60 %.
+    for fold, ct, mr in ((0, [[0.5, nan], [1.0, nan]], [[0.4, 0.4]]), (1, [[0.5, 0.6]], [[0.6, 0.6]])):
+        for name, rows in (("CT", ct), ("MR", mr)):
+            folder = tmp_path / "run" / f"fold_{fold}" / "validation" / name
+            folder.mkdir(parents=True)
+            write_metrics_csv(folder / "metrics.csv", [{"case": f"c{i}", "modality": name, "dice": np.array(d)}
+                                                       for i, d in enumerate(rows)], ["a", "b"])
+    folds = [{"row": "UNet", "folds": [str(tmp_path / "run" / f"fold_{k}") for k in range(2)]},
+             {"row": "SwinUNETR", "folds": [str(tmp_path / "swin" / f"fold_{k}") for k in range(2)]}]
+    manifest = {"table2": {"title": "T2", "kind": "dice", "paper": {}, "smoke": False, "entries": [], "folds": folds}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    text = collect.collect(tmp_path)
+    assert "| UNet | 0 | 75.00 | 40.00 |" in text and "| UNet | 1 | 55.00 | 60.00 |" in text
+    # std over the folds with n - 1: |75 - 55| / sqrt(2) = 14.14
+    assert "| UNet | mean ± std | 65.00 ± 14.14 | 50.00 ± 14.14 |" in text
+    assert f"| SwinUNETR | 0 | {collect.NOT_RUN} | {collect.NOT_RUN} |" in text
+    assert f"| SwinUNETR | mean ± std | {collect.NOT_RUN} | {collect.NOT_RUN} |" in text
 
 
 # ------------------------------------------------------------------------------------------------ end to end
