@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-import train as train_cli
+from mulmodseg.cli import train as train_cli  # what train.py runs: its main, and the names main looks up
 from mulmodseg import data as mdata
 from mulmodseg import device as mdevice
 from mulmodseg.checkpoint import load_checkpoint
