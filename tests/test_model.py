@@ -303,3 +303,19 @@ def test_vision_only_per_modality_needs_the_modality():
         model(x)
     with torch.no_grad():
         assert model(x, "MR").shape == (1, 3, 16, 16, 16)
+
+
+def test_head_runs_in_fp32_at_inference_under_autocast():
+    torch.manual_seed(0)
+    model = MulModSeg("unet", num_classes=4, embeddings=torch.randn(2, 4, 8), base_channels=4).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x, "CT")
+        enc_last, dec_last = model.forward_features(x, "CT")
+        assert enc_last.dtype == dec_last.dtype == torch.bfloat16  # the backbone stays in bf16
+    with torch.no_grad():
+        expected = model.head(enc_last.float(), dec_last.float(), "CT")
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: the head follows autocast
+        assert model(x, "CT").dtype == torch.bfloat16
