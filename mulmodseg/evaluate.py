@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import nibabel as nib
 
 from mulmodseg import data as mdata
-from mulmodseg.cli import EXIT_CODES_HELP, EXIT_DATA_ERROR, HelpFormatter, add_version_argument
+from mulmodseg.cli import EXIT_CODES_HELP, EXIT_DATA_ERROR, HelpFormatter, add_version_argument, program_name
 from mulmodseg.data.checks import check_label_pairs
 from mulmodseg.metrics import case_metrics, check_nsd_tolerance, write_reports
 from mulmodseg.predict import find_inputs, label_candidates, output_dir_problems, output_path
@@ -94,7 +94,7 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, classes: str 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mulmodseg.evaluate",
+        prog=program_name("mulmodseg.evaluate"),
         description="Score label maps against reference labels (no model needed): Dice, NSD and HD95 per case "
         "and class on each label's voxel grid, written to metrics.csv, summary.md, summary.csv and summary.json.",
         formatter_class=HelpFormatter, epilog=EXIT_CODES_HELP,

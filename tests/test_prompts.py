@@ -327,6 +327,9 @@ def test_command_line_checks_output_and_device_first(encoder, tmp_path, capsys, 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main([*base, "--out", str(tmp_path / "t.pt"), "--device", "cuda:1"]) == 2
     assert "has 1 CUDA device(s), so N in cuda:N must be below 1" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "t.pt"), "--device", "gpu:1"]) == 2  # TotalSegmentator's spelling
+    assert "--device gpu:1: this machine has 1 CUDA device(s)" in capsys.readouterr().err
+    assert text_cli.device_name("gpu") == "cuda" and text_cli.device_name("gpu:0") == "cuda:0"
 
     monkeypatch.setattr(text_cli.os, "access", lambda path, mode: False)  # a read-only folder, even for root
     assert main([*base, "--out", str(tmp_path / "t.pt")]) == 2

@@ -65,3 +65,21 @@ def test_every_command_has_the_one_version(target, capsys):
         getattr(importlib.import_module(module), name)(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip().endswith(f" {mulmodseg.__version__}")
+
+
+@pytest.mark.parametrize("command", sorted(ENTRY_POINTS))
+def test_installed_commands_say_their_own_name(command, capsys, monkeypatch):
+    module, name = ENTRY_POINTS[command].split(":")
+    monkeypatch.setattr(sys, "argv", [f"/venv/bin/{command}"])
+    with pytest.raises(SystemExit):
+        getattr(importlib.import_module(module), name)(["--version"])
+    assert capsys.readouterr().out.strip() == f"{command} {mulmodseg.__version__}"
+
+
+@pytest.mark.parametrize("module", ["mulmodseg.evaluate", "mulmodseg.text"])
+def test_python_m_programs_say_how_they_were_started(module, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [f"/src/{module.replace('.', '/')}/__main__.py"])
+    target = ENTRY_POINTS["mulmodseg-" + module.split(".")[1]]
+    with pytest.raises(SystemExit):
+        getattr(importlib.import_module(target.split(":")[0]), "main")(["--version"])
+    assert capsys.readouterr().out.strip() == f"python -m {module} {mulmodseg.__version__}"

@@ -9,6 +9,8 @@ that cannot work); ``EXIT_DATA_ERROR`` (3) a data problem found by the checks be
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from mulmodseg import __version__
 
@@ -47,3 +49,9 @@ def add_cpu_speed_arguments(parser: argparse.ArgumentParser | argparse._Argument
 def add_version_argument(parser: argparse.ArgumentParser) -> None:
     """``--version``: prints the program's name and ``mulmodseg.__version__``, then exits 0."""
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def program_name(module: str) -> str | None:
+    """The ``prog`` of a program that runs as ``python -m module`` and as an installed command: that spelling when
+    started with ``-m``, None (argparse's own, the command's name: ``mulmodseg-evaluate``) otherwise."""
+    return f"python -m {module}" if Path(sys.argv[0]).suffix == ".py" else None

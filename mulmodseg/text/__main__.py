@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     templates = "; ".join(f"{k}: {v!r}" for k, v in TEMPLATES.items())
     phrases = "; ".join(f"{k}: {v!r}" for k, v in MODALITY_PHRASES.items())
     parser = argparse.ArgumentParser(
-        prog="python -m mulmodseg.text",
+        # The installed command's own name, or how ``python -m`` started it (this package imports nothing from cli).
+        prog="python -m mulmodseg.text" if Path(sys.argv[0]).suffix == ".py" else None,
         description="Encode one prompt per (modality, class) with CLIP's text tower and save the "
         "(M, K, 512) float32 table that MulModSeg conditions on.",
         epilog="Example: python -m mulmodseg.text --clip_weights ViT-B-32.pt --classes amos --template v3 "
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trained with nn.GELU (names without -quickgelu, e.g. LAION's ViT-B-32 laion2b_s34b_b79k) need gelu",
     )
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings (the reference does not)")
-    parser.add_argument("--device", default="cpu", help="torch device for the encoder: cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device for the encoder: cpu, cuda or cuda:N; gpu and gpu:N are cuda and cuda:N (default cpu)")
     parser.add_argument(
         "--out",
         required=True,
@@ -132,12 +134,17 @@ def output_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def device_name(name: str) -> str:
+    """``--device`` as torch spells it: ``gpu`` and ``gpu:N`` are ``cuda`` and ``cuda:N`` (TotalSegmentator's spelling)."""
+    return re.sub(r"^gpu(?=$|:)", "cuda", name)
+
+
 def device_problem(name: str) -> str | None:
     """Why ``--device name`` cannot run the encoder here (None when it can)."""
     try:
-        device = torch.device(name)
+        device = torch.device(device_name(name))
     except RuntimeError:
-        return f"--device {name}: not a device name; use cpu, cuda or cuda:N"
+        return f"--device {name}: not a device name; use cpu, cuda, cuda:N or gpu"
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return f"--device {name}: no CUDA device is available here; use --device cpu"
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             activation=args.activation,
         )
         table = build_embedding_table(
-            encoder, classes, args.modalities, args.template, phrases=phrases, device=torch.device(args.device)
+            encoder, classes, args.modalities, args.template, phrases=phrases, device=torch.device(device_name(args.device))
         )
     except (CheckpointError, WeightsUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
