@@ -17,6 +17,7 @@ its batch-statistics reading for every organ.
 
     python bench/learn.py                          # about 2 x 21 min on a 2-core CPU
     python bench/learn.py --variants per_modality  # the README's main command's training alone
+    python bench/learn.py --score_only             # score the checkpoints of an earlier run in --out again
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/learn", help="run folders go here, one per variant (must not exist)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--score_only", action="store_true",
+                   help="train nothing: score OUT/<variant>/last.pt of an earlier run with today's inference code")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement; writes nothing")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = p.parse_args(argv)
@@ -116,9 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     classes = None
     for variant in args.variants:
         cfg = config(args, variant)
-        t0 = time.time()
-        train(cfg, log=lambda msg: print(f"[{variant}] {msg}", flush=True))
-        times[variant] = time.time() - t0
+        if not args.score_only:
+            t0 = time.time()
+            train(cfg, log=lambda msg: print(f"[{variant}] {msg}", flush=True))
+            times[variant] = time.time() - t0
         checkpoint = Path(cfg.out) / "last.pt"
         for reading in READINGS:
             results[variant, reading] = score(checkpoint, reading)
@@ -134,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     fp32 = {m: np.nanmax(np.abs(dice["eval", m] - dice["eval fp32", m])) for m in SCANS}
     agree = {m: np.mean(results[default, "eval"][m][1] == results[default, "eval fp32"][m][1]) for m in SCANS}
     steps = 2 * args.epochs
-    notes = [f"training: {', '.join(f'{v} {times[v] / 60:.1f} min ({steps / times[v]:.2f} steps/s)' for v in times)}; "
+    trained = (f"training: {', '.join(f'{v} {times[v] / 60:.1f} min ({steps / times[v]:.2f} steps/s)' for v in times)}"
+               if times else f"no training in this run: the checkpoints of an earlier run in {args.out}, scored again")
+    notes = [f"{trained}; "
              f"{steps} steps each (UNet base {args.base_channels}, {args.spacing:g} mm, {args.num_samples} x "
              f"{args.roi}^3 crops, one-hot text, ALT, {args.positive_centres} crop centres, amp {args.amp}, "
              f"channels_last {args.channels_last}, lr {args.lr:g}, warm-up {args.warmup_epochs}, seed {args.seed})",

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import mulmodseg.device
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -48,18 +50,22 @@ def test_a_failing_optional_contender_is_left_out_with_a_note(monkeypatch):
     assert notes == ["ours MulModSeg-UNet, bf16+compile: left out, it failed (RuntimeError: no C compiler)"]
 
 
-def test_inference_quick_agrees_with_the_peer(capsys):
+def test_inference_quick_agrees_with_the_peer(capsys, monkeypatch):
     import inference
 
-    inference.main(["--quick", "--only", "unet", "--device", "cpu", "--also", "channels_last", "sw16"])
+    monkeypatch.setattr(mulmodseg.device, "cpu_has_native_bf16", lambda: True)  # auto: bf16 on any test machine
+    inference.main(["--quick", "--only", "unet", "--device", "cpu", "--also", "channels_last", "sw16", "auto"])
     rows = table_rows(capsys.readouterr().out, "UNet")
     assert [r[1] for r in rows] == ["ours MulModSeg-UNet + our inferer", "our UNet + ref head + MONAI inferer",
                                     "ours MulModSeg-UNet + our inferer, channels_last",
-                                    "ours MulModSeg-UNet + our inferer, sw16"]
+                                    "ours MulModSeg-UNet + our inferer, sw16",
+                                    "ours MulModSeg-UNet + our inferer, auto: bf16, channels_last"]
     assert all(float(r[2]) > 0 for r in rows)
     # Same weights: our inferer + batched head == MONAI's + per-sample head, also with 16 windows per call;
-    # channels_last differs more on the CPU (PyTorch's CPU norm kernels in that layout, bench/README.md).
+    # channels_last differs more on the CPU (PyTorch's CPU norm kernels in that layout, bench/README.md);
+    # the bf16 backbone by bf16's rounding.
     assert float(rows[0][7]) < 1e-4 and float(rows[3][7]) < 1e-4 and float(rows[2][7]) < 1e-3
+    assert 1e-4 < float(rows[4][7]) < 0.1
 
 
 def test_data_pipeline_quick(capsys):
@@ -119,3 +125,9 @@ def test_learn_quick(capsys, tmp_path):
             assert dice.shape == (13,) and label.dtype == np.uint8
     assert (tmp_path / "learn" / "per_modality" / "last.pt").is_file()
     assert (tmp_path / "learn" / "shared" / "last.pt").is_file()
+    # --score_only reads the same checkpoints again without training: the same scores.
+    again = learn.main(["--quick", "--score_only", "--out", str(tmp_path / "learn")])
+    assert "no training in this run" in capsys.readouterr().out
+    for key, scores in out["results"].items():
+        for modality, (dice, label) in scores.items():
+            assert np.array_equal(again["results"][key][modality][1], label)
