@@ -12,16 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mulmodseg.text import CheckpointError, WeightsUnavailableError, load_text_encoder, tokenize
-from mulmodseg.text.clip import (
-    OPENAI_VIT_B_32_URL,
-    CLIPTextEncoder,
-    TextConfig,
-    download_weights,
-    read_safetensors,
-    read_weights,
-    text_state_dict,
-)
+from mulmodseg.text import WeightsError, WeightsUnavailableError, load_text_encoder, tokenize
+from mulmodseg.text.clip import CLIPTextEncoder, TextConfig
+from mulmodseg.text.weights import OPENAI_VIT_B_32_URL, download_weights, read_safetensors, read_weights, text_state_dict
 from mulmodseg.text.prompts import CLASS_SETS, make_prompts
 
 SMALL = TextConfig(width=64, layers=2, heads=1, embed_dim=48)  # real vocabulary and context, small body
@@ -287,18 +280,18 @@ def test_hugging_face_clip_model_config_and_bad_configs(prompts_ids, tmp_path):
     config = json.loads(config_file.read_text())
     config["text_config"]["hidden_act"] = "relu"
     config_file.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"config\.json: hidden_act 'relu' is not supported; supported: gelu,"):
+    with pytest.raises(WeightsError, match=r"config\.json: hidden_act 'relu' is not supported; supported: gelu,"):
         load_text_encoder(tmp_path / "clip")
     config["text_config"].update(hidden_act="gelu", num_attention_heads=3)  # 64 is not divisible by 3
     config_file.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="clip: the weights do not fit.*width 64 is not divisible by heads 3"):
+    with pytest.raises(WeightsError, match="clip: the weights do not fit.*width 64 is not divisible by heads 3"):
         load_text_encoder(tmp_path / "clip")
     config["text_config"]["num_attention_heads"] = "4"
     config_file.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="num_attention_heads must be a positive integer, got '4'"):
+    with pytest.raises(WeightsError, match="num_attention_heads must be a positive integer, got '4'"):
         load_text_encoder(tmp_path / "clip")
     config_file.write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"cannot read .*config\.json"):
+    with pytest.raises(WeightsError, match=r"cannot read .*config\.json"):
         load_text_encoder(tmp_path / "clip")
 
 
@@ -310,7 +303,7 @@ def test_hugging_face_keys_without_text_model_prefix(small, prompts_ids, tmp_pat
     assert torch.equal(_loaded_embeddings(tmp_path / "unprefixed.bin", prompts_ids), expected)
     # a CLIPTextModel has no projection: say so, not that positional_embedding etc. are missing
     torch.save({k: v for k, v in hf_sd.items() if k != "text_projection.weight"}, tmp_path / "noproj.bin")
-    with pytest.raises(CheckpointError, match=r"noproj\.bin: the text tower lacks 'text_projection\.weight'"):
+    with pytest.raises(WeightsError, match=r"noproj\.bin: the text tower lacks 'text_projection\.weight'"):
         load_text_encoder(tmp_path / "noproj.bin")
 
 
@@ -348,20 +341,20 @@ def test_bad_files_give_clear_errors(small, tmp_path):
     st = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(st[: len(st) - 1000])
     for name in ["truncated.pt", "garbage.bin", "empty.pt", "truncated.safetensors"]:
-        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        with pytest.raises(WeightsError, match=name.replace(".", r"\.")):
             load_text_encoder(tmp_path / name)
 
     torch.save({"conv.weight": torch.randn(3, 3)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="other.pt.*no CLIP text tower"):
+    with pytest.raises(WeightsError, match="other.pt.*no CLIP text tower"):
         load_text_encoder(tmp_path / "other.pt")
     torch.save({k: v for k, v in sd.items() if k != "text_projection"}, tmp_path / "noproj.pt")
-    with pytest.raises(CheckpointError, match="text_projection"):
+    with pytest.raises(WeightsError, match="text_projection"):
         load_text_encoder(tmp_path / "noproj.pt")
     hf_no_proj = {k: v for k, v in _openai_to_hf(sd).items() if k != "text_projection.weight"}
-    with pytest.raises(CheckpointError, match="text_projection"):
+    with pytest.raises(WeightsError, match="text_projection"):
         text_state_dict(hf_no_proj)
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(CheckpointError, match="emptydir"):
+    with pytest.raises(WeightsError, match="emptydir"):
         read_weights(tmp_path / "emptydir")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_text_encoder(tmp_path / "missing.pt")

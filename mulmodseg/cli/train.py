@@ -14,8 +14,7 @@ from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_DATA_ERROR, EXIT
 from mulmodseg.data import DataError
 from mulmodseg.device import DeviceError, set_threads
 from mulmodseg.text.clip import ACTIVATIONS
-from mulmodseg.text.clip import CheckpointError as WeightsError
-from mulmodseg.text.clip import WeightsUnavailableError
+from mulmodseg.text.weights import WeightsError, WeightsUnavailableError
 from mulmodseg.text.prompts import TableError
 from mulmodseg.training import (BUNDLED_SAMPLE, DEFAULT_FOLDS, TrainConfig, TrainingError, absolute_paths,
                                 run_dir, run_leftovers, train, write_curves)

@@ -1,5 +1,9 @@
 """Text branch: CLIP tokenizer, CLIP text tower, prompts and the modality x class embedding table.
 
+``tokenizer`` (CLIP's BPE), ``clip`` (the text tower), ``weights`` (reading and downloading its released
+weights), ``prompts`` (class sets, templates, the table); the package imports nothing else of mulmodseg, so it
+can be copied alone.
+
 Typical use::
 
     from mulmodseg.text import load_text_encoder, build_embedding_table
@@ -10,18 +14,19 @@ Typical use::
 or from the shell: ``python -m mulmodseg.text --help``.
 """
 
-from .clip import CheckpointError, CLIPTextEncoder, WeightsUnavailableError, load_text_encoder
+from .clip import CLIPTextEncoder
 from .prompts import CLASS_SETS, MODALITY_PHRASES, TEMPLATES, EmbeddingTable, TableError, build_embedding_table
 from .tokenizer import decode, tokenize
+from .weights import WeightsError, WeightsUnavailableError, load_text_encoder
 
 __all__ = [
     "CLASS_SETS",
     "MODALITY_PHRASES",
     "TEMPLATES",
     "CLIPTextEncoder",
-    "CheckpointError",
     "EmbeddingTable",
     "TableError",
+    "WeightsError",
     "WeightsUnavailableError",
     "build_embedding_table",
     "decode",

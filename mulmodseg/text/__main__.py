@@ -16,14 +16,7 @@ import torch
 
 from mulmodseg import __version__  # the command's --version only: the library modules import nothing outside text
 
-from .clip import (
-    ACTIVATIONS,
-    DEFAULT_CACHE_DIR,
-    OPENAI_VIT_B_32_URL,
-    CheckpointError,
-    WeightsUnavailableError,
-    load_text_encoder,
-)
+from .clip import ACTIVATIONS
 from .prompts import (
     CLASS_SETS,
     DEFAULT_TEMPLATE,
@@ -33,6 +26,7 @@ from .prompts import (
     make_prompts,
     resolve_classes,
 )
+from .weights import DEFAULT_CACHE_DIR, OPENAI_VIT_B_32_URL, WeightsError, WeightsUnavailableError, load_text_encoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         table = build_embedding_table(
             encoder, classes, args.modalities, args.template, phrases=phrases, device=torch.device(device_name(args.device))
         )
-    except (CheckpointError, WeightsUnavailableError, FileNotFoundError, ValueError) as error:
+    except (WeightsError, WeightsUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     table.save(args.out)

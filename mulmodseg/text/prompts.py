@@ -215,6 +215,7 @@ class EmbeddingTable:
     def save(self, path: str | Path) -> None:
         """Write the table with torch.save, atomically (temporary file, then rename)."""
         path = Path(path)
+        # The text package's own atomic write, not mulmodseg.checkpoint.atomic_write: it stays copyable alone.
         # A unique name opened exclusively, not mkstemp: the table gets the umask's mode, not 0o600.
         tmp_name = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
