@@ -3,8 +3,10 @@
 One ``torch.save`` dict carries everything ``infer.py`` needs (format version, resolved config with
 the model's shape, preprocessing and label map, class and modality names, the embedding table inside
 the model state) and, for resuming, the optimizer, scheduler, scaler, counters and RNG states.
-Files are written atomically: a temporary file in the same folder, fsync, then ``os.replace``, so a
-crash leaves either the old file or the new one, never half of one.
+Files are written atomically (``atomic_write``: a temporary file in the same folder, fsync, then
+``os.replace``), so a crash leaves either the old file or the new one, never half of one. The core package
+writes every file that must be whole through ``atomic_write``: checkpoints, inference outputs, run files and
+the preprocessing cache.
 """
 
 from __future__ import annotations
@@ -12,33 +14,47 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from mulmodseg.errors import UserError
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used, with the file and the reason in the message."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file and a rename."""
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Make ``path`` whole or not at all: ``write(tmp)`` writes a temporary file beside it, which is synced to
+    disk and renamed onto ``path``; on any error (Ctrl-C too) the temporary is removed and ``path`` is as it was.
+
+    ``tmp`` is hidden and ends in ``path``'s own name, so writers that go by the extension (nibabel's
+    ``.nii.gz``, numpy's ``.npy`` and ``.npz``) write the same format, and folder listings skip it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened exclusively, not mkstemp: its files are 0o600, and the checkpoint should get
-    # the umask's mode like any file the user makes (a lab shares runs between accounts).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # Unique per process and call, not mkstemp: mkstemp's files are 0o600, and ours should get the umask's mode
+    # like any file the user makes (a lab shares runs, outputs and caches between accounts).
+    tmp = path.with_name(f".{os.getpid()}.{secrets.token_hex(4)}.{path.name}")
     try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` through ``atomic_write``."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def folder_problem(folder: str | Path, flag: str, writable: bool = True) -> str | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from mulmodseg import __version__
 from mulmodseg import data as mdata
-from mulmodseg.checkpoint import folder_problem, load_checkpoint
+from mulmodseg.checkpoint import atomic_write, folder_problem, load_checkpoint
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.metrics import REPORT_FILES, case_metrics, check_nsd_tolerance, count_flops, count_parameters, write_reports
@@ -199,19 +198,6 @@ def to_dataset_values(label: np.ndarray, inverse: dict[int, int] | None) -> np.n
     return lut[label]
 
 
-def write_then_rename(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a hidden name beside ``path`` (same extension), then rename it to ``path``:
-    an output under its own name is always whole, which --skip_existing relies on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp.{os.getpid()}.{path.name}")  # per process: parts share dataset.json
-    try:
-        write(tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
     """Save the label map ``array`` on ``reference``'s grid: same affine, qform/sform and codes, voxel
     sizes and units; no intensity scaling, display range, intent or description of the scan."""
@@ -225,14 +211,14 @@ def write_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> Non
     out.set_qform(reference.get_qform(), int(reference.header["qform_code"]))
     out.set_sform(reference.get_sform(), int(reference.header["sform_code"]))
     out.header.set_slope_inter(1.0, 0.0)
-    write_then_rename(path, lambda tmp: nib.save(out, tmp))
+    atomic_write(path, lambda tmp: nib.save(out, tmp))
 
 
 def write_preview(reference: nib.Nifti1Image, label: np.ndarray, path: Path) -> None:
     """The label map over the scan as a PNG, both turned to RAS so the view is radiological."""
     image = nib.as_closest_canonical(reference)
     label = nib.as_closest_canonical(nib.Nifti1Image(label, reference.affine))
-    write_then_rename(path, lambda tmp: preview(np.asanyarray(image.dataobj, dtype=np.float32),
+    atomic_write(path, lambda tmp: preview(np.asanyarray(image.dataobj, dtype=np.float32),
                                                 np.asanyarray(label.dataobj), tmp, spacing=image.header.get_zooms()[:3]))
 
 
@@ -543,7 +529,7 @@ def segment_files(
                     "min_component_mm3": min_component_mm3, "per_class": per_class, "statistics": statistics,
                     "save_probabilities": save_probabilities}
     description = dataset_description(classes, values, modality, checkpoints, run_settings)
-    write_then_rename(output_dir / DATASET_JSON, lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n"))
+    atomic_write(output_dir / DATASET_JSON, lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n"))
     if num_parts > 1:
         log(f"part {part_id} of {num_parts} (0-based): {len(inputs)} of the {len(everything)} scans")
     records, complete = [], []
@@ -572,7 +558,7 @@ def segment_files(
                 written = to_dataset_values(label, inverse)
                 if save_probabilities:
                     # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
-                    write_then_rename(output_path(src, output_dir, "_probabilities.npz"), lambda tmp: np.savez_compressed(
+                    atomic_write(output_path(src, output_dir, "_probabilities.npz"), lambda tmp: np.savez_compressed(
                         tmp, probabilities=probs, classes=np.array(classes)))
                 if previews:
                     write_preview(reference, label, output_path(src, output_dir, ".png"))
@@ -584,7 +570,7 @@ def segment_files(
                     stats = {"case": record["case"], "input": str(src), "voxel_size_mm": spacing.tolist(),
                              "classes": class_statistics(label, reference.get_fdata(dtype=np.float32), spacing,
                                                          classes, values)}
-                    write_then_rename(output_path(src, output_dir, "_statistics.json"),
+                    atomic_write(output_path(src, output_dir, "_statistics.json"),
                                       lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
                 # The label map last: with it, every output of the case is there (--skip_existing's test).
                 write_like(written, reference, targets[src])

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mulmodseg.checkpoint import CheckpointError
 from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_DATA_ERROR, EXIT_INTERRUPTED, HelpFormatter,
                            add_cpu_speed_arguments, add_version_argument)
 from mulmodseg.data import DataError
 from mulmodseg.device import set_threads
+from mulmodseg.errors import UserError
 from mulmodseg.predict import InferenceInterrupted, InferenceSettings, find_inputs, segment_files
 
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DATA_ERROR
-    except (CheckpointError, ValueError) as exc:
+    except (UserError, ValueError) as exc:  # a file that cannot be used, or a value that cannot work (--overlap 1)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the disk filled up while writing

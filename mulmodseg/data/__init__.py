@@ -1,7 +1,8 @@
 """Data layer: NIfTI files on disk -> checked case lists -> training-space volumes (cached) -> crops,
 and back from the training space to the original scan with `restore`.
 
-Imports nothing else from mulmodseg.
+Of the rest of mulmodseg it imports only ``errors`` (``DataError`` is a ``UserError``) and ``checkpoint``'s
+``atomic_write`` (the cache's files).
 """
 from .cache import VolumeCache, file_sha256, load_training_volumes
 from .cases import (Case, DataError, amos_modality, discover_amos, discover_cases, discover_modalities,

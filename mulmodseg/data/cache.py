@@ -3,21 +3,21 @@
 An entry lives in `<cache_dir>/<key>/` with image.npy, label.npy (when labelled) and meta.json, where
 key = sha256 of (format version, modality, settings as sorted JSON, sha256 of the image file, sha256 of
 the label file). Changing a file's contents or any setting therefore gives a new entry; stale entries
-are never read (delete the folder to reclaim space). An entry is written in a temporary folder and
-renamed into place (atomic on POSIX), and meta.json records each array's byte size, shape and dtype,
-so an entry cut short by a crash or a truncated file is detected and recomputed.
+are never read (delete the folder to reclaim space). Each file of an entry is written whole
+(``mulmodseg.checkpoint.atomic_write``), meta.json last, and meta.json records each array's byte size, shape
+and dtype, so an entry cut short by a crash or a truncated file is detected and recomputed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from mulmodseg.checkpoint import atomic_write
 
 from .cases import Case, DataError
 from .labels import parse_label_map
@@ -93,28 +93,19 @@ class VolumeCache:
             return None
 
     def _write(self, entry: Path, image: np.ndarray, label: Optional[np.ndarray], meta: Dict[str, Any]) -> None:
-        # A unique name made with mkdir, not mkdtemp, whose 0o700 would lock other accounts out of a
-        # shared --cache_dir: the entry gets the umask's mode.
-        tmp = self.cache_dir / f".tmp-{entry.name[:16]}-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
-            arrays = {}
-            for name, array in (("image", image), ("label", label)):
-                if array is None:
-                    continue
-                path = tmp / f"{name}.npy"
-                np.save(path, np.ascontiguousarray(array))
-                arrays[name] = {"bytes": path.stat().st_size, "shape": list(array.shape), "dtype": str(array.dtype)}
-            (tmp / "meta.json").write_text(json.dumps({"arrays": arrays, "meta": meta}))
-            if entry.exists():  # a broken entry; a valid one would have been read
-                shutil.rmtree(entry, ignore_errors=True)
-            try:
-                os.replace(tmp, entry)
-            except OSError:  # another process renamed its own copy first
-                if self._read(entry) is None:
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # meta.json last: an entry without it, or with an array that does not match it (a broken entry, or one
+        # that another process is rewriting with the same contents), is not read. The folder gets the umask's
+        # mode, so that other accounts can read a shared --cache_dir.
+        entry.mkdir(exist_ok=True)
+        arrays = {}
+        for name, array in (("image", image), ("label", label)):
+            if array is None:
+                continue
+            path = entry / f"{name}.npy"
+            atomic_write(path, lambda tmp: np.save(tmp, np.ascontiguousarray(array)))
+            arrays[name] = {"bytes": path.stat().st_size, "shape": list(array.shape), "dtype": str(array.dtype)}
+        record = json.dumps({"arrays": arrays, "meta": meta})
+        atomic_write(entry / "meta.json", lambda tmp: tmp.write_text(record))
 
 
 def load_training_volumes(cases: Sequence[Case], settings: Optional[Dict[str, Any]] = None,

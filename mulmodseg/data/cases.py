@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Dict, List, Optional, Sequence, Union
 
+from mulmodseg.errors import UserError
+
 PathLike = Union[str, Path]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -25,7 +27,7 @@ _SPLIT_KEYS = {"train": "training", "val": "validation", "test": "test"}
 _CHANNEL = re.compile(r"_\d{4}$")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """One or more problems with the data; `problems` lists all of them, each naming its file."""
 
     def __init__(self, problems: Union[str, Sequence[str]]):
