@@ -32,7 +32,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mulmodseg.nets import build_backbone
-from mulmodseg.text.prompts import EmbeddingTable
 
 HEAD_CHANNELS = 8
 # Controller output: W1 (8x8), W2 (8x8), W3 (1x8), then b1 (8), b2 (8), b3 (1), in the reference's order.
@@ -80,37 +79,28 @@ def dynamic_head(feat: torch.Tensor, params: torch.Tensor, chunk_voxels: int | N
     return out.view(B, K, *spatial)
 
 
-def _as_table(embeddings: Any, modalities: Sequence[str], classes: Sequence[str] | None, num_classes: int):
-    """Normalise the ``embeddings`` argument to (tensor (M, K, D) float32, modalities, classes)."""
-    if isinstance(embeddings, (str, Path)) and str(embeddings) == "onehot":
-        names = classes or [f"class_{k}" for k in range(num_classes)]
-        embeddings = EmbeddingTable.onehot(tuple(modalities), tuple(names))
-    elif isinstance(embeddings, (str, Path)):
-        embeddings = EmbeddingTable.load(embeddings)
-    if isinstance(embeddings, EmbeddingTable):  # a table carries its own names
-        table = embeddings.embeddings
-        modalities, classes = tuple(embeddings.modalities), tuple(embeddings.classes)
-    else:
-        table = torch.as_tensor(embeddings)
-    table = table.detach().float()
+def _as_table(embeddings: torch.Tensor, modalities: Sequence[str], num_classes: int) -> torch.Tensor:
+    """``embeddings`` as a float32 table (M, K, D), checked against the ``modalities`` names and ``num_classes``."""
+    table = torch.as_tensor(embeddings).detach().float()
     if table.dim() != 3:
         raise ValueError(f"embedding table must be (modalities, classes, dim), got shape {tuple(table.shape)}")
     if table.shape[0] != len(modalities):
         raise ValueError(f"embedding table has {table.shape[0]} modality rows but modalities={tuple(modalities)}")
     if table.shape[1] != num_classes:
         raise ValueError(f"embedding table has {table.shape[1]} classes but num_classes={num_classes}")
-    return table, tuple(modalities), tuple(classes) if classes else None
+    return table
 
 
 class MulModSeg(nn.Module):
     """The MulModSeg network: backbone + text-conditioned dynamic head, or the vision-only baseline.
 
     backbone: "unet", "swinunetr" or any module with ``forward_features``, ``enc_channels`` and
-    ``dec_channels``. embeddings: None (vision-only: the backbone's own 1x1x1 output conv),
-    "onehot", a tensor (M, K, D), an ``EmbeddingTable`` or the path of a saved table.
-    modalities: the names of the table's rows, in order. classes: class names (optional, kept for
-    checkpoints). norm_stats: "shared" (one set of UNet BatchNorm running statistics for all
-    modalities) or "per_modality" (one set per modality, affine weights shared; parameters unchanged).
+    ``dec_channels``. embeddings: None (vision-only: the backbone's own 1x1x1 output conv) or a tensor
+    (M, K, D), row m the K class embeddings of modality m (``mulmodseg.text.prompts.model_table`` makes the
+    three arguments from "onehot", a saved table or an ``EmbeddingTable``). modalities: the names of the
+    table's rows, in order. classes: class names (optional, kept for checkpoints). norm_stats: "shared"
+    (one set of UNet BatchNorm running statistics for all modalities) or "per_modality" (one set per
+    modality, affine weights shared; parameters unchanged).
     Extra keyword arguments go to the backbone (e.g. ``feature_size``).
     """
 
@@ -118,7 +108,7 @@ class MulModSeg(nn.Module):
         self,
         backbone: str | nn.Module = "unet",
         num_classes: int = 14,
-        embeddings: Any = None,
+        embeddings: torch.Tensor | None = None,
         modalities: Sequence[str] = ("CT", "MR"),
         classes: Sequence[str] | None = None,
         in_channels: int = 1,
@@ -137,11 +127,9 @@ class MulModSeg(nn.Module):
         self.in_channels = in_channels
         self.gradient_checkpointing = gradient_checkpointing
         self.vision_only = embeddings is None
-        if self.vision_only:
-            self.modalities = tuple(modalities)
-            self.classes = tuple(classes) if classes else None
-        else:
-            table, self.modalities, self.classes = _as_table(embeddings, modalities, classes, num_classes)
+        self.modalities = tuple(modalities)
+        self.classes = tuple(classes) if classes else None
+        table = None if self.vision_only else _as_table(embeddings, modalities, num_classes)
         if isinstance(backbone, str):
             if backbone == "swinunetr":
                 backbone_kwargs.setdefault("use_checkpoint", gradient_checkpointing)

@@ -41,7 +41,7 @@ from mulmodseg.metrics import dice_per_class, summarise, write_reports
 from mulmodseg.model import NORM_STATS, MulModSeg
 from mulmodseg.nets import BACKBONES
 from mulmodseg.text import EmbeddingTable
-from mulmodseg.text.prompts import resolve_classes
+from mulmodseg.text.prompts import model_table, resolve_classes
 from mulmodseg.viz import plot_curves
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -710,8 +710,8 @@ class Trainer:
         else:
             kwargs = ({"feature_size": cfg.feature_size} if cfg.backbone == "swinunetr"
                       else {"base_channels": cfg.base_channels})
-            model = MulModSeg(cfg.backbone, num_classes=len(self.classes), embeddings=table,
-                              modalities=self.modalities, classes=self.classes, norm_stats=cfg.norm_stats, **kwargs)
+            model = MulModSeg(cfg.backbone, len(self.classes), *model_table(table, self.modalities, self.classes),
+                              norm_stats=cfg.norm_stats, **kwargs)
         model.set_gradient_checkpointing(cfg.gradient_checkpointing)
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last_3d) if self.channels_last else model

@@ -20,7 +20,7 @@ from mulmodseg.model import MulModSeg
 from mulmodseg.predict import load_model
 from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.__main__ import build_parser as text_parser
-from mulmodseg.text.prompts import resolve_classes
+from mulmodseg.text.prompts import model_table, resolve_classes
 from mulmodseg.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +157,7 @@ def test_random_tables_have_clip_shape_and_fit_the_trainer(tmp_path):
         assert tuple(table.embeddings.shape) == (2, 8, dim) and table.modalities == ("CT", "MR")
         assert table.template == ("There is a {cls} in this {mod}." if template else None)
         assert torch.isfinite(table.embeddings).all() and table.embeddings.std() > 0
-        model = MulModSeg("unet", num_classes=8, embeddings=path, base_channels=4)
+        model = MulModSeg("unet", 8, *model_table(path), base_channels=4)
         assert model.text_to_vision.in_features == dim and list(model.classes) == list(resolve_classes("mmwhs"))
     clip = EmbeddingTable.load(tmp_path / "clip.pt").embeddings
     assert not torch.allclose(clip[0], clip[1])  # the modality phrase changes every prompt

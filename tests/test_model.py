@@ -1,12 +1,16 @@
 """MulModSeg head: equivalence with a per-sample, per-class loop written from the formula; conditioning;
 parameter counts; reference checkpoints; head memory; checkpointing and torch.compile."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mulmodseg.model import MulModSeg, dynamic_head, load_reference_checkpoint
+from mulmodseg.text.prompts import model_table
 
 
 class TinyBackbone(nn.Module):
@@ -118,7 +122,7 @@ def test_vision_only_uses_the_backbone_output_conv():
 
 
 def test_onehot_table():
-    model = MulModSeg(TinyBackbone(), num_classes=3, embeddings="onehot", classes=["bg", "liver", "spleen"])
+    model = MulModSeg(TinyBackbone(), 3, *model_table("onehot", ("CT", "MR"), ["bg", "liver", "spleen"]))
     table = model.text_embeddings
     assert table.shape == (2, 3, 5)
     assert torch.equal(table[1, 2], torch.tensor([0.0, 1, 0, 0, 1]))
@@ -196,8 +200,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_set_gradient_checkpointing_reaches_the_swin_blocks():
     torch.manual_seed(0)
-    plain = MulModSeg("swinunetr", num_classes=3, embeddings="onehot", feature_size=12)
-    ckpt = MulModSeg("swinunetr", num_classes=3, embeddings="onehot", feature_size=12)
+    plain = MulModSeg("swinunetr", 3, *model_table("onehot", classes=("bg", "a", "b")), feature_size=12)
+    ckpt = MulModSeg("swinunetr", 3, *model_table("onehot", classes=("bg", "a", "b")), feature_size=12)
     ckpt.load_state_dict(plain.state_dict())
     blocks = [m for m in ckpt.modules() if hasattr(m, "use_checkpoint")]
     assert len(blocks) == 8 and not any(m.use_checkpoint for m in blocks)
@@ -228,7 +232,7 @@ def test_table_file_brings_its_names(tmp_path):
 
     table = EmbeddingTable(("MR", "CT", "PET"), ("bg", "liver", "spleen"), torch.randn(3, 3, 7), "v3", "test")
     table.save(tmp_path / "table.pt")
-    model = MulModSeg(TinyBackbone(), num_classes=3, embeddings=tmp_path / "table.pt")
+    model = MulModSeg(TinyBackbone(), 3, *model_table(tmp_path / "table.pt"))
     assert model.modalities == ("MR", "CT", "PET") and model.classes == ("bg", "liver", "spleen")
     assert torch.equal(model.text_embeddings, table.embeddings)
     x = torch.randn(1, 1, 8, 8, 8)
@@ -319,3 +323,11 @@ def test_head_runs_in_fp32_at_inference_under_autocast():
     assert torch.equal(logits, expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # training: the head follows autocast
         assert model(x, "CT").dtype == torch.bfloat16
+
+
+def test_the_model_module_imports_only_the_backbones():
+    """model.py copies alone: importing it loads mulmodseg.nets, not the text package (CLIP, tokenizer, ftfy)."""
+    code = "import sys, mulmodseg.model; print(' '.join(sorted(m for m in sys.modules if m.startswith('mulmodseg'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert {m.split(".")[1] for m in loaded if "." in m} == {"model", "nets"}
+

@@ -38,7 +38,7 @@ from mulmodseg.training import (
     warmup_cosine,
     write_curves,
 )
-from mulmodseg.text.prompts import resolve_classes
+from mulmodseg.text.prompts import model_table, resolve_classes
 from mulmodseg.viz import read_png
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,10 +281,11 @@ NAN_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.model import MulModSeg
+from mulmodseg.text.prompts import model_table
 from mulmodseg.training import train_step
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-model = torch.nn.parallel.DistributedDataParallel(MulModSeg("unet", 3, embeddings="onehot", base_channels=2))
+model = torch.nn.parallel.DistributedDataParallel(MulModSeg("unet", 3, *model_table("onehot", classes=("bg", "a", "b")), base_channels=2))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 image = torch.randn(2, 1, 16, 16, 16)
 if dist.get_rank() == 1:
@@ -321,7 +322,7 @@ def test_overfits_one_real_crop():
     x = torch.as_tensor(image[sl].copy())[None, None]
     y = torch.as_tensor(label[sl].astype(np.int64))[None, None]
     torch.manual_seed(0)
-    model = MulModSeg("unet", num_classes=14, embeddings="onehot", base_channels=4)
+    model = MulModSeg("unet", 14, *model_table("onehot", classes=resolve_classes("amos")), base_channels=4)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = [sum(train_step(model, DiceCELoss(), opt, scaler, {"image": x, "label": y}, "CT", torch.device("cpu")))
@@ -336,7 +337,7 @@ def test_train_step_minimises_the_weighted_loss():
     for lambdas in ((1.0, 1.0), (1.0, 0.0), (0.0, 5.0)):
         for how in ("train_step", "by hand"):
             torch.manual_seed(1)
-            model = MulModSeg("unet", num_classes=3, embeddings="onehot", base_channels=2)
+            model = MulModSeg("unet", 3, *model_table("onehot", classes=("bg", "a", "b")), base_channels=2)
             opt = torch.optim.SGD(model.parameters(), lr=0.5)
             loss_fn = DiceCELoss(*lambdas)
             if how == "train_step":
@@ -706,7 +707,7 @@ def test_channels_last_step_matches_the_default_layout():
     results = []
     for channels_last in (False, True):
         torch.manual_seed(1)
-        model = MulModSeg("unet", num_classes=3, embeddings="onehot", base_channels=4)
+        model = MulModSeg("unet", 3, *model_table("onehot", classes=("bg", "a", "b")), base_channels=4)
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the step is the gradient, scaled

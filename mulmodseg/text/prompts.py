@@ -274,6 +274,25 @@ class EmbeddingTable:
         return cls(tuple(modalities), tuple(classes), embeddings, None, "onehot")
 
 
+def model_table(
+    table: EmbeddingTable | str | Path | None, modalities: Sequence[str] = ("CT", "MR"),
+    classes: Sequence[str] | None = None,
+) -> tuple[torch.Tensor | None, tuple[str, ...], tuple[str, ...] | None]:
+    """``(embeddings (M, K, D), modalities, classes)``, the arguments ``mulmodseg.model.MulModSeg`` takes after
+    the backbone and class count, for a table given as an `EmbeddingTable`, the path of a saved one (both
+    bring their own names), ``"onehot"`` (`EmbeddingTable.onehot` of ``modalities`` x ``classes``), or None
+    (the vision-only model: no embeddings, the names as given)."""
+    if table is None:
+        return None, tuple(modalities), tuple(classes) if classes else None
+    if isinstance(table, (str, Path)) and str(table) == "onehot":
+        if not classes:
+            raise TableError("a one-hot table needs the class names")
+        table = EmbeddingTable.onehot(modalities, classes)
+    elif isinstance(table, (str, Path)):
+        table = EmbeddingTable.load(table)
+    return table.embeddings, table.modalities, table.classes
+
+
 @torch.no_grad()
 def build_embedding_table(
     encoder: nn.Module,
