@@ -33,7 +33,8 @@ from mulmodseg import data as mdata
 from mulmodseg.metrics import dice_per_class
 from mulmodseg.nets.unet3d import DomainBatchNorm3d
 from mulmodseg.predict import InferenceSettings, Segmenter
-from mulmodseg.training import BUNDLED_SAMPLE, TrainConfig, train
+from mulmodseg.config import BUNDLED_SAMPLE, TrainConfig
+from mulmodseg.training import train
 
 SCANS = {"CT": "ts_ct_001.nii.gz", "MR": "ts_mr_001.nii.gz"}
 READINGS = ("eval", "eval fp32", "batch")

@@ -3,7 +3,7 @@
 SwinUNETR: our MulModSeg-SwinUNETR vs MONAI's SwinUNETR + the reference per-sample head (same weights)
 and MONAI's vision-only SwinUNETR. UNet: our MulModSeg-UNet vs our UNet3D backbone + the reference
 head (MONAI has no network of that architecture), plus our model in channels_last_3d memory format.
-All contenders use ``mulmodseg.training.train_step`` with our DiceCELoss, interleaved in one process.
+All contenders use ``mulmodseg.alt.train_step`` with our DiceCELoss, interleaved in one process.
 
 CPU default: 64^3 crops, feature_size 48. GPU default: 96^3, with ``--amp bf16`` and ``--compile`` options
 that apply to every contender, and ``--also bf16 bf16+compile bf16+channels_last``, which adds our model
@@ -24,7 +24,7 @@ from common import add_common_args, format_table, interleaved, median, report, s
 from peers import swin_contenders, unet_contenders, with_sdpa_attention  # noqa: E402
 
 from mulmodseg.losses import DiceCELoss  # noqa: E402
-from mulmodseg.training import train_step  # noqa: E402
+from mulmodseg.alt import train_step  # noqa: E402
 
 
 def random_batch(batch: int, size: int) -> dict:
@@ -45,7 +45,8 @@ def make_step(model: torch.nn.Module, batch: dict, device: torch.device, amp, ch
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     loss_fn = DiceCELoss()
-    return lambda: train_step(model, loss_fn, optimizer, scaler, batch, "CT", device, amp)
+    return lambda: train_step(model, batch, "CT", loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, device=device,
+                              amp_dtype=amp)
 
 
 def ours_variants(build, label: str, variants, batch: dict, device: torch.device, notes: list) -> dict:

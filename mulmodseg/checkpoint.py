@@ -12,15 +12,18 @@ the preprocessing cache.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from mulmodseg.errors import UserError
 
-FORMAT_VERSION = 1
+# 2: every training setting saved, and the scans' lists; format 1 files load too (config.saved_config).
+FORMAT_VERSION = 2
 
 
 class CheckpointError(UserError):
@@ -101,3 +104,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path}: written by a newer mulmodseg (format {version}; this version reads up to {FORMAT_VERSION})"
         )
     return ckpt
+
+
+def rng_state() -> dict:
+    """Every global generator's state, for a checkpoint."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,4 +1,4 @@
-"""The trainer: schedule, ALT order, exact resume after SIGKILL, NaN stop, DDP on gloo, overfitting a real crop."""
+"""The trainer: exact resume after SIGKILL, NaN stop, DDP on gloo, the run folder, case selection and folds."""
 
 import csv
 import dataclasses
@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,28 +16,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from mulmodseg.cli import train as train_cli  # what train.py runs: its main, and the names main looks up
 from mulmodseg import data as mdata
 from mulmodseg import device as mdevice
+from mulmodseg.alt import warmup_cosine
 from mulmodseg.checkpoint import load_checkpoint
-from mulmodseg.losses import DiceCELoss
+from mulmodseg.config import TrainConfig, TrainingError, check_config, saved_config
 from mulmodseg.model import MulModSeg
-from mulmodseg.training import (
-    EpochLoader,
-    TrainConfig,
-    Trainer,
-    TrainingError,
-    alt_batches,
-    check_config,
-    resumed_config,
-    train_step,
-    trim_log,
-    warmup_cosine,
-    write_curves,
-)
-from mulmodseg.text.prompts import model_table, resolve_classes
+from mulmodseg.training import Trainer, trim_log, write_curves
+from mulmodseg.text.prompts import resolve_classes
 from mulmodseg.viz import read_png
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,93 +43,6 @@ def small_args(out: Path, cache: Path, epochs: int) -> list[str]:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
-
-
-def test_schedule_warms_up_to_the_base_lr_and_never_reaches_zero():
-    W, T = 10, 1000
-    assert warmup_cosine(0, W, T) == pytest.approx(0.1)
-    assert warmup_cosine(W - 1, W, T) == 1.0  # warm-up ends at the base lr
-    assert warmup_cosine(W, W, T) == 1.0  # the cosine starts at the base lr
-    assert warmup_cosine(500, W, T) == pytest.approx(0.5 * (1 + np.cos(np.pi * 490 / 990)))
-    last = warmup_cosine(T - 1, W, T)
-    assert 0 < last < 1e-4  # the reference trains its last epoch at lr 0
-    values = [warmup_cosine(e, W, T) for e in range(W, T)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
-
-
-class CountingSet(torch.utils.data.Dataset):
-    """n items of a constant crop; records set_epoch calls."""
-
-    def __init__(self, n, value):
-        self.n, self.value, self.draws = n, value, []
-
-    def __len__(self):
-        return self.n
-
-    def set_epoch(self, draw):
-        self.draws.append(draw)
-
-    def __getitem__(self, i):
-        return {"image": torch.full((2, 1, 4, 4, 4), float(self.value)), "label": torch.zeros(2, 1, 4, 4, 4)}
-
-
-class RecordingModel(nn.Module):
-    """Records the modality of every forward; the optimizer step follows each forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(2, 1, 1, 1))
-        self.seen = []
-
-    def forward(self, x, modality):
-        self.seen.append(modality)
-        return self.w[None] * x  # (B, 2, 4, 4, 4)
-
-
-def test_alt_alternates_modalities_for_max_len_iterations_with_cycling():
-    loaders = {"CT": EpochLoader(CountingSet(5, 1), 1, seed=0), "MR": EpochLoader(CountingSet(2, 2), 1, seed=1)}
-    model = RecordingModel()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    steps, values = 0, []
-    for modality, batch in alt_batches(loaders, ["CT", "MR"], epoch=3):
-        values.append(batch["image"].flatten()[0].item())
-        w_before = model.w.detach().clone()
-        train_step(model, DiceCELoss(), opt, scaler, batch, modality, torch.device("cpu"))
-        assert not torch.equal(w_before, model.w.detach())  # one optimizer step per batch
-        steps += 1
-    assert model.seen == ["CT", "MR"] * 5  # max(5, 2) iterations, CT first
-    assert values == [1.0, 2.0] * 5
-    assert steps == 10
-    # MR (2 volumes) cycled through passes 0, 1 and 2 of epoch 3; CT needed one pass.
-    assert loaders["MR"].dataset.draws == [3000, 3001, 3002]
-    assert loaders["CT"].dataset.draws == [3000]
-
-
-class IndexSet(torch.utils.data.Dataset):
-    """Item i is the number i."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def set_epoch(self, draw):
-        pass
-
-    def __getitem__(self, i):
-        return {"image": torch.tensor([[float(i)]]), "label": torch.tensor([[0]])}
-
-
-def test_epoch_loader_gives_each_rank_distinct_items_of_equal_count():
-    seen = [[int(b["image"].item()) for b in EpochLoader(IndexSet(5), 1, seed=0, rank=r, world=2).batches(0)]
-            for r in range(2)]
-    assert len(seen[0]) == len(seen[1]) == 3  # 5 items padded by wrapping to 3 per rank
-    assert set(seen[0]) | set(seen[1]) == set(range(5))
-    assert set(seen[0][:2]).isdisjoint(seen[1][:2])
-    assert seen == [[int(b["image"].item()) for b in EpochLoader(IndexSet(5), 1, seed=0, rank=r, world=2).batches(0)]
-                    for r in range(2)]  # the same seed and epoch give the same order
 
 
 def run_cli(args, **kwargs):
@@ -248,17 +148,11 @@ torch.distributed.destroy_process_group()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_on_gloo_keeps_both_ranks_identical(tmp_path, cache):
+def test_ddp_on_gloo_keeps_both_ranks_identical(tmp_path, cache, free_port):
     out = tmp_path / "ddp"
     out.mkdir()
     args = small_args(out, cache, 1) + ["--device", "cpu", "--val_fraction", "0"]
-    port = free_port()
+    port = free_port
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -275,99 +169,6 @@ def test_ddp_on_gloo_keeps_both_ranks_identical(tmp_path, cache):
     assert any(not torch.equal(r0["before"][k], r0["after"][k]) for k in params)
     # BatchNorm running statistics are per rank between forwards (DDP broadcasts rank 0's at each
     # forward); checkpoints hold rank 0's.
-
-
-NAN_SCRIPT = """
-import os, sys, torch, torch.distributed as dist
-from mulmodseg.losses import DiceCELoss
-from mulmodseg.model import MulModSeg
-from mulmodseg.text.prompts import model_table
-from mulmodseg.training import train_step
-dist.init_process_group("gloo")
-torch.manual_seed(0)
-model = torch.nn.parallel.DistributedDataParallel(MulModSeg("unet", 3, *model_table("onehot", classes=("bg", "a", "b")), base_channels=2))
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
-image = torch.randn(2, 1, 16, 16, 16)
-if dist.get_rank() == 1:
-    image[0, 0, 0, 0, 0] = float("nan")
-batch = {"image": image, "label": torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)}
-try:
-    train_step(model, DiceCELoss(), opt, torch.amp.GradScaler("cpu", enabled=False), batch, "CT", torch.device("cpu"))
-except FloatingPointError as exc:
-    print("stopped:", exc)
-    sys.exit(3)
-"""
-
-
-def test_a_non_finite_loss_on_one_rank_stops_every_rank():
-    """Rank 1's loss is NaN: both ranks stop with a message instead of rank 0 waiting in backward."""
-    port, procs = free_port(), []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", NAN_SCRIPT], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [3, 3], logs
-    assert "the loss of another rank is not finite" in logs[0]
-    assert "loss is nan on rank 1" in logs[1]
-
-
-def test_overfits_one_real_crop():
-    """On one crop of the real CT the loss falls by at least half within 15 steps."""
-    image, label, _ = mdata.preprocess(SAMPLE / "ct/imagesTr/ts_ct_001.nii.gz", SAMPLE / "ct/labelsTr/ts_ct_001.nii.gz",
-                                       "CT", **mdata.default_settings("CT"))
-    centre = np.argwhere(label == 6).mean(0).astype(int)  # the liver
-    sl = tuple(slice(c - 16, c + 16) for c in centre)
-    x = torch.as_tensor(image[sl].copy())[None, None]
-    y = torch.as_tensor(label[sl].astype(np.int64))[None, None]
-    torch.manual_seed(0)
-    model = MulModSeg("unet", 14, *model_table("onehot", classes=resolve_classes("amos")), base_channels=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = [sum(train_step(model, DiceCELoss(), opt, scaler, {"image": x, "label": y}, "CT", torch.device("cpu")))
-              for _ in range(15)]
-    assert min(losses[-3:]) <= 0.5 * losses[0], losses
-
-
-def test_train_step_minimises_the_weighted_loss():
-    torch.manual_seed(0)
-    x, y = torch.randn(2, 1, 8, 8, 8), torch.randint(0, 3, (2, 1, 8, 8, 8))
-    weights = {}
-    for lambdas in ((1.0, 1.0), (1.0, 0.0), (0.0, 5.0)):
-        for how in ("train_step", "by hand"):
-            torch.manual_seed(1)
-            model = MulModSeg("unet", 3, *model_table("onehot", classes=("bg", "a", "b")), base_channels=2)
-            opt = torch.optim.SGD(model.parameters(), lr=0.5)
-            loss_fn = DiceCELoss(*lambdas)
-            if how == "train_step":
-                train_step(model, loss_fn, opt, torch.amp.GradScaler("cpu", enabled=False), {"image": x, "label": y},
-                           "CT", torch.device("cpu"))
-            else:
-                loss_fn(model(x, "CT"), y).backward()
-                opt.step()
-            weights[lambdas, how] = torch.cat([p.detach().flatten() for p in model.parameters()])
-        torch.testing.assert_close(weights[lambdas, "train_step"], weights[lambdas, "by hand"])
-    assert not torch.allclose(weights[(1.0, 1.0), "by hand"], weights[(1.0, 0.0), "by hand"])
-
-
-def test_check_config_lists_every_bad_setting_at_once():
-    check_config(TrainConfig(data_dirs={"CT": "x"}))
-    check_config(TrainConfig(data_dirs={"CT": "x"}, backbone="swinunetr", roi_size=(64, 96, 128)))
-    bad = TrainConfig(data_dirs={"CT": "x"}, roi_size=(36, 32, 32), save_every=0, log_every=0, val_every=5,
-                      max_cases={"ct": 3})
-    with pytest.raises(TrainingError) as err:
-        check_config(bad)
-    message = str(err.value)
-    assert message.startswith("5 setting problem(s)")
-    for part in ("--save_every must be > 0, got 0", "--log_every must be > 0, got 0",
-                 "--roi_size 36 32 32: --backbone unet needs multiples of 8, e.g. 32 32 32",
-                 "--val_every 5 has nothing to validate on: also pass --val_fraction",
-                 "--max_cases ct=3: no modality 'ct' in this run (['CT'])"):
-        assert part in message
-    with pytest.raises(TrainingError, match="--backbone swinunetr needs multiples of 32, e.g. 64 64 64"):
-        check_config(dataclasses.replace(bad, backbone="swinunetr", roi_size=(48, 64, 64), save_every=1,
-                                         log_every=1, val_every=0, max_cases={}))
 
 
 def test_swin_on_single_voxel_bottleneck_crops_is_warned_about(tmp_path, cache):
@@ -405,18 +206,6 @@ def test_gradient_checkpointing_reaches_the_swin_blocks(tmp_path, cache):
     trainer.prepare()
     blocks = [m for m in trainer.model.modules() if hasattr(m, "use_checkpoint")]
     assert trainer.model.gradient_checkpointing and len(blocks) == 8 and all(m.use_checkpoint for m in blocks)
-
-
-def test_resumed_config_applies_resumable_settings_and_refuses_the_rest():
-    saved = TrainConfig(data_dirs={"CT": "a"}, epochs=2, roi_size=(32, 32, 32), out="runs/x")
-    given = TrainConfig(data_dirs={"CT": "a"}, epochs=4, roi_size=(64, 64, 64), out="runs/y", lr=0.5)
-    resumed = resumed_config(saved, given, {"epochs"})
-    assert (resumed.epochs, resumed.out, resumed.roi_size, resumed.lr) == (4, "runs/y", (32, 32, 32), 1e-3)
-    every = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert resumed_config(saved, saved, every) == saved  # the original command again, plus --resume
-    with pytest.raises(TrainingError, match=r"cannot change mid-run: lr: saved 0.001, given 0.5; "
-                                            r"roi_size: saved \(32, 32, 32\), given \(64, 64, 64\)"):
-        resumed_config(saved, given, every)
 
 
 def test_trim_log_drops_the_epochs_after_the_checkpoint(tmp_path):
@@ -483,6 +272,24 @@ def test_a_run_saved_with_relative_paths_resumes_with_the_same_flags(tmp_path, c
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
 
 
+def test_a_format_1_checkpoint_resumes_with_the_settings_its_run_had(tmp_path, cache):
+    """Format 1 took settings in as they came: a file without one ran as that setting's old behaviour says."""
+    args = small_args(tmp_path / "run", cache, 1)
+    assert train_cli.main(args) == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt["format_version"] = 1
+    for name in ("warp_prob", "norm_stats", "positive_centres", "channels_last"):
+        del ckpt["config"]["train"][name]
+    del ckpt["cases"]  # saved since late in format 1
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    assert train_cli.main([*args, "--resume", "--epochs", "2"]) == 0
+    train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert [train[name] for name in ("warp_prob", "norm_stats", "positive_centres", "channels_last")] == [
+        0.5, "shared", "voxel", False]
+    resumed = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert resumed["format_version"] == 2 and resumed["epoch"] == 2 and resumed["cases"]["CT"]["train"] == ["ts_ct_001"]
+
+
 def test_resume_refuses_scans_added_to_the_folder_since(tmp_path, cache, capsys):
     data = tmp_path / "ct"
     shutil.copytree(SAMPLE / "ct", data)
@@ -507,11 +314,6 @@ def test_a_run_with_a_table_file_resumes_without_it(tmp_path, cache):
     assert train_cli.main(args) == 0
     table.unlink()  # the table lives on in last.pt
     assert train_cli.main(["--out", str(tmp_path / "run"), "--resume", "--epochs", "2"]) == 0
-
-
-def test_configs_of_older_versions_keep_their_warp_probability():
-    assert TrainConfig.from_dict({"epochs": 3}).warp_prob == 0.5  # the warp shared aug_prob then
-    assert TrainConfig.from_dict(dataclasses.asdict(TrainConfig())).warp_prob == 1.0
 
 
 def test_a_modality_left_without_training_scans_stops_before_any_work(tmp_path, cache, capsys):
@@ -701,23 +503,6 @@ def test_text_clip_builds_the_table_from_given_weights_and_caches_it(tmp_path, c
     assert torch.equal(load_checkpoint(tmp_path / "again" / "last.pt")["model"]["text_embeddings"], table)
 
 
-def test_channels_last_step_matches_the_default_layout():
-    torch.manual_seed(0)
-    batch = {"image": torch.rand(2, 1, 16, 16, 16), "label": torch.randint(0, 3, (2, 1, 16, 16, 16))}
-    results = []
-    for channels_last in (False, True):
-        torch.manual_seed(1)
-        model = MulModSeg("unet", 3, *model_table("onehot", classes=("bg", "a", "b")), base_channels=4)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last_3d)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the step is the gradient, scaled
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss = train_step(model, DiceCELoss(), opt, scaler, batch, "CT", torch.device("cpu"), channels_last=channels_last)
-        results.append((loss, [p.detach().clone() for p in model.parameters()]))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[0][1], results[1][1]))
-
-
 def test_fp16_autocast_uses_a_grad_scaler_that_is_checkpointed(tmp_path, cache):
     assert train_cli.main(small_args(tmp_path / "run", cache, 1) + ["--amp", "fp16"]) == 0
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -742,7 +527,8 @@ def test_a_cpu_run_picks_bf16_by_the_cpu_and_channels_last_for_the_unet(tmp_path
 
 
 def test_channels_last_of_saved_runs_and_resumes():
-    assert TrainConfig.from_dict({"epochs": 3}).channels_last is False  # runs from before the setting: contiguous
+    old = {"format_version": 1, "config": {"train": {"epochs": 3}}}
+    assert saved_config(old).channels_last is False  # runs from before the setting: contiguous
     assert TrainConfig.from_dict(dataclasses.asdict(TrainConfig())).channels_last is None
     assert "channels_last" not in train_cli.given_fields([])  # a resumed run keeps its saved layout
     assert "channels_last" in train_cli.given_fields(["--channels_last", "off"])
@@ -787,28 +573,6 @@ def selected(config: TrainConfig, log=None) -> Trainer:
 
 def ids(cases) -> list[str]:
     return [c.id for c in cases]
-
-
-def test_fold_flags_that_cannot_work_are_refused_before_any_data_is_read(tmp_path):
-    base = TrainConfig(data_dirs={"CT": "x"})
-    check_config(dataclasses.replace(base, fold=4))  # of the default 5
-    check_config(dataclasses.replace(base, fold=1, num_folds=2, val_every=1))  # the fold is the validation set
-    bad = dataclasses.replace(base, fold=2, num_folds=2, val_fraction=0.2, splits=str(tmp_path / "none.json"))
-    with pytest.raises(TrainingError) as err:
-        check_config(bad)
-    assert str(err.value) == ("3 setting problem(s):\n"
-                              "  - --fold 2: --num_folds 2 numbers the folds 0 to 1\n"
-                              "  - --val_fraction 0.2 with --fold: the fold's scans are the validation set; drop "
-                              "--val_fraction\n"
-                              f"  - --splits {tmp_path / 'none.json'}: no such file")
-    check_config(dataclasses.replace(bad, fold=0, val_fraction=0.0), resuming=True)  # the study keeps the split
-    for changes, message in (({"fold": 5}, "--fold 5: --num_folds 5 numbers the folds 0 to 4"),
-                             ({"fold": -1}, "--fold -1: folds are numbered from 0"),
-                             ({"fold": 0, "num_folds": 1}, "--num_folds must be >= 2, got 1"),
-                             ({"num_folds": 3}, "--num_folds 3 without --fold: pass --fold K"),
-                             ({"splits": "s.json"}, "--splits s.json without --fold: pass --fold K")):
-        with pytest.raises(TrainingError, match=re.escape(message)):
-            check_config(dataclasses.replace(base, **changes))
 
 
 def test_each_fold_validates_on_its_share_of_every_modality(tmp_path):

@@ -3,8 +3,9 @@
 ``python -m mulmodseg.evaluate``, ``python -m mulmodseg.text`` and experiments/).
 
 Exit codes: 0 done; 1 the system failed (a disk filled up, ...); 2 bad arguments (argparse's own, and values
-that cannot work); ``EXIT_DATA_ERROR`` (3) a data problem found by the checks before any work
-(``mulmodseg.data.DataError``); ``EXIT_INTERRUPTED`` (130, the shell's code for Ctrl-C) interrupted.
+that cannot work: a ``mulmodseg.errors.UserError``, printed as one line); ``EXIT_DATA_ERROR`` (3) a data
+problem found by the checks before any work (``mulmodseg.data.DataError``, the one ``UserError`` with a code of
+its own); ``EXIT_INTERRUPTED`` (130, the shell's code for Ctrl-C) interrupted.
 """
 from __future__ import annotations
 

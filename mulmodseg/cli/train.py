@@ -8,20 +8,14 @@ import argparse
 import os
 import sys
 
-from mulmodseg.checkpoint import CheckpointError
 from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_DATA_ERROR, EXIT_INTERRUPTED, HelpFormatter,
                            add_cpu_speed_arguments, add_version_argument)
+from mulmodseg.config import BUNDLED_SAMPLE, DEFAULT_FOLDS, TrainConfig, TrainingError, absolute_paths, run_dir
 from mulmodseg.data import DataError
 from mulmodseg.device import DeviceError, set_threads
+from mulmodseg.errors import UserError
 from mulmodseg.text.clip import ACTIVATIONS
-from mulmodseg.text.weights import WeightsError, WeightsUnavailableError
-from mulmodseg.text.prompts import TableError
-from mulmodseg.training import (BUNDLED_SAMPLE, DEFAULT_FOLDS, TrainConfig, TrainingError, absolute_paths,
-                                run_dir, run_leftovers, train, write_curves)
-
-# Problems with what the user gave: reported as one clear message, without a traceback (DataError too, with
-# its own exit code).
-USER_ERRORS = (TrainingError, DeviceError, CheckpointError, WeightsError, WeightsUnavailableError, TableError)
+from mulmodseg.training import run_leftovers, train, write_curves
 
 
 def parse_pairs(pairs: list[str], flag: str, cast=str) -> dict:
@@ -200,12 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_threads(args.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         train(config_from_args(args), resume=args.resume, given=given_fields(argv))
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DATA_ERROR
+    except (UserError, DeviceError) as exc:  # device.py's DeviceError is a ValueError, not a UserError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: say how to go on instead of printing a traceback
         leftovers = run_leftovers(out)
         if (out / "last.pt").is_file():

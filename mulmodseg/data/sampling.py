@@ -23,10 +23,11 @@ Augmentation, applied per crop in this order:
 - intensity scale v * (1 + U(-intensity_scale, intensity_scale)) with probability `aug_prob`, then
   intensity shift v + U(-intensity_shift, intensity_shift) with probability `aug_prob`.
 
-Determinism: every item draws from `numpy.random.default_rng([seed, epoch, index])`, so the crops depend
-only on (seed, epoch, index): not on DataLoader workers, their number, or the iteration order, and a
-resumed run replays them. Call `set_epoch(epoch)` before iterating each epoch; with
-`persistent_workers=True` the workers keep the epoch they were created with, so do not combine the two.
+Determinism: every item draws from `numpy.random.default_rng([seed, *draw, index])`, where the draw is the
+epoch or any tuple of numbers given to `set_epoch` (the trainer's is (epoch, modality, pass, rank)), so the
+crops depend only on (seed, draw, index): not on DataLoader workers, their number, or the iteration order,
+and a resumed run replays them. Call `set_epoch` before iterating each epoch; with
+`persistent_workers=True` the workers keep the draw they were created with, so do not combine the two.
 """
 from __future__ import annotations
 
@@ -79,18 +80,19 @@ class CropDataset(Dataset):
             self.flip_lut = np.asarray(flip_label_order)
         self.seed = int(seed)
         self.modality = modality
-        self.epoch = 0
+        self.draw: Tuple[int, ...] = (0,)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose crops `__getitem__` returns."""
-        self.epoch = int(epoch)
+    def set_epoch(self, draw: Union[int, Sequence[int]]) -> None:
+        """Select the draw whose crops `__getitem__` returns: an epoch, or a tuple of numbers such as the
+        trainer's (epoch, modality, pass, rank)."""
+        self.draw = (int(draw),) if isinstance(draw, (int, np.integer)) else tuple(int(d) for d in draw)
 
     def __len__(self) -> int:
         return len(self.volumes)
 
     def generator(self, index: int) -> np.random.Generator:
-        """The random stream of item `index` in the current epoch."""
-        return np.random.default_rng([self.seed, self.epoch, int(index)])
+        """The random stream of item `index` in the current draw."""
+        return np.random.default_rng([self.seed, *self.draw, int(index)])
 
     def draw_centres(self, index: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """(centres (num_samples, 3) int, positive (num_samples,) bool) for volume `index`."""

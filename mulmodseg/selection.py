@@ -1,0 +1,126 @@
+"""Which scans a training run trains and validates on, per modality.
+
+In order of precedence: the fold's lists of a cross-validation study (``OUT/splits.json``, made by the first
+fold or copied from ``--splits``), a datalist's ``validation`` list, a ``--val_fraction`` draw, or no
+validation; then ``--max_cases`` of the training scans. A resumed run must find the scans it saved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from mulmodseg import data as mdata
+from mulmodseg.config import DEFAULT_FOLDS, TrainConfig, TrainingError
+
+SPLITS_FILE = "splits.json"  # in --out: the folds every fold of a cross-validation study shares
+Cases = dict[str, list[mdata.Case]]  # modality -> its scans
+
+
+def select_cases(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Cases, Cases, mdata.Splits | None]:
+    """(training scans, validation scans, the study's splits or None) of ``cfg.trained_modalities``; raises
+    ``TrainingError`` when a modality is left without training scans, or ``--val_every`` without validation."""
+    # A study's split covers every modality given, so that e.g. a CT-only and an ALT run share it.
+    found = {name: mdata.discover_cases(cfg.data_dirs[name], name)
+             for name in (cfg.data_dirs if cfg.fold is not None else cfg.trained_modalities)}
+    splits = study_splits(cfg, found) if cfg.fold is not None else None
+    cases, val_cases = {}, {}
+    for name in cfg.trained_modalities:
+        scans, listed = found[name], mdata.validation_cases(cfg.data_dirs[name], name)
+        if splits is not None:
+            by_id = {c.id: c for c in scans}
+            train, val = ([by_id[i] for i in splits[name][cfg.fold][part]] for part in ("train", "val"))
+            unused = len(scans) - len(train) - len(val)
+            if listed or unused:
+                log(f"{name}: fold {cfg.fold} leaves {unused} scan(s) of the training list and the "
+                    f"{len(listed)} of the datalist's validation list unused")
+        elif listed:
+            if cfg.val_fraction:
+                raise TrainingError(f"--val_fraction {cfg.val_fraction}: {cfg.data_dirs[name]}/dataset.json has a "
+                                    f"validation list ({len(listed)} scans), which is the validation set; drop "
+                                    "--val_fraction")
+            held = {c.id for c in listed}
+            train, val = [c for c in scans if c.id not in held], listed
+        else:
+            train, val = mdata.split_cases(scans, cfg.val_fraction, cfg.seed) if cfg.val_fraction else (scans, [])
+        if not train:
+            how = (f"--fold {cfg.fold}" if splits is not None else "the datalist's validation list" if listed
+                   else f"--val_fraction {cfg.val_fraction}; lower --val_fraction")
+            raise TrainingError(f"{name}: no scans left to train on: {len(scans)} in {cfg.data_dirs[name]}, "
+                                f"{len(val)} held out by {how}")
+        if name in cfg.max_cases:  # N training scans, as --max_cases says, whatever validation holds
+            train = mdata.subsample(train, cfg.max_cases[name], cfg.seed)
+        cases[name], val_cases[name] = train, val
+    if cfg.val_every and not any(val_cases.values()):
+        counts = ", ".join(f"{len(cases[n])} {n}" for n in cfg.trained_modalities)
+        raise TrainingError(f"--val_every {cfg.val_every}: --val_fraction {cfg.val_fraction} holds out no scan "
+                            f"of {counts}; raise --val_fraction or drop --val_every")
+    return cases, val_cases, splits
+
+
+def study_splits(cfg: TrainConfig, found: Cases) -> mdata.Splits:
+    """The cross-validation study's folds: ``OUT/splits.json`` when an earlier fold wrote it (a given
+    ``--splits`` must equal it), else the ``--splits`` file, else ``make_folds`` of the scans with
+    ``--seed``; checked against the scans ``found``. The trainer writes them to ``OUT/splits.json`` when
+    it does not exist yet."""
+    ids = {name: [c.id for c in scans] for name, scans in found.items()}
+    study, given = Path(cfg.out) / SPLITS_FILE, Path(cfg.splits) if cfg.splits else None
+    if given is not None and not given.is_file():  # a resumed run whose file is gone: the study keeps the split
+        given = None
+    if study.is_file():
+        splits, where = read_splits(study), study
+        if given is not None and read_splits(given) != splits:
+            raise TrainingError(f"--splits {given} differs from {study}, the split of this study's other folds; "
+                                f"give the same file, or another --out")
+    elif given is not None:
+        splits, where = read_splits(given), given
+    else:
+        try:
+            return mdata.make_folds(ids, cfg.num_folds or DEFAULT_FOLDS, cfg.seed)
+        except ValueError as error:
+            raise TrainingError(f"--num_folds {cfg.num_folds or DEFAULT_FOLDS}: {error}") from None
+    problems = mdata.fold_problems(splits, ids, str(where))
+    count = len(next(iter(splits.values()))) if not problems else 0
+    if count and cfg.num_folds and count != cfg.num_folds:
+        problems.append(f"{where} holds {count} folds, but --num_folds is {cfg.num_folds}")
+    elif count and cfg.fold >= count:
+        problems.append(f"--fold {cfg.fold}: {where} holds folds 0 to {count - 1}")
+    if problems:
+        raise TrainingError(f"{len(problems)} problem(s) with the split:\n  - " + "\n  - ".join(problems))
+    return splits
+
+
+def read_splits(path: Path) -> object:
+    """The JSON in a splits file (its shape is checked by ``mulmodseg.data.fold_problems``)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"--splits {path}: unreadable ({error})") from None
+
+
+def case_ids(cases: Cases, val_cases: Cases) -> dict[str, dict[str, list[str]]]:
+    """{modality: {"train": ids, "val": ids}}: what a checkpoint records of the scans its run uses."""
+    return {name: {"train": [c.id for c in cases[name]], "val": [c.id for c in val_cases[name]]} for name in cases}
+
+
+def check_resumed_cases(saved: dict | None, now: dict[str, dict[str, list[str]]], cfg: TrainConfig) -> None:
+    """Raise ``TrainingError`` when the scans found ``now`` (``case_ids``) are not the ones the checkpoint
+    ``saved`` (files added to or removed from its folders): resuming would train on another set without a word."""
+    if saved is None:  # a format-1 checkpoint from before the lists were saved
+        if cfg.max_cases and cfg.val_fraction:
+            raise TrainingError("--resume: this run was started by an older mulmodseg, which drew --max_cases "
+                                "before the --val_fraction split (now after it), so its scans cannot be "
+                                "found again; start a new run")
+        return
+    for name in now:
+        for part in ("train", "val"):
+            added = sorted(set(now[name][part]) - set(saved[name][part]))
+            missing = sorted(set(saved[name][part]) - set(now[name][part]))
+            changes = [f"{len(ids)} {what}: {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}"
+                       for what, ids in (("new", added), ("gone", missing)) if ids]
+            if changes:
+                raise TrainingError(
+                    f"--resume: the {name} {'training' if part == 'train' else 'validation'} scans differ from the "
+                    f"saved run's ({'; '.join(changes)}): were files added to or removed from "
+                    f"{cfg.data_dirs[name]}? Restore them, or start a new run")
