@@ -6,7 +6,10 @@ sliding-window inferer, its softmax restored linearly onto the original voxel gr
 unsigned integers holding the training class ids, or the dataset's own label values when the run
 used a label map. Several checkpoints (e.g. the folds of a cross-validation) segment as one
 ``Ensemble``, the mean of their softmax probabilities; a folder can be shared by several processes,
-each segmenting its share (``input_share``).
+each segmenting its share (``outputs.input_share``).
+
+``segment_files`` plans a call first (``outputs.plan_outputs``: inputs, label files, output names, overwrite
+rules, every problem at once), then segments each case (``segment_case``).
 """
 
 from __future__ import annotations
@@ -22,17 +25,18 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from mulmodseg import __version__
 from mulmodseg import data as mdata
-from mulmodseg.checkpoint import atomic_write, folder_problem, load_checkpoint
+from mulmodseg.checkpoint import atomic_write, load_checkpoint
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
-from mulmodseg.inferer import sliding_window_inference
-from mulmodseg.metrics import REPORT_FILES, case_metrics, check_nsd_tolerance, count_flops, count_parameters, write_reports
+from mulmodseg.inferer import Progress, sliding_window_inference
+from mulmodseg.metrics import case_metrics, check_nsd_tolerance, count_flops, count_parameters, write_reports
 from mulmodseg.model import MulModSeg
+from mulmodseg.outputs import (DATASET_JSON, Plan, class_file, class_statistics, dataset_description, input_share,
+                               invert_label_map, plan_outputs, to_dataset_values, write_like, write_preview,
+                               written_values)
+# mulmodseg.evaluate imports these four from here: importable here until its import names mulmodseg.outputs.
+from mulmodseg.outputs import find_inputs, label_candidates, output_dir_problems, output_path  # noqa: F401
 from mulmodseg.postprocess import postprocess, resolve_classes
-from mulmodseg.viz import preview
-
-DATASET_JSON = "dataset.json"
 
 
 @dataclasses.dataclass
@@ -77,149 +81,6 @@ def accumulation_device(device: torch.device, num_classes: int, shape: Sequence[
         return torch.device("cpu")
     need = (num_classes + 1) * 4 * int(np.prod(shape))
     return device if 4 * need <= free_bytes else torch.device("cpu")
-
-
-def output_path(image: Path, output_dir: Path, suffix: str = ".nii.gz") -> Path:
-    """``scan_0000.nii.gz`` -> ``output_dir/scan.nii.gz`` (nnU-Net's channel suffix dropped)."""
-    stem = mdata.nifti_stem(image) or image.name
-    if stem.endswith("_0000"):
-        stem = stem[: -len("_0000")]
-    return output_dir / f"{stem}{suffix}"
-
-
-def label_candidates(image: Path, labels_dir: Path) -> list[Path]:
-    """Where the label of ``image`` may be: nnU-Net's ``case.nii.gz`` (or ``.nii``) for ``case_0000.nii.gz``,
-    else a file with the image's own name."""
-    return list(dict.fromkeys([output_path(image, labels_dir), output_path(image, labels_dir, ".nii"),
-                               labels_dir / image.name]))
-
-
-def find_inputs(path: str | Path) -> list[Path]:
-    """One NIfTI file, or every NIfTI file in a folder (sorted)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        # Hidden files are macOS's ._ copies or a write left unfinished, never scans (as in training).
-        files = sorted(p for p in path.iterdir() if p.is_file() and mdata.nifti_stem(p) and not p.name.startswith("."))
-        if files:
-            return files
-        raise mdata.DataError([f"{path}: no .nii or .nii.gz files in this folder{mdata.not_nifti_hint(path)}"])
-    raise mdata.DataError([f"{path}: no such file or folder"])
-
-
-def output_dir_problems(output_dir: Path) -> list[str]:
-    """Why ``output_dir`` cannot receive the outputs (empty when it can), found before any inference:
-    a NIfTI file name (it is the folder the label maps go into), or a folder that cannot be written."""
-    if mdata.nifti_stem(output_dir) and not output_dir.is_dir():
-        return [f"--output {output_dir}: a file name, but --output is the folder the label maps go into "
-                f"(each named like its scan), e.g. --output {output_dir.parent}"]
-    problem = folder_problem(output_dir, "--output")
-    return [problem] if problem else []
-
-
-def invert_label_map(settings: dict) -> dict[int, int] | None:
-    """Training id -> the dataset's label value, when the run used a label map (dropped values excluded)."""
-    mapping = settings.get("label_map")
-    if not mapping:
-        return None
-    inverse = {}
-    for src, dst in mapping.items():
-        if int(dst) != 0:
-            inverse[int(dst)] = int(src)
-    return inverse
-
-
-def written_values(num_classes: int, inverse: dict[int, int] | None) -> dict[int, int]:
-    """Class id (1..K-1) -> its value in the written label maps: the id itself, or the dataset's value when
-    the run used a label map (``inverse``, from ``invert_label_map``); a class without one is left out (it is
-    written as background)."""
-    if inverse is None:
-        return {k: k for k in range(1, num_classes)}
-    return {k: v for k, v in sorted(inverse.items()) if 0 < k < num_classes}
-
-
-def class_file(name: str) -> str:
-    """The ``--per_class`` file of class ``name``: spaces as underscores (``right kidney`` -> ``right_kidney.nii.gz``)."""
-    return f"{name.replace(' ', '_')}.nii.gz"
-
-
-def dataset_description(classes: Sequence[str], values: dict[int, int], modality: str,
-                        checkpoints: Sequence[str | Path], settings: dict) -> dict:
-    """dataset.json beside the label maps, in nnU-Net's form: ``labels`` (class name -> value in the files,
-    background 0), ``modality`` (v1's key) and ``channel_names`` (v2's), ``file_ending``; then the checkpoint
-    (a list of them for an ensemble) and the ``settings`` that made the files, and the version that wrote
-    them (which marks the file as ours)."""
-    paths = [str(Path(c).resolve()) for c in checkpoints]
-    return {
-        "labels": {classes[0]: 0, **{classes[k]: v for k, v in values.items()}},
-        "modality": {"0": modality}, "channel_names": {"0": modality}, "file_ending": ".nii.gz",
-        "checkpoint": paths[0] if len(paths) == 1 else paths, "settings": settings, "mulmodseg_version": __version__,
-    }
-
-
-def foreign_dataset_json(path: Path) -> bool:
-    """Whether ``path`` is a dataset.json that infer.py did not write (a dataset's own, e.g. an MSD datalist
-    that training reads), which no --overwrite may replace."""
-    if not path.is_file():
-        return False
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return True
-    return not (isinstance(content, dict) and "mulmodseg_version" in content)
-
-
-def class_statistics(label: np.ndarray, image: np.ndarray, spacing: Sequence[float], classes: Sequence[str],
-                     values: dict[int, int]) -> dict:
-    """``--statistics`` of one case: for each class of ``values`` (class id -> value in the files), its value,
-    voxel count, volume in mm^3 and mean intensity of ``image`` over it (None when the class is absent).
-    ``label: (X, Y, Z)`` class ids and ``image: (X, Y, Z)`` the scan, both on the scan's grid of voxel sizes
-    ``spacing`` (mm)."""
-    flat = label.ravel()
-    voxels = np.bincount(flat, minlength=len(classes))
-    sums = np.bincount(flat, weights=image.ravel(), minlength=len(classes))
-    voxel_mm3 = float(np.prod(spacing))
-    return {classes[k]: {"value": v, "voxels": int(voxels[k]), "volume_mm3": float(voxels[k]) * voxel_mm3,
-                         "mean_intensity": float(sums[k] / voxels[k]) if voxels[k] else None}
-            for k, v in values.items()}
-
-
-def to_dataset_values(label: np.ndarray, inverse: dict[int, int] | None) -> np.ndarray:
-    """Training ids -> dataset values, in the smallest unsigned type that holds them (uint8 unless a
-    label map's values need more): a lookup table of that type, so no 8-byte copy of the scan is made."""
-    top = max(inverse.values()) if inverse else int(label.max(initial=0))
-    dtype = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32
-    if not inverse:
-        return label.astype(dtype, copy=False)
-    lut = np.zeros(max(max(inverse), int(label.max(initial=0))) + 1, dtype=dtype)
-    for dst, src in inverse.items():
-        lut[dst] = src
-    return lut[label]
-
-
-def write_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
-    """Save the label map ``array`` on ``reference``'s grid: same affine, qform/sform and codes, voxel
-    sizes and units; no intensity scaling, display range, intent or description of the scan."""
-    header = reference.header.copy()
-    header.set_data_dtype(array.dtype)
-    # A scan's display window (e.g. cal_min -1000, cal_max 2000 HU) would show labels 1..13 as black.
-    header["cal_min"], header["cal_max"] = 0, 0
-    header.set_intent("none")
-    header["descrip"] = b"mulmodseg labels"
-    out = nib.Nifti1Image(array, reference.affine, header)
-    out.set_qform(reference.get_qform(), int(reference.header["qform_code"]))
-    out.set_sform(reference.get_sform(), int(reference.header["sform_code"]))
-    out.header.set_slope_inter(1.0, 0.0)
-    atomic_write(path, lambda tmp: nib.save(out, tmp))
-
-
-def write_preview(reference: nib.Nifti1Image, label: np.ndarray, path: Path) -> None:
-    """The label map over the scan as a PNG, both turned to RAS so the view is radiological."""
-    image = nib.as_closest_canonical(reference)
-    label = nib.as_closest_canonical(nib.Nifti1Image(label, reference.affine))
-    atomic_write(path, lambda tmp: preview(np.asanyarray(image.dataobj, dtype=np.float32),
-                                                np.asanyarray(label.dataobj), tmp, spacing=image.header.get_zooms()[:3]))
 
 
 class InferenceInterrupted(KeyboardInterrupt):
@@ -398,15 +259,6 @@ def quarter_reporter(name: str, log: Callable[[str], None]) -> Callable[[int, in
     return report
 
 
-def input_share(inputs: Sequence[Path], num_parts: int = 1, part_id: int = 0) -> list[Path]:
-    """Part ``part_id`` (0-based) of ``num_parts`` of ``inputs``: every ``num_parts``-th scan by sorted file
-    name, from the ``part_id``-th on, so that processes given the same list share it without overlap."""
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise ValueError(f"--num_parts {num_parts} --part_id {part_id}: need --num_parts >= 1 and "
-                         f"0 <= --part_id < --num_parts")
-    return sorted(inputs, key=lambda p: (p.name, str(p)))[part_id::num_parts]
-
-
 def segment_files(
     checkpoint: str | Path | Sequence[str | Path],
     inputs: Sequence[Path],
@@ -434,28 +286,25 @@ def segment_files(
     Each label map is postprocessed on the scan's grid when asked (``mulmodseg.postprocess.postprocess``:
     ``keep_largest`` names the classes that keep only their largest component, an empty list all of them;
     ``min_component_mm3`` removes smaller components), then written, and scored as written. Beside the
-    label maps goes ``dataset.json`` (``dataset_description``); per case, optionally, the probabilities
+    label maps goes ``dataset.json`` (``outputs.dataset_description``); per case, optionally, the probabilities
     (not postprocessed), a preview, one binary map per class (``per_class``: ``NAME/<class>.nii.gz``) and
-    ``NAME_statistics.json`` (``statistics``: ``class_statistics``).
+    ``NAME_statistics.json`` (``statistics``: ``outputs.class_statistics``).
 
     Before any inference: the checkpoint loads, the modality and the ``keep_largest`` classes are ones it
-    knows, ``output_dir`` can be written, no output would replace an input scan or label file or a
-    dataset.json that this function did not write (even with ``overwrite``) or, without ``overwrite`` or
-    ``skip_existing``, an existing file (label maps, every extra output asked for, dataset.json,
-    evaluation tables), and every scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D,
-    finite, label values known); all problems at once. ``skip_existing`` continues an interrupted call: a
-    case whose outputs all exist is not segmented (nor postprocessed) again, its label map is read back
-    for the evaluation, the others are segmented, and dataset.json and the evaluation tables are written
-    anew. Ctrl-C while the cases run raises ``InferenceInterrupted``.
+    knows, the outputs are planned (``outputs.plan_outputs``: names, label files, overwrite rules) and every
+    scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D, finite, label values known); all
+    problems at once. ``skip_existing`` continues an interrupted call: a case whose outputs all exist is not
+    segmented (nor postprocessed) again, its label map is read back for the evaluation, the others are
+    segmented, and dataset.json and the evaluation tables are written anew. Ctrl-C while the cases run raises
+    ``InferenceInterrupted``.
 
-    ``num_parts`` > 1 segments only share ``part_id`` of ``inputs`` (``input_share``), so that that many
-    processes fill one ``output_dir``: each writes the same dataset.json (an existing one is no conflict
+    ``num_parts`` > 1 segments only share ``part_id`` of ``inputs`` (``outputs.input_share``), so that that
+    many processes fill one ``output_dir``: each writes the same dataset.json (an existing one is no conflict
     then), none scores (``labels_dir`` is refused: score the whole folder once every part is done).
     """
     output_dir = Path(output_dir)
-    everything = [Path(p) for p in inputs]
-    inputs = input_share(everything, num_parts, part_id)
-    check_nsd_tolerance(nsd_tolerance)  # before the checkpoint loads
+    input_share(inputs, num_parts, part_id)  # a part that does not exist is a bad flag: before the checkpoint loads
+    check_nsd_tolerance(nsd_tolerance)
     if min_component_mm3 is not None and not min_component_mm3 > 0:
         raise ValueError(f"--min_component_mm3 {min_component_mm3}: must be a volume above 0 mm^3")
     if labels_dir is not None and num_parts > 1:
@@ -468,129 +317,96 @@ def segment_files(
     classes = ensemble.classes
     inverse = invert_label_map(ensemble.config["preprocess"][modality])
     values = written_values(len(classes), inverse)
-    largest = [] if keep_largest is None else resolve_classes(keep_largest, classes, values)
-    targets = {p: output_path(p, output_dir) for p in inputs}
-    extras = [suffix for suffix, wanted in (("_probabilities.npz", save_probabilities), (".png", previews),
-                                            ("_statistics.json", statistics)) if wanted]
-    class_files = [class_file(classes[k]) for k in values] if per_class else []
-    problems, writers, label_files = output_dir_problems(output_dir), {}, {}
-    for src in everything:  # over every part's scans: two parts must not write one file either
-        dst = output_path(src, output_dir)
-        if dst in writers:
-            problems.append(f"{src}: would write {dst}, as {writers[dst]} does; rename one of them")
-        writers.setdefault(dst, src)
-    if labels_dir is not None:
-        for src in inputs:
-            found = [p for p in label_candidates(src, Path(labels_dir)) if p.is_file()]
-            if not found:
-                problems.append(f"{src}: no label file with this name in {labels_dir}")
-            else:
-                label_files[src] = found[0]
-    # X_0001 beside X_0000 may be nnU-Net's second channel of X (training refuses it) or a scan of its own
-    # (scans numbered from 0): segmented as a scan, with a word.
-    stems = {mdata.nifti_stem(p): p for p in inputs}
-    label_stems = {mdata.nifti_stem(p) for p in label_files.values()}
-    channel_warnings = [f"{path}: segmented as a scan of its own, but beside {stem[:-5]}_0000 it may be nnU-Net's "
-                        f"channel {stem[-4:]} of one case; this model takes one channel" for stem, path in stems.items()
-                        if mdata.is_extra_channel(stem, stems, label_stems)]
-    # Scans and labels are never written over, even with --overwrite.
-    given = {p.resolve(): "scan" for p in inputs} | {p.resolve(): "label file" for p in label_files.values()}
-    # Nothing else this call would write may already exist: dataset.json, and write_evaluation's tables when
-    # labels are given.
-    outputs = [] if labels_dir is None else [output_dir / n for n in REPORT_FILES]
-    if foreign_dataset_json(output_dir / DATASET_JSON):
-        problems.append(f"{output_dir / DATASET_JSON}: not written by infer.py (a dataset's own description?), so it "
-                        "is never replaced, even with --overwrite; choose another --output")
-    elif num_parts == 1:  # the parts of a shared folder each write the same dataset.json
-        outputs.append(output_dir / DATASET_JSON)
-    done = set()
-    for src, dst in targets.items():
-        case_outputs = [dst, *(output_path(src, output_dir, suffix) for suffix in extras),
-                        *(output_path(src, output_dir, "") / name for name in class_files)]
-        outputs += case_outputs
-        if skip_existing and all(p.is_file() for p in case_outputs):
-            done.add(src)
-    for path in outputs:
-        if path.resolve() in given:
-            problems.append(f"{path}: the output would replace an input {given[path.resolve()]}; choose another --output")
-        elif path.exists() and not (overwrite or skip_existing):
-            problems.append(f"{path}: exists; pass --overwrite to replace it, or --skip_existing to keep it")
-    if problems:
-        raise mdata.DataError(problems)
+    largest = None if keep_largest is None else resolve_classes(keep_largest, classes, values)
+    class_files = {k: class_file(classes[k]) for k in values} if per_class else {}
+    plan = plan_outputs(inputs, output_dir, labels_dir, probabilities=save_probabilities, preview=previews,
+                        statistics=statistics, class_files=class_files, overwrite=overwrite,
+                        skip_existing=skip_existing, num_parts=num_parts, part_id=part_id)
     label_map = ensemble.config["preprocess"][modality].get("label_map")
-    cases = [mdata.Case(targets[src].name, src, label_files.get(src), modality) for src in inputs]
-    num_classes = None if label_map else len(classes)
-    for warning in channel_warnings + mdata.check_cases(cases, label_map=label_map, num_classes=num_classes):
+    cases = [mdata.Case(plan.targets[src].name, src, plan.labels.get(src), modality) for src in plan.inputs]
+    for warning in plan.warnings + mdata.check_cases(cases, label_map=label_map,
+                                                     num_classes=None if label_map else len(classes)):
         log(f"warning: {warning}")
 
     # Written before the first case: every label map in output_dir has its classes beside it.
     run_settings = {"modality": modality, "sliding_window": dataclasses.asdict(ensemble.settings),
-                    "keep_largest": [classes[k] for k in largest] if keep_largest is not None else None,
+                    "keep_largest": None if largest is None else [classes[k] for k in largest],
                     "min_component_mm3": min_component_mm3, "per_class": per_class, "statistics": statistics,
                     "save_probabilities": save_probabilities}
     description = dataset_description(classes, values, modality, checkpoints, run_settings)
     atomic_write(output_dir / DATASET_JSON, lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n"))
     if num_parts > 1:
-        log(f"part {part_id} of {num_parts} (0-based): {len(inputs)} of the {len(everything)} scans")
+        log(f"part {part_id} of {num_parts} (0-based): {len(plan.inputs)} of the {len(inputs)} scans")
     records, complete = [], []
     try:
-        for i, src in enumerate(inputs, 1):
-            t0 = time.time()
+        for i, src in enumerate(plan.inputs, 1):
+            t0, target = time.time(), plan.targets[src]
             reference = mdata.load_volume(src)
-            spacing = nib.affines.voxel_sizes(reference.affine)
-            record = {"case": mdata.nifti_stem(targets[src]), "modality": modality, "output": str(targets[src]),
-                      "seconds": None}
+            record = {"case": mdata.nifti_stem(target), "modality": modality, "output": str(target), "seconds": None}
             truth = None
-            if src in label_files:  # read before anything is written, whatever --output holds
+            if src in plan.labels:  # read before anything is written, whatever --output holds
                 # Read as training reads labels: float files to integers, the run's label map applied.
-                truth = mdata.read_label(mdata.load_volume(label_files[src]), str(label_files[src]), reference, label_map)
-            if src in done:
+                truth = mdata.read_label(mdata.load_volume(plan.labels[src]), str(plan.labels[src]), reference,
+                                         label_map)
+            if src in plan.done:
                 if truth is not None:  # the earlier call's label map, back to training ids as a label file is read
-                    label = mdata.read_label(mdata.load_volume(targets[src]), str(targets[src]), reference, label_map)
-                complete.append(targets[src])
-                log(f"[{i}/{len(inputs)}] {src.name}: {targets[src]} exists, skipped (--skip_existing)")
+                    label = mdata.read_label(mdata.load_volume(target), str(target), reference, label_map)
+                log(f"[{i}/{len(plan.inputs)}] {src.name}: {target} exists, skipped (--skip_existing)")
             else:
                 # A live window count with ETA when a person watches; a line per quarter in a log file.
-                progress = True if sys.stderr.isatty() else quarter_reporter(f"[{i}/{len(inputs)}] {src.name}", log)
-                label, probs = ensemble.segment(src, modality, probabilities=save_probabilities, progress=progress)
-                if keep_largest is not None or min_component_mm3 is not None:
-                    label = postprocess(label, spacing, largest, min_component_mm3)
-                written = to_dataset_values(label, inverse)
-                if save_probabilities:
-                    # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
-                    atomic_write(output_path(src, output_dir, "_probabilities.npz"), lambda tmp: np.savez_compressed(
-                        tmp, probabilities=probs, classes=np.array(classes)))
-                if previews:
-                    write_preview(reference, label, output_path(src, output_dir, ".png"))
-                if per_class:
-                    for k in values:
-                        write_like((label == k).astype(np.uint8), reference,
-                                   output_path(src, output_dir, "") / class_file(classes[k]))
-                if statistics:
-                    stats = {"case": record["case"], "input": str(src), "voxel_size_mm": spacing.tolist(),
-                             "classes": class_statistics(label, reference.get_fdata(dtype=np.float32), spacing,
-                                                         classes, values)}
-                    atomic_write(output_path(src, output_dir, "_statistics.json"),
-                                      lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
-                # The label map last: with it, every output of the case is there (--skip_existing's test).
-                write_like(written, reference, targets[src])
-                complete.append(targets[src])
+                name = f"[{i}/{len(plan.inputs)}] {src.name}"
+                progress = True if sys.stderr.isatty() else quarter_reporter(name, log)
+                written = segment_case(ensemble, plan, src, modality, reference, inverse=inverse, largest=largest,
+                                       min_component_mm3=min_component_mm3, progress=progress)
                 # Scored as written: a class that the label map gives no dataset value is background in the file.
-                label = written if label_map is None else mdata.apply_label_map(written, mdata.parse_label_map(label_map))
+                label = written if label_map is None else mdata.apply_label_map(written,
+                                                                                 mdata.parse_label_map(label_map))
                 record["seconds"] = time.time() - t0
                 timed = [r["seconds"] for r in records if r["seconds"] is not None] + [record["seconds"]]
-                eta = np.mean(timed) * sum(1 for later in inputs[i:] if later not in done)
-                log(f"[{i}/{len(inputs)}] {src.name} -> {targets[src]} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
+                eta = np.mean(timed) * sum(1 for later in plan.inputs[i:] if later not in plan.done)
+                log(f"{name} -> {target} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
+            complete.append(target)
             if truth is not None:
                 # On the scan's grid, with its voxel sizes (the label was read onto that grid).
+                spacing = nib.affines.voxel_sizes(reference.affine)
                 record.update(case_metrics(label, truth, len(classes), spacing, nsd_tolerance))
-                record["reference"] = str(label_files[src])
+                record["reference"] = str(plan.labels[src])
             records.append(record)
         if labels_dir is not None:
             write_evaluation(records, ensemble, output_dir, modality, log, nsd_tolerance)
     except KeyboardInterrupt as exc:
-        raise InferenceInterrupted(complete, [src for src in inputs if targets[src] not in complete]) from exc
+        raise InferenceInterrupted(complete, [src for src in plan.inputs if plan.targets[src] not in complete]) from exc
     return records
+
+
+def segment_case(ensemble: Ensemble, plan: Plan, src: Path, modality: str, reference: nib.Nifti1Image, *,
+                 inverse: dict[int, int] | None = None, largest: list[int] | None = None,
+                 min_component_mm3: float | None = None, progress: Progress = False) -> np.ndarray:
+    """Segment the scan ``src`` (``reference``, as loaded) and write the outputs ``plan`` asks for, the label map
+    last: with it, every output of the case is there (``skip_existing``'s test). Postprocessing keeps the
+    largest component of the classes ``largest`` and drops components under ``min_component_mm3``, when either
+    is given. Returns the label map ``(X, Y, Z)`` as written: the dataset's values when ``inverse`` maps them."""
+    spacing = nib.affines.voxel_sizes(reference.affine)
+    label, probs = ensemble.segment(src, modality, probabilities=plan.probabilities, progress=progress)
+    if largest is not None or min_component_mm3 is not None:
+        label = postprocess(label, spacing, largest or [], min_component_mm3)
+    classes = ensemble.classes
+    if plan.probabilities:
+        # NIfTI has no float16, so nnU-Net's habit: an .npz of (K, X, Y, Z) on the input's voxel grid.
+        atomic_write(plan.path(src, "_probabilities.npz"),
+                     lambda tmp: np.savez_compressed(tmp, probabilities=probs, classes=np.array(classes)))
+    if plan.preview:
+        write_preview(reference, label, plan.path(src, ".png"))
+    for k, name in plan.class_files.items():
+        write_like((label == k).astype(np.uint8), reference, plan.path(src, "") / name)
+    if plan.statistics:
+        stats = {"case": mdata.nifti_stem(plan.targets[src]), "input": str(src), "voxel_size_mm": spacing.tolist(),
+                 "classes": class_statistics(label, reference.get_fdata(dtype=np.float32), spacing, classes,
+                                             written_values(len(classes), inverse))}
+        atomic_write(plan.path(src, "_statistics.json"), lambda tmp: tmp.write_text(json.dumps(stats, indent=2) + "\n"))
+    written = to_dataset_values(label, inverse)
+    write_like(written, reference, plan.targets[src])
+    return written
 
 
 def write_evaluation(records: list[dict], ensemble: Ensemble, output_dir: Path, modality: str,

@@ -18,14 +18,15 @@ import infer as infer_cli
 import train as train_cli
 from mulmodseg import data as mdata
 from mulmodseg import device as mdevice
-from mulmodseg import predict
+from mulmodseg import outputs, predict
 from mulmodseg.cli import predict as predict_cli
 from mulmodseg.data import DataError
 from mulmodseg.metrics import count_flops
+from mulmodseg.outputs import find_inputs, input_share, output_path, write_like
 from mulmodseg.postprocess import component_sizes, postprocess
 from mulmodseg.predict import (
-    Ensemble, InferenceSettings, Segmenter, accumulation_device, find_inputs, input_share, load_model, output_path,
-    restore_probabilities, segment_files, write_evaluation, write_like,
+    Ensemble, InferenceSettings, Segmenter, accumulation_device, load_model, restore_probabilities, segment_files,
+    write_evaluation,
 )
 from mulmodseg.training import train
 from mulmodseg.viz import read_png
@@ -393,11 +394,11 @@ def test_a_folder_input_skips_hidden_files(tmp_path):
 
 def test_label_map_values_need_two_bytes_a_voxel():
     label = np.array([[[0, 1, 2, 3]]], dtype=np.uint8)
-    out = predict.to_dataset_values(label, {1: 205, 2: 500, 3: 850})
+    out = outputs.to_dataset_values(label, {1: 205, 2: 500, 3: 850})
     assert out.dtype == np.uint16 and out.ravel().tolist() == [0, 205, 500, 850]
-    assert predict.to_dataset_values(label, {1: 5, 2: 6, 3: 7}).dtype == np.uint8
-    assert predict.to_dataset_values(label, {1: 70000}).ravel().tolist() == [0, 70000, 0, 0]
-    assert predict.to_dataset_values(label, None).dtype == np.uint8
+    assert outputs.to_dataset_values(label, {1: 5, 2: 6, 3: 7}).dtype == np.uint8
+    assert outputs.to_dataset_values(label, {1: 70000}).ravel().tolist() == [0, 70000, 0, 0]
+    assert outputs.to_dataset_values(label, None).dtype == np.uint8
 
 
 def test_a_log_file_gets_a_progress_line_per_quarter(monkeypatch):
@@ -547,7 +548,7 @@ def test_postprocessing_and_the_outputs_that_know_their_classes(tmp_path, checkp
 def test_class_statistics_by_hand():
     label = np.array([[[0, 1, 1, 2]]], np.uint8)
     image = np.array([[[10.0, 2.0, 4.0, 7.0]]], np.float32)
-    stats = predict.class_statistics(label, image, (2.0, 1.0, 0.5), ["background", "a", "b", "c"],
+    stats = outputs.class_statistics(label, image, (2.0, 1.0, 0.5), ["background", "a", "b", "c"],
                                      {1: 1, 2: 205, 3: 3})
     assert stats == {"a": {"value": 1, "voxels": 2, "volume_mm3": 2.0, "mean_intensity": 3.0},
                      "b": {"value": 205, "voxels": 1, "volume_mm3": 1.0, "mean_intensity": 7.0},

@@ -13,7 +13,8 @@ from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_DATA_ERROR, EXIT
 from mulmodseg.data import DataError
 from mulmodseg.device import set_threads
 from mulmodseg.errors import UserError
-from mulmodseg.predict import InferenceInterrupted, InferenceSettings, find_inputs, segment_files
+from mulmodseg.outputs import find_inputs
+from mulmodseg.predict import InferenceInterrupted, InferenceSettings, segment_files
 
 
 def build_parser() -> argparse.ArgumentParser:
