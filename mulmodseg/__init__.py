@@ -1,7 +1,15 @@
 """mulmodseg: one segmentation model for unpaired CT and MR scans (MulModSeg, WACV 2025).
 
 Submodules are imported on demand (``mulmodseg.nets``, ``mulmodseg.text``, ``mulmodseg.model``, ...) so
-that each one stays copyable on its own.
+that each one stays copyable on its own. From the bottom up:
+
+- ``nets`` (UNet, SwinUNETR) and ``model`` (the network, which imports only ``nets``);
+- ``losses``, ``inferer``, ``metrics``, and ``alt`` (the alternating training, which imports only those three);
+- ``text`` (CLIP tokenizer, tower, weights and tables; nothing else of mulmodseg), ``data`` (scans, preprocessing,
+  crops, cache), ``checkpoint`` (the file format, ``atomic_write``) and ``errors`` (``UserError``);
+- a training run: ``config`` (settings and their checks), ``selection`` (which scans), ``training`` (the Trainer);
+- inference: ``outputs`` (planning a call, the files it writes) and ``predict`` (``Segmenter``, ``segment_files``);
+- the programs: ``evaluate`` and ``cli``.
 """
 
 __version__ = "0.1.0"
