@@ -12,7 +12,7 @@ from mulmodseg.text import CLASS_SETS, EmbeddingTable, TableError, build_embeddi
 from mulmodseg.text import __main__ as text_cli
 from mulmodseg.text.__main__ import main
 from mulmodseg.text.clip import CLIPTextEncoder, TextConfig
-from mulmodseg.text.prompts import make_prompts, modality_phrase, resolve_classes, resolve_template
+from mulmodseg.text.prompts import make_prompts, model_table, modality_phrase, resolve_classes, resolve_template
 
 SMALL = TextConfig(width=64, layers=1, heads=1, embed_dim=32)
 
@@ -148,6 +148,18 @@ def test_onehot():
     assert table.row("CT")[0].tolist() == [1, 0, 1, 0, 0]
     flat = table.embeddings.reshape(6, 5)
     assert len({tuple(r.tolist()) for r in flat}) == 6 and flat.sum(dim=1).eq(2).all()
+
+
+def test_model_table_gives_the_models_embeddings_modalities_and_classes(tmp_path):
+    onehot, modalities, classes = model_table("onehot", ("CT", "MR"), ("background", "liver"))
+    assert torch.equal(onehot, EmbeddingTable.onehot(("CT", "MR"), ("background", "liver")).embeddings)
+    assert (modalities, classes) == (("CT", "MR"), ("background", "liver"))
+    EmbeddingTable(("MR", "PET"), ("bg", "a"), torch.ones(2, 2, 3)).save(tmp_path / "t.pt")
+    saved = model_table(tmp_path / "t.pt", ("CT", "MR"), ("background", "liver"))  # a table brings its names
+    assert saved[0].shape == (2, 2, 3) and saved[1:] == (("MR", "PET"), ("bg", "a"))
+    assert model_table(None, ["CT"], None) == (None, ("CT",), None)  # vision-only
+    with pytest.raises(TableError, match="a one-hot table needs the class names"):
+        model_table("onehot", ("CT", "MR"))
 
 
 def test_table_validation():
