@@ -15,13 +15,13 @@ import train
 from experiments import collect, prepare, run
 from experiments.recipes import AMOS_LABEL_MAP, MMWHS_LABEL_MAP
 from mulmodseg import data as mdata
+from mulmodseg.config import TrainConfig
 from mulmodseg.metrics import count_parameters, write_metrics_csv
 from mulmodseg.model import MulModSeg
 from mulmodseg.predict import load_model
 from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.__main__ import build_parser as text_parser
 from mulmodseg.text.prompts import model_table, resolve_classes
-from mulmodseg.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

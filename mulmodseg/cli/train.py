@@ -1,5 +1,6 @@
 """Train MulModSeg on unpaired CT and MR folders: ``python train.py --ct_dir CT --mr_dir MR --out runs/x`` or
-``mulmodseg-train ...`` (the same ``main``). A command line over ``mulmodseg.training``; see ``--help``.
+``mulmodseg-train ...`` (the same ``main``). A command line over ``mulmodseg.config`` and ``mulmodseg.training``; see
+``--help``.
 """
 
 from __future__ import annotations
