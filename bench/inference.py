@@ -24,8 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, format_table, interleaved, median, report, setup  # noqa: E402
 from peers import VisionOnly, monai_merge_order, swin_contenders, unet_contenders, with_sdpa_attention  # noqa: E402
 
+from mulmodseg.device import autocast_dtype, channels_last_inputs, use_channels_last  # noqa: E402
 from mulmodseg.inferer import sliding_window_inference, window_starts  # noqa: E402
 from mulmodseg.model import MulModSeg  # noqa: E402
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """"bf16", "fp16" or "fp32" (None: no autocast)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def n_windows(shape, roi: int, overlap: float) -> int:
@@ -49,9 +55,11 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=["all", "swin", "unet"], default="all")
     parser.add_argument("--before", action="store_true",
                         help="also time our SwinUNETR with SDPA window attention (the code before the fix)")
-    parser.add_argument("--also", nargs="*", choices=["channels_last", "sw16"], default=[],
-                        help="also time our MulModSeg models with channels_last_3d weights, or with 16 windows "
-                             "per predictor call instead of --sw-batch-size (same weights, same peer)")
+    parser.add_argument("--also", nargs="*", choices=["auto", "channels_last", "sw16"], default=[],
+                        help="also time our MulModSeg models with infer.py's automatic settings on this machine "
+                             "(auto: bf16 where the CPU has bf16 units, channels_last_3d for the UNet on the CPU), "
+                             "with channels_last_3d weights, or with 16 windows per predictor call instead of "
+                             "--sw-batch-size (same weights, same peer at --amp)")
     args = parser.parse_args(argv)
     device = setup(args)
     from monai.inferers import sliding_window_inference as monai_swi
@@ -64,19 +72,28 @@ def main(argv=None) -> None:
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     volume = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
 
-    def ours(model, sw_batch_size=args.sw_batch_size, **kw):
+    def ours(model, sw_batch_size=args.sw_batch_size, autocast=amp, **kw):
         return lambda: sliding_window_inference(volume, roi, model, sw_batch_size, args.overlap,
-                                                mode="gaussian", autocast_dtype=amp, **kw)
+                                                mode="gaussian", autocast_dtype=autocast, **kw)
 
-    def variants(model, label: str, peer_label: str, fns: dict, pairs: list) -> None:
-        """Add ``--also`` rows: a copy of our ``model`` (same weights) run as each variant, against ``peer_label``."""
+    def variants(model, backbone: str, label: str, peer_label: str, fns: dict, pairs: list) -> None:
+        """Add ``--also`` rows: a copy of our ``model`` (same weights) run as each variant, against ``peer_label``.
+        ``auto`` is what infer.py's defaults pick here (``--amp auto``, ``--channels_last auto``)."""
         for variant in args.also:
             twin = copy.deepcopy(model)
-            if variant == "channels_last":
-                fns[f"{label}, {variant}"] = ours(twin.to(memory_format=torch.channels_last_3d), modality="CT")
+            name = f"{label}, {variant}"
+            if variant == "auto":
+                dtype = autocast_dtype("auto", device)
+                layout = use_channels_last(None, backbone, device)
+                name = f"{label}, auto: {dtype_name(dtype)}{', channels_last' if layout else ''}"
+                predictor = twin.to(memory_format=torch.channels_last_3d) if layout else twin
+                fns[name] = ours(channels_last_inputs(predictor) if layout else predictor, modality="CT",
+                                 autocast=dtype)
+            elif variant == "channels_last":
+                fns[name] = ours(twin.to(memory_format=torch.channels_last_3d), modality="CT")
             else:
-                fns[f"{label}, {variant}"] = ours(twin, sw_batch_size=16, modality="CT")
-            pairs.append((f"{label}, {variant}", peer_label))
+                fns[name] = ours(twin, sw_batch_size=16, modality="CT")
+            pairs.append((name, peer_label))
 
     def theirs(model, **kw):
         def run():
@@ -98,7 +115,7 @@ def main(argv=None) -> None:
                "MONAI Swin vision-only + MONAI inferer": theirs(c["MONAI Swin vision-only"].to(device).eval())}
         pairs = [("ours MulModSeg-Swin + our inferer", "MONAI Swin + ref head + MONAI inferer"),
                  ("ours Swin vision-only + our inferer", "MONAI Swin vision-only + MONAI inferer")]
-        variants(c["ours MulModSeg-Swin"], "ours MulModSeg-Swin + our inferer", "MONAI Swin + ref head + MONAI inferer",
+        variants(c["ours MulModSeg-Swin"], "swinunetr", "ours MulModSeg-Swin + our inferer", "MONAI Swin + ref head + MONAI inferer",
                  fns, pairs)
         if args.before:
             before = with_sdpa_attention(swin_contenders(args.feature_size, roi, vision_only=False)["ours MulModSeg-Swin"])
@@ -110,7 +127,7 @@ def main(argv=None) -> None:
         fns = {"ours MulModSeg-UNet + our inferer": ours(c["ours MulModSeg-UNet"].to(device).eval(), modality="CT"),
                "our UNet + ref head + MONAI inferer": theirs(c["our UNet + ref head"].to(device).eval(), modality="CT")}
         pairs = [tuple(fns)]
-        variants(c["ours MulModSeg-UNet"], "ours MulModSeg-UNet + our inferer", "our UNet + ref head + MONAI inferer",
+        variants(c["ours MulModSeg-UNet"], "unet", "ours MulModSeg-UNet + our inferer", "our UNet + ref head + MONAI inferer",
                  fns, pairs)
         groups.append(("UNet", fns, pairs))
     windows = n_windows(shape, roi, args.overlap)
@@ -133,7 +150,8 @@ def main(argv=None) -> None:
                  f"{windows} windows; SwinUNETR feature_size {args.feature_size}, UNet base {args.unet_base}; amp "
                  f"{args.amp}; {args.repeats} interleaved rounds after {args.warmup} warm-up; a row ending in "
                  "', channels_last' runs our model with channels_last_3d weights, one ending in ', sw16' with 16 "
-                 "windows per call"]
+                 "windows per call, one with ', auto: ...' in infer.py's automatic settings on this machine, "
+                 "against the same peer"]
         # One entry per backbone, written as soon as it is measured: a time limit later keeps it.
         report(f"Whole-scan inference, {name}", device, table, notes, write=not args.no_write)
 
