@@ -8,7 +8,8 @@ the modalities, one step per batch. The learning rate follows ``warmup_cosine``,
 
 The shuffle of a pass comes from ``numpy.random.default_rng([seed, epoch, modality, pass])`` and its crops
 from the same numbers plus the rank and the item, so a resumed run replays them exactly. Only torch, numpy
-and mulmodseg's losses, inferer and metrics are imported: the module can be copied into another codebase.
+and mulmodseg's losses, inferer and metrics are imported (and surface, which metrics imports): the module can
+be copied into another codebase with those four.
 """
 
 from __future__ import annotations

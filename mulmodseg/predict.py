@@ -29,7 +29,7 @@ from mulmodseg import data as mdata
 from mulmodseg.checkpoint import atomic_write, load_checkpoint
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.inferer import Progress, sliding_window_inference
-from mulmodseg.metrics import case_metrics, check_nsd_tolerance, count_flops, count_parameters, write_reports
+from mulmodseg.metrics import case_metrics, count_flops, count_parameters, write_reports
 from mulmodseg.model import MulModSeg
 from mulmodseg.outputs import (DATASET_JSON, Plan, class_file, class_statistics, dataset_description, input_share,
                                invert_label_map, plan_outputs, to_dataset_values, write_like, write_preview,
@@ -37,6 +37,7 @@ from mulmodseg.outputs import (DATASET_JSON, Plan, class_file, class_statistics,
 # mulmodseg.evaluate imports these four from here: importable here until its import names mulmodseg.outputs.
 from mulmodseg.outputs import find_inputs, label_candidates, output_dir_problems, output_path  # noqa: F401
 from mulmodseg.postprocess import postprocess, resolve_classes
+from mulmodseg.surface import check_nsd_tolerance
 
 
 @dataclasses.dataclass

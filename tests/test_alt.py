@@ -211,7 +211,7 @@ def test_a_mixed_loaders_members_draw_their_crops_as_their_modalitys_loader():
 
 
 def test_alt_imports_no_sibling_but_losses_inferer_and_metrics():
-    """alt.py copies into another codebase with the three modules it names."""
+    """alt.py copies into another codebase with the three modules it names and surface, which metrics imports."""
     code = "import sys, mulmodseg.alt; print(' '.join(sorted(m for m in sys.modules if m.startswith('mulmodseg'))))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert {m.split(".")[1] for m in loaded if "." in m} == {"alt", "inferer", "losses", "metrics"}
+    assert {m.split(".")[1] for m in loaded if "." in m} == {"alt", "inferer", "losses", "metrics", "surface"}
