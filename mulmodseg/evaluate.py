@@ -21,7 +21,7 @@ from mulmodseg import data as mdata
 from mulmodseg.cli import EXIT_CODES_HELP, EXIT_DATA_ERROR, HelpFormatter, add_version_argument, program_name
 from mulmodseg.data.checks import check_label_pairs
 from mulmodseg.metrics import case_metrics, write_reports
-from mulmodseg.predict import find_inputs, label_candidates, output_dir_problems, output_path
+from mulmodseg.outputs import find_inputs, label_candidates, output_dir_problems, output_path
 from mulmodseg.surface import check_nsd_tolerance
 from mulmodseg.text.prompts import resolve_classes
 

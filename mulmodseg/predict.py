@@ -34,8 +34,6 @@ from mulmodseg.model import MulModSeg
 from mulmodseg.outputs import (DATASET_JSON, Plan, class_file, class_statistics, dataset_description, input_share,
                                invert_label_map, plan_outputs, to_dataset_values, write_like, write_preview,
                                written_values)
-# mulmodseg.evaluate imports these four from here: importable here until its import names mulmodseg.outputs.
-from mulmodseg.outputs import find_inputs, label_candidates, output_dir_problems, output_path  # noqa: F401
 from mulmodseg.postprocess import postprocess, resolve_classes
 from mulmodseg.surface import check_nsd_tolerance
 
