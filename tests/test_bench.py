@@ -131,3 +131,19 @@ def test_learn_quick(capsys, tmp_path):
     for key, scores in out["results"].items():
         for modality, (dice, label) in scores.items():
             assert np.array_equal(again["results"][key][modality][1], label)
+
+
+def test_profile_inference_quick_times_every_stage(capsys):
+    """A tiny checkpoint built by train.py, one whole-scan inference of the bundled MR timed stage by stage."""
+    import profile_inference
+
+    profile_inference.main(["--quick", "--scan", str(BENCH.parent / "data/sample/mr/imagesTr/ts_mr_001.nii.gz"),
+                            "--modality", "MR", "--amp", "none", "--rows", "5"])
+    out = capsys.readouterr().out
+    rows = {r[0]: r for r in table_rows(out, "") if r[0] != "stage"}
+    assert list(rows)[:-1] == ["preprocess", "sliding window (network + blending)", "softmax",
+                               "restoration + argmax", "write label map"]
+    assert all(float(r[1]) >= 0 for r in rows.values())
+    shares = sum(float(rows[name][2].rstrip(" %")) for name in list(rows)[:-1])
+    assert shares == pytest.approx(100, abs=0.6) and rows["total"][2] == "100 %"
+    assert "function calls" in out  # cProfile's table follows
