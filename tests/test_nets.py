@@ -10,7 +10,7 @@ from monai.networks.nets import swin_unetr as monai_swin
 
 from mulmodseg.nets import SwinUNETR, UNet3D, build_backbone, load_swin_weights
 from mulmodseg.nets.swin_unetr import MERGE_ORDERS
-from mulmodseg.nets.unet3d import DomainBatchNorm3d, LUConv, domain_groups
+from mulmodseg.nets.unet3d import DomainBatchNorm3d, domain_groups
 
 
 def n_params(model: nn.Module) -> int:
@@ -160,29 +160,6 @@ def test_domain_batchnorm_normalises_each_domain_with_its_own_statistics():
     assert torch.allclose(single, out[1:2], atol=1e-6)
     with pytest.raises(ValueError, match="out of range"):
         mixed(x[:1], domain_groups(torch.tensor([2]), 1))
-
-
-def test_eval_folds_each_domains_batchnorm_into_the_convolution():
-    torch.manual_seed(0)
-    layer = LUConv(3, 5, norm_domains=2)
-    layer.bn1.running_mean.normal_(0, 0.5)
-    layer.bn1.running_var.uniform_(0.5, 2.0)
-    nn.init.uniform_(layer.bn1.weight, 0.5, 1.5)
-    nn.init.normal_(layer.bn1.bias, 0, 0.3)
-    layer.eval()
-    x = torch.randn(2, 3, 8, 8, 8)
-    with torch.no_grad():
-        for domain in (0, 1):
-            groups = [(domain, None)]
-            unfolded = torch.relu(layer.bn1(layer.conv1(x), groups))
-            torch.testing.assert_close(layer(x, groups), unfolded, rtol=1e-5, atol=1e-6)
-        # a batch of both domains is normalised per group, unfolded: the same numbers as each domain alone
-        mixed = layer(x, domain_groups(torch.tensor([0, 1]), 2))
-        torch.testing.assert_close(mixed[1:], layer(x[1:], [(1, None)]), rtol=1e-5, atol=1e-6)
-    layer.train()  # training keeps BatchNorm's own pass (batch statistics, running averages updated)
-    before = layer.bn1.running_mean.clone()
-    layer(x, [(0, None)])
-    assert not torch.equal(layer.bn1.running_mean[0], before[0]) and torch.equal(layer.bn1.running_mean[1], before[1])
 
 
 def test_domain_groups():

@@ -90,13 +90,6 @@ class DomainBatchNorm3d(nn.BatchNorm3d):
             raise ValueError(f"domain {domain} out of range: this layer has {self.num_domains} domains")
         return self.running_mean[domain], self.running_var[domain]
 
-    def folded_into(self, conv: nn.Conv3d, domain: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``conv``'s (weight, bias) with this layer's eval-mode normalisation of ``domain`` folded in:
-        ``bn(conv(x)) == conv(x, weight, bias)`` when not training."""
-        mean, var = self.stats(domain)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return conv.weight * scale.view(-1, 1, 1, 1, 1), (conv.bias - mean) * scale + self.bias
-
     def forward(self, x: torch.Tensor, groups: Groups = ((0, None),)) -> torch.Tensor:
         """``x: (B, C, D, H, W)``; ``groups`` from ``domain_groups``."""
         if self.training:
@@ -123,11 +116,6 @@ class LUConv(nn.Module):
         self.bn1 = DomainBatchNorm3d(out_ch, norm_domains)
 
     def forward(self, x: torch.Tensor, groups: Groups = ((0, None),)) -> torch.Tensor:
-        if not self.training and len(groups) == 1:
-            # Inference: the normalisation folded into the convolution skips one pass over the output
-            # (3 % of a whole-scan inference on the CPU, bench/RESULTS.md) and, in bf16, one rounding.
-            weight, bias = self.bn1.folded_into(self.conv1, groups[0][0])
-            return F.relu(F.conv3d(x, weight, bias, padding=1), inplace=True)
         return F.relu(self.bn1(self.conv1(x), groups), inplace=True)
 
 
