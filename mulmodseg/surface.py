@@ -230,6 +230,12 @@ def _check_pair(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float]):
     return pred, label, _check_spacing(spacing, 3)
 
 
+def _joint_box(pred: np.ndarray, label: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of the voxels of two bool masks (empty slices when both are empty)."""
+    box = ndimage.find_objects((pred | label).astype(np.uint8))
+    return box[0] if box else tuple(slice(0, 0) for _ in pred.shape)
+
+
 def _distances(pred: np.ndarray, label: np.ndarray, spacing: tuple[float, ...]):
     """The surfels of two bool masks (a crop holding both whole): (distances from the prediction's surfels
     to the label's surface, their areas, distances from the label's surfels to the prediction's surface,
@@ -260,8 +266,7 @@ def surface_distances(pred: np.ndarray, label: np.ndarray, spacing: Sequence[flo
     ``compute_surface_distances``, without its sorting.
     """
     pred, label, spacing = _check_pair(pred, label, spacing)
-    box = ndimage.find_objects((pred | label).astype(np.uint8))
-    crop = box[0] if box else tuple(slice(0, 0) for _ in range(3))
+    crop = _joint_box(pred, label)
     return _distances(pred[crop], label[crop], spacing)
 
 
@@ -303,8 +308,7 @@ def surface_metrics(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float
     surfel distances. Both absent: (NaN, NaN); one absent: (0, the volume's diagonal in mm).
     """
     pred, label, spacing = _check_pair(pred, label, spacing)
-    box = ndimage.find_objects((pred | label).astype(np.uint8))
-    crop = box[0] if box else ()
+    crop = _joint_box(pred, label)
     return _surface_pair(pred[crop], label[crop], spacing, check_nsd_tolerance(tolerance), _diagonal(pred.shape, spacing))
 
 
