@@ -104,8 +104,9 @@ def train_step(model: nn.Module, batch: dict, modality: str | list[str], *, loss
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
                amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0,
                channels_last: bool = False) -> tuple[float, float]:
-    """One forward/backward/optimizer step on ``batch`` ({"image": (B, 1, *roi), "label": (B, 1, *roi)}) of
-    ``modality`` (one name, or one per sample); returns the unweighted (dice, ce) loss terms.
+    """One forward/backward/optimizer step on ``batch`` ({"image": (B, 1, *roi), "label": (B, 1, *roi)} and, for
+    partially labelled data, "labelled": (B, K) bool) of ``modality`` (one name, or one per sample); returns the
+    unweighted (dice, ce) loss terms.
 
     Minimises ``loss_fn.lambda_dice * dice + loss_fn.lambda_ce * ce``, under autocast to ``amp_dtype`` (None:
     fp32), with the gradient norm clipped to ``grad_clip`` when > 0. A loss that is not finite raises
@@ -119,7 +120,8 @@ def train_step(model: nn.Module, batch: dict, modality: str | list[str], *, loss
     label = batch["label"].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         logits = model(image, modality)
-    dice, ce = loss_fn.terms(logits.float(), label)
+    labelled = batch.get("labelled")
+    dice, ce = loss_fn.terms(logits.float(), label, None if labelled is None else labelled.to(device))
     loss = loss_fn.lambda_dice * dice + loss_fn.lambda_ce * ce
     finite = bool(torch.isfinite(loss))
     if dist.is_initialized():

@@ -9,11 +9,15 @@ Conventions (background, class 0, is never scored):
   predicted but not in the label is scored, since it is a real error);
 - a class present in exactly one of them has Dice 0, NSD 0 and HD95 equal to the diagonal of the volume in
   mm (see :mod:`mulmodseg.surface`): longer than any distance inside the volume, and finite, so means stay
-  numbers.
+  numbers;
+- a class the reference's dataset does not label (a partially labelled dataset, e.g. CHAOS MR labels four
+  organs) is *not labelled*: NaN like absent, so a prediction of an unlabelled organ is no false positive,
+  but ``not labelled`` in every table (``null`` in JSON) rather than absent (:func:`mask_unlabelled`).
 
 A *row* is one evaluated case: ``{"case": str, "modality": str, "dice": (C,), "nsd": (C,), "hd95": (C,)}``
 with ``C = num_classes - 1`` foreground classes, as :func:`case_metrics` gives them (``nsd`` and ``hd95``
-are optional: tables hold the metrics the rows have). A *summary* is what :func:`summarise` returns for
+are optional: tables hold the metrics the rows have), and ``"labelled": (C,) bool`` when not every class is
+labelled. A *summary* is what :func:`summarise` returns for
 a list of rows and one metric.
 """
 
@@ -36,6 +40,7 @@ from mulmodseg.surface import surface_metrics_per_class
 __all__ = [
     "METRICS",
     "case_metrics",
+    "mask_unlabelled",
     "row_metrics",
     "dice_per_class",
     "summarise",
@@ -51,6 +56,7 @@ __all__ = [
 ]
 
 ABSENT = "absent"
+NOT_LABELLED = "not labelled"
 REPORT_FILES = ("metrics.csv", "summary.md", "summary.csv", "summary.json")
 # Metric key -> (name in tables, scale for the summary tables, unit there).
 METRICS = {"dice": ("Dice", 100.0, "%"), "nsd": ("NSD", 100.0, "%"), "hd95": ("HD95", 1.0, "mm")}
@@ -73,6 +79,18 @@ def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int, spacing:
     dice = dice_per_class(pred, label, num_classes)  # also checks the values
     nsd, hd95 = surface_metrics_per_class(pred, label, num_classes, spacing, nsd_tolerance)
     return {"dice": dice, "nsd": nsd, "hd95": hd95}
+
+
+def mask_unlabelled(scores: dict[str, np.ndarray], labelled: Sequence[int] | None) -> dict[str, np.ndarray]:
+    """``scores`` (metric -> (C,), as :func:`case_metrics` gives them) with the classes that ``labelled`` (the
+    foreground class indices 1..C that the reference's dataset labels; None: all) leaves out set to NaN, and
+    ``"labelled": (C,) bool`` added when it leaves one out."""
+    if labelled is None:
+        return dict(scores)
+    size = len(next(iter(scores.values())))
+    mask = np.zeros(size, dtype=bool)
+    mask[[k - 1 for k in labelled]] = True
+    return {**{m: np.where(mask, np.asarray(v, dtype=np.float64), np.nan) for m, v in scores.items()}, "labelled": mask}
 
 
 def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -105,9 +123,10 @@ def summarise(rows: Sequence[dict], metric: str = "dice") -> dict:
 
     Returns ``{"per_class": (C,) float64 means, NaN for a class absent in every case; "std": (C,) the
     population standard deviation (numpy's ``std``, ddof=0) of the same values; "present": (C,) int64,
-    cases where the class is present; "mean": float, the mean of the non-NaN per-class means (the
-    table's Average column); "case_std": float, the standard deviation over cases of each case's mean
-    over its present classes (the Average's spread); "cases": int}``.
+    cases where the class is present; "labelled": (C,) int64, cases whose reference labels the class;
+    "mean": float, the mean of the non-NaN per-class means (the table's Average column); "case_std": float,
+    the standard deviation over cases of each case's mean over its present classes (the Average's spread);
+    "cases": int}``.
     """
     if not rows:
         raise ValueError("no rows to summarise")
@@ -123,6 +142,7 @@ def summarise(rows: Sequence[dict], metric: str = "dice") -> dict:
         "per_class": per_class,
         "std": std,
         "present": present,
+        "labelled": np.stack([_labelled(row, values.shape[1]) for row in rows]).sum(0),
         "mean": float(scored.mean()) if scored.size else math.nan,
         "case_std": float(case_means.std()) if case_means.size else math.nan,
         "cases": len(rows),
@@ -137,7 +157,8 @@ def row_metrics(rows: Sequence[dict]) -> list[str]:
 def write_metrics_csv(path: str | os.PathLike, rows: Sequence[dict], class_names: Sequence[str]) -> None:
     """One line per case, numbers only: ``case, modality``, the Dice (0..1) per class and ``mean`` (the
     mean over the case's present classes), then, when the rows hold them, ``NSD <class>`` ... ``NSD mean``
-    (0..1) and ``HD95 <class>`` ... ``HD95 mean`` (mm). An absent class is an empty cell.
+    (0..1) and ``HD95 <class>`` ... ``HD95 mean`` (mm). An absent class is an empty cell, a class the case's
+    reference does not label ``not labelled``.
 
     class_names: the C foreground names (no background).
     """
@@ -154,7 +175,8 @@ def write_metrics_csv(path: str | os.PathLike, rows: Sequence[dict], class_names
             cells = [row["case"], row["modality"]]
             for metric in metrics:
                 values = np.asarray(row[metric], dtype=np.float64)
-                cells += [_number(v, 1.0, 6) for v in [*values, _mean(values)]]
+                cells += [_number(v, 1.0, 6) if known else NOT_LABELLED
+                          for v, known in zip([*values, _mean(values)], [*_labelled(row, len(values)), True])]
             writer.writerow(cells)
 
 
@@ -162,7 +184,7 @@ def summary_rows(settings: dict[str, dict], class_names: Sequence[str], metric: 
                  ) -> list[list[str]]:
     """The paper's layout as text cells: a header, then one row per setting, one column per organ, then
     ``Average``. Dice and NSD in percent, HD95 in mm, with two decimals; ``absent`` where no case had the
-    class. With ``std``, each cell is ``mean ± std`` (the Average's spread is ``case_std``, see :func:`summarise`).
+    class, ``not labelled`` where no case's reference labels it. With ``std``, each cell is ``mean ± std`` (the Average's spread is ``case_std``, see :func:`summarise`).
 
     settings: setting name (e.g. ``"CT, ALT"``) -> a :func:`summarise` result for ``metric``.
     """
@@ -171,8 +193,12 @@ def summary_rows(settings: dict[str, dict], class_names: Sequence[str], metric: 
     for name, summary in settings.items():
         _check_names(class_names, len(summary["per_class"]))
         cells = []
-        for mean, spread in zip([*summary["per_class"], summary["mean"]], [*summary["std"], summary["case_std"]]):
-            if math.isnan(mean):
+        labelled = [*summary.get("labelled", np.ones(len(summary["per_class"]))), 1]
+        for mean, spread, known in zip([*summary["per_class"], summary["mean"]],
+                                       [*summary["std"], summary["case_std"]], labelled):
+            if not known:
+                cells.append(NOT_LABELLED)
+            elif math.isnan(mean):
                 cells.append(ABSENT)
             else:
                 cells.append(_number(mean, scale, 2) + (f" ± {_number(spread, scale, 2)}" if std else ""))
@@ -194,7 +220,8 @@ def write_summary_csv(path: str | os.PathLike, settings: dict[str, dict[str, dic
     """The summary tables as CSV, numbers only: ``setting, metric, statistic``, one column per class, then
     ``Average``. For each setting and metric (``dice``, ``nsd`` in %; ``hd95`` in mm) three lines: ``mean``,
     ``std`` and ``n`` (cases where the class is present; the Average's is the number of cases), as in
-    :func:`summary_rows` with ``std``. An absent class is an empty cell.
+    :func:`summary_rows` with ``std``. An absent class is an empty cell, a class no case's reference labels
+    ``not labelled``.
 
     settings: setting name -> metric key -> a :func:`summarise` result.
     """
@@ -207,8 +234,11 @@ def write_summary_csv(path: str | os.PathLike, settings: dict[str, dict[str, dic
                 _check_names(class_names, len(summary["per_class"]))
                 means = [*summary["per_class"], summary["mean"]]
                 spreads = [*summary["std"], summary["case_std"]]
-                writer.writerow([name, metric, "mean", *(_number(v, scale, 2) for v in means)])
-                writer.writerow([name, metric, "std", *(_number(v, scale, 2) for v in spreads)])
+                known = [*summary.get("labelled", np.ones(len(means) - 1)), 1]
+                writer.writerow([name, metric, "mean", *(_number(v, scale, 2) if k else NOT_LABELLED
+                                                         for v, k in zip(means, known))])
+                writer.writerow([name, metric, "std", *(_number(v, scale, 2) if k else NOT_LABELLED
+                                                        for v, k in zip(spreads, known))])
                 writer.writerow([name, metric, "n", *map(int, summary["present"]), summary["cases"]])
 
 
@@ -216,23 +246,28 @@ def write_summary_json(path: str | os.PathLike, rows: Sequence[dict], class_name
                        settings: dict) -> None:
     """nnU-Net's ``summary.json`` layout for one setting: ``setting``, ``settings`` (how it was scored),
     ``classes``, ``foreground_mean`` (metric -> the mean of the per-class means, and ``case_std``),
-    ``mean`` (class -> metric -> ``mean``, ``std``, ``n``) and ``metric_per_case`` (each row's other keys,
-    with ``metrics``: class -> metric -> value). Values are fractions (Dice, NSD) and mm (HD95), unrounded;
-    absent is ``null``.
+    ``mean`` (class -> metric -> ``mean``, ``std``, ``n`` and, where a reference does not label every class,
+    ``labelled``: the cases whose reference labels it) and
+    ``metric_per_case`` (each row's other keys, with ``metrics``: class -> metric -> value). Values are
+    fractions (Dice, NSD) and mm (HD95), unrounded; absent and not labelled are ``null`` (a row's ``labelled``
+    lists the classes its reference labels when that is not all of them).
     """
     metrics = row_metrics(rows)
     names = _check_names(class_names, len(rows[0]["dice"]) if rows else None)
     summaries = {m: summarise(rows, m) for m in metrics}
+    partial = any("labelled" in row for row in rows)
     report = {
         "setting": setting,
         "settings": settings,
         "classes": names,
         "foreground_mean": {m: {"mean": _json(s["mean"]), "case_std": _json(s["case_std"])}
                             for m, s in summaries.items()},
-        "mean": {name: {m: {"mean": _json(s["per_class"][c]), "std": _json(s["std"][c]), "n": int(s["present"][c])}
+        "mean": {name: {m: {"mean": _json(s["per_class"][c]), "std": _json(s["std"][c]), "n": int(s["present"][c]),
+                            **({"labelled": int(s["labelled"][c])} if partial else {})}
                         for m, s in summaries.items()} for c, name in enumerate(names)},
         "metric_per_case": [
-            {**{k: v for k, v in row.items() if k not in METRICS},
+            {**{k: v for k, v in row.items() if k not in METRICS and k != "labelled"},
+             **({"labelled": [n for n, k in zip(names, row["labelled"]) if k]} if "labelled" in row else {}),
              "metrics": {name: {m: _json(row[m][c]) for m in metrics} for c, name in enumerate(names)}}
             for row in rows
         ],
@@ -303,6 +338,11 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], **forward_kwargs) 
 def _number(value: float, scale: float, decimals: int) -> str:
     """A CSV cell: the scaled value, or empty for NaN (absent)."""
     return "" if math.isnan(value) else f"{value * scale:.{decimals}f}"
+
+
+def _labelled(row: dict, size: int) -> np.ndarray:
+    """A row's (C,) bool mask of the classes its reference labels (all, when it does not say)."""
+    return np.asarray(row["labelled"], dtype=bool) if "labelled" in row else np.ones(size, dtype=bool)
 
 
 def _mean(values: np.ndarray) -> float:

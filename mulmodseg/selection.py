@@ -8,11 +8,13 @@ validation; then ``--max_cases`` of the training scans. A resumed run must find 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from mulmodseg import data as mdata
 from mulmodseg.config import DEFAULT_FOLDS, TrainConfig, TrainingError
+from mulmodseg.text.prompts import resolve_classes
 
 SPLITS_FILE = "splits.json"  # in --out: the folds every fold of a cross-validation study shares
 Cases = dict[str, list[mdata.Case]]  # modality -> its scans
@@ -22,12 +24,11 @@ def select_cases(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Cases, C
     """(training scans, validation scans, the study's splits or None) of ``cfg.trained_modalities``; raises
     ``TrainingError`` when a modality is left without training scans, or ``--val_every`` without validation."""
     # A study's split covers every modality given, so that e.g. a CT-only and an ALT run share it.
-    found = {name: mdata.discover_cases(cfg.data_dirs[name], name)
-             for name in (cfg.data_dirs if cfg.fold is not None else cfg.trained_modalities)}
+    found, validation_lists = dataset_cases(cfg, cfg.data_dirs if cfg.fold is not None else cfg.trained_modalities)
     splits = study_splits(cfg, found) if cfg.fold is not None else None
     cases, val_cases = {}, {}
     for name in cfg.trained_modalities:
-        scans, listed = found[name], mdata.validation_cases(cfg.data_dirs[name], name)
+        scans, listed, folders = found[name], validation_lists[name], ", ".join(cfg.data_dirs[name])
         if splits is not None:
             by_id = {c.id: c for c in scans}
             train, val = ([by_id[i] for i in splits[name][cfg.fold][part]] for part in ("train", "val"))
@@ -37,7 +38,7 @@ def select_cases(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Cases, C
                     f"{len(listed)} of the datalist's validation list unused")
         elif listed:
             if cfg.val_fraction:
-                raise TrainingError(f"--val_fraction {cfg.val_fraction}: {cfg.data_dirs[name]}/dataset.json has a "
+                raise TrainingError(f"--val_fraction {cfg.val_fraction}: a dataset.json of {folders} has a "
                                     f"validation list ({len(listed)} scans), which is the validation set; drop "
                                     "--val_fraction")
             held = {c.id for c in listed}
@@ -47,7 +48,7 @@ def select_cases(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Cases, C
         if not train:
             how = (f"--fold {cfg.fold}" if splits is not None else "the datalist's validation list" if listed
                    else f"--val_fraction {cfg.val_fraction}; lower --val_fraction")
-            raise TrainingError(f"{name}: no scans left to train on: {len(scans)} in {cfg.data_dirs[name]}, "
+            raise TrainingError(f"{name}: no scans left to train on: {len(scans)} in {folders}, "
                                 f"{len(val)} held out by {how}")
         if name in cfg.max_cases:  # N training scans, as --max_cases says, whatever validation holds
             train = mdata.subsample(train, cfg.max_cases[name], cfg.seed)
@@ -57,6 +58,56 @@ def select_cases(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Cases, C
         raise TrainingError(f"--val_every {cfg.val_every}: --val_fraction {cfg.val_fraction} holds out no scan "
                             f"of {counts}; raise --val_fraction or drop --val_every")
     return cases, val_cases, splits
+
+
+def folder_labels(cfg: TrainConfig, modalities: Iterable[str]) -> dict[str, tuple[int, ...] | None]:
+    """{dataset folder: the classes it labels (None: all)} of ``modalities``' folders: ``--labelled``, else the
+    folder's dataset.json (``mdata.labelled_classes``). Raises one ``DataError`` listing every folder's problems."""
+    classes = resolve_classes(cfg.classes)
+    label_map = mdata.parse_label_map(cfg.label_map) if cfg.label_map else None
+    labels, problems = {}, []
+    for folder in (d for name in modalities for d in cfg.data_dirs[name]):
+        datalist = Path(folder) / "dataset.json"
+        try:
+            labels[folder] = mdata.labelled_classes(classes, datalist if datalist.is_file() else None,
+                                                    cfg.labelled.get(folder), label_map)
+        except mdata.DataError as error:
+            problems += error.problems
+    if problems:
+        raise mdata.DataError(problems)
+    return labels
+
+
+def dataset_cases(cfg: TrainConfig, modalities: Iterable[str]) -> tuple[Cases, Cases]:
+    """(scans, the scans of the datalists' validation lists) of each of ``modalities``: those of every dataset
+    folder of the modality, sorted by id, each ``Case.labelled`` holding the classes its dataset labels."""
+    modalities = list(modalities)
+    labels = folder_labels(cfg, modalities)
+    found: Cases = {}
+    listed: Cases = {}
+    problems: list[str] = []
+    for name in modalities:
+        found[name], listed[name] = [], []
+        for folder in cfg.data_dirs[name]:
+            try:
+                found[name] += [replace(c, labelled=labels[folder]) for c in mdata.discover_cases(folder, name)]
+                listed[name] += [replace(c, labelled=labels[folder]) for c in mdata.validation_cases(folder, name)]
+            except mdata.DataError as error:
+                problems += error.problems
+        found[name].sort(key=lambda c: c.id)
+        listed[name].sort(key=lambda c: c.id)
+    if problems:
+        raise mdata.DataError(problems)
+    return found, listed
+
+
+def dataset_records(cfg: TrainConfig) -> dict[str, list[dict]]:
+    """{modality: [{"dir": folder, "labelled": class names or "all"}]} of the trained modalities' datasets, as
+    a checkpoint and config.json record them (a resumed run must find the same)."""
+    classes = resolve_classes(cfg.classes)
+    labels = folder_labels(cfg, cfg.trained_modalities)
+    return {name: [{"dir": d, "labelled": "all" if labels[d] is None else [classes[k] for k in labels[d]]}
+                   for d in cfg.data_dirs[name]] for name in cfg.trained_modalities}
 
 
 def study_splits(cfg: TrainConfig, found: Cases) -> mdata.Splits:
@@ -123,4 +174,4 @@ def check_resumed_cases(saved: dict | None, now: dict[str, dict[str, list[str]]]
                 raise TrainingError(
                     f"--resume: the {name} {'training' if part == 'train' else 'validation'} scans differ from the "
                     f"saved run's ({'; '.join(changes)}): were files added to or removed from "
-                    f"{cfg.data_dirs[name]}? Restore them, or start a new run")
+                    f"{', '.join(cfg.data_dirs[name])}? Restore them, or start a new run")

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Dict, List, Optional, Sequence, Union
+from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from mulmodseg.errors import UserError
 
@@ -38,12 +38,14 @@ class DataError(UserError):
 
 @dataclass(frozen=True)
 class Case:
-    """One scan: image path, label path (None when unlabelled) and modality name (e.g. "CT", "MR")."""
+    """One scan: image path, label path (None when unlabelled), modality name (e.g. "CT", "MR") and the classes its
+    dataset labels (``labelled_classes``: a 0 in a partially labelled scan is background or an unlabelled class)."""
 
     id: str
     image: Path
     label: Optional[Path]
     modality: str
+    labelled: Optional[Tuple[int, ...]] = None  # the foreground classes its dataset labels; None: every class
 
 
 def nifti_stem(path: PathLike) -> Optional[str]:
@@ -239,3 +241,61 @@ def discover_modalities(root: PathLike, split: str = "train") -> Dict[str, List[
     if not isinstance(dirs, dict) or not dirs:
         raise DataError(f"{Path(root) / 'dataset.json'}: no \"modality_dirs\" mapping of modality -> folder")
     return {modality: discover_cases(Path(root) / folder, modality, split) for modality, folder in dirs.items()}
+
+
+def class_key(name: str) -> str:
+    """A class name as names are compared: lower case, ``_`` and ``-`` as spaces, single spaces."""
+    return " ".join(re.sub(r"[_\-]", " ", str(name)).lower().split())
+
+
+def labels_file(folder: PathLike) -> Optional[Path]:
+    """The ``dataset.json`` that describes the labels in ``folder``: in it, else in its parent (the dataset root of
+    an ``imagesTr``/``labelsTr`` layout), else None."""
+    for candidate in (Path(folder) / "dataset.json", Path(folder).parent / "dataset.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def labelled_classes(classes: Sequence[str], dataset_json: Optional[PathLike] = None,
+                     given: Optional[Sequence[str]] = None, label_map: Optional[Mapping[int, int]] = None,
+                     ) -> Optional[Tuple[int, ...]]:
+    """The foreground classes (indices into ``classes``, background first) that a dataset labels: the names
+    ``given`` (``--labelled DIR=liver,spleen``), else the ``labels`` of its ``dataset.json`` (MSD's
+    ``{"1": "spleen"}`` or nnU-Net v2's ``{"spleen": 1}``; each name must be one of ``classes`` and its value
+    that class's index, after ``label_map``), else every class. Returns None when every class is labelled.
+    Raises DataError listing every unknown name and every value that is not its class's index."""
+    index = {class_key(name): k for k, name in enumerate(classes)}
+    where = "--labelled" if given is not None else str(dataset_json)
+    named: List[Tuple[Optional[int], str]] = []  # (value in the label files or None, name)
+    if given is not None:
+        named = [(None, name) for name in given]
+    elif dataset_json is not None:
+        labels = (_read_datalist(Path(dataset_json)) or {}).get("labels")
+        if not isinstance(labels, dict):
+            return None
+        for key, value in labels.items():
+            numeric = str(key).strip().isdigit()
+            name, number = (value, key) if numeric else (key, value)
+            if not isinstance(number, (int, str)) or not str(number).strip().isdigit():
+                raise DataError(f"{where}: label {key!r}: {value!r} is not a label value (region labels are not "
+                                "supported)")
+            named.append((int(number), str(name)))
+    else:
+        return None
+    problems, found = [], set()
+    for value, name in named:
+        k = index.get(class_key(name))
+        if k is None:
+            problems.append(f"{where}: class {name!r} is not one of the run's classes ({', '.join(classes[1:])}); "
+                            "rename it, or pass --classes with it")
+            continue
+        stored = value if value is None or label_map is None else label_map.get(value, 0)
+        if stored is not None and stored != k:
+            problems.append(f"{where}: label value {value} is named {name!r}, which is class {k} of the run's "
+                            f"classes; map it with --label_map {value}:{k}")
+        if k:
+            found.add(k)
+    if problems:
+        raise DataError(problems)
+    return None if found >= set(range(1, len(classes))) else tuple(sorted(found))

@@ -46,8 +46,9 @@ class CropDataset(Dataset):
     """volumes: [(image float (X, Y, Z), label int (X, Y, Z))] in the training space (e.g. memmaps from
     `VolumeCache`), ideally padded to >= roi_size (smaller volumes are zero-padded per crop).
 
-    Item i: {"image": float32 (num_samples, 1, *roi), "label": int64 (num_samples, 1, *roi)} and
-    "modality": str when `modality` is given.
+    Item i: {"image": float32 (num_samples, 1, *roi), "label": int64 (num_samples, 1, *roi)},
+    "modality": str when `modality` is given, and "labelled": bool (num_samples, K) when `labelled` is given:
+    one (K,) bool mask per volume of the classes its dataset labels (the loss of partially labelled data).
     """
 
     def __init__(self, volumes: Sequence[Tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int] = (96, 96, 96),
@@ -55,7 +56,7 @@ class CropDataset(Dataset):
                  intensity_scale: float = 0.1, aug_prob: float = 0.5, rotate_degrees: float = 0.0,
                  scale_range: float = 0.0, warp_prob: float = 1.0, flip: Union[bool, Sequence[int]] = False, seed: int = 0,
                  modality: Optional[str] = None, positive_centres: str = "voxel",
-                 flip_label_order: Optional[Sequence[int]] = None):
+                 flip_label_order: Optional[Sequence[int]] = None, labelled: Optional[Sequence[np.ndarray]] = None):
         if any(label is None for _, label in volumes):
             raise ValueError("CropDataset needs a label for every volume")
         if not 0.0 <= pos_fraction <= 1.0:
@@ -80,6 +81,9 @@ class CropDataset(Dataset):
             self.flip_lut = np.asarray(flip_label_order)
         self.seed = int(seed)
         self.modality = modality
+        if labelled is not None and len(labelled) != len(self.volumes):
+            raise ValueError(f"{len(labelled)} labelled masks for {len(self.volumes)} volumes")
+        self.labelled = None if labelled is None else [np.asarray(m, dtype=bool) for m in labelled]
         self.draw: Tuple[int, ...] = (0,)
 
     def set_epoch(self, draw: Union[int, Sequence[int]]) -> None:
@@ -146,6 +150,8 @@ class CropDataset(Dataset):
         }
         if self.modality is not None:
             item["modality"] = self.modality
+        if self.labelled is not None:
+            item["labelled"] = torch.from_numpy(np.repeat(self.labelled[index][None], self.num_samples, 0))
         return item
 
     def _crop(self, volume: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -219,12 +225,15 @@ def _reflect(coord: np.ndarray, size: int) -> np.ndarray:
 
 
 def collate_crops(batch: List[Dict[str, object]]) -> Dict[str, object]:
-    """Items of `CropDataset` -> {"image": (B * num_samples, 1, *roi), "label": same, int64} and, when the
-    items carry one, "modality": a list with one entry per row."""
+    """Items of `CropDataset` -> {"image": (B * num_samples, 1, *roi), "label": same, int64}, "labelled":
+    (B * num_samples, K) bool when the items carry it and, when the items carry one, "modality": a list with
+    one entry per row."""
     out: Dict[str, object] = {
         "image": torch.cat([item["image"] for item in batch]),
         "label": torch.cat([item["label"] for item in batch]),
     }
+    if batch and all("labelled" in item for item in batch):
+        out["labelled"] = torch.cat([item["labelled"] for item in batch])
     if all("modality" in item for item in batch) and batch:
         out["modality"] = [item["modality"] for item in batch for _ in range(item["image"].shape[0])]
     return out
