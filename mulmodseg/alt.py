@@ -15,6 +15,7 @@ be copied into another codebase with those four.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -100,10 +101,36 @@ def mixed_batches(loader: EpochLoader, epoch: int) -> Iterator[tuple[list[str], 
         yield batch["modality"], batch
 
 
+@dataclass
+class GradientGuard:
+    """Never apply a corrupt gradient: ``admits(norm)`` is False for a total gradient norm that is not finite or
+    above ``max_norm``, and counts the skipped steps (``skipped``, ``consecutive``).
+
+    ``max_norm`` 1e15: a gradient element of 1e19 or more squares to inf in fp32, so AdamW's second moment of that
+    parameter overflows and it stops learning (or turns NaN) for good, while the loss stays finite for a step or
+    more. Healthy steps of these networks measure norms below 1e3 (bench/RESULTS.md, "gradient guard"), and the
+    corrupt bf16 CPU gradients seen measured 1e29 to 1e35: any threshold between the two separates them; 1e15
+    keeps a wide margin to both sides and to fp32's range.
+    """
+
+    max_norm: float = 1e15
+    skipped: int = 0
+    consecutive: int = 0
+
+    def admits(self, norm: float) -> bool:
+        """Whether a step with this total gradient norm may be applied; counts it when not."""
+        if math.isfinite(norm) and norm <= self.max_norm:
+            self.consecutive = 0
+            return True
+        self.skipped += 1
+        self.consecutive += 1
+        return False
+
+
 def train_step(model: nn.Module, batch: dict, modality: str | list[str], *, loss_fn: DiceCELoss,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
                amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0,
-               channels_last: bool = False) -> tuple[float, float]:
+               channels_last: bool = False, guard: GradientGuard | None = None) -> tuple[float, float]:
     """One forward/backward/optimizer step on ``batch`` ({"image": (B, 1, *roi), "label": (B, 1, *roi)} and, for
     partially labelled data, "labelled": (B, K) bool) of ``modality`` (one name, or one per sample); returns the
     unweighted (dice, ce) loss terms.
@@ -112,7 +139,8 @@ def train_step(model: nn.Module, batch: dict, modality: str | list[str], *, loss
     fp32), with the gradient norm clipped to ``grad_clip`` when > 0. A loss that is not finite raises
     ``FloatingPointError`` before any step, so the weights stay as they were; under ``torch.distributed``
     every rank raises when any rank's loss is not finite. ``channels_last``: the image as channels_last_3d,
-    for a model already in that format.
+    for a model already in that format. ``guard``: skips the optimizer step when the gradient is corrupt
+    (``GradientGuard``); every rank decides alike, since DDP's backward has made their gradients equal.
     """
     image = batch["image"].to(device, non_blocking=True)
     if channels_last:
@@ -135,9 +163,16 @@ def train_step(model: nn.Module, batch: dict, modality: str | list[str], *, loss
         rank = f" on rank {dist.get_rank()}" if dist.is_initialized() else ""
         raise FloatingPointError(f"loss is {loss.item()}{rank} (dice {dice.item()}, ce {ce.item()})")
     scaler.scale(loss).backward()
-    if grad_clip > 0:
+    if grad_clip > 0 or guard is not None:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if guard is not None and not guard.admits(float(norm)):
+            optimizer.zero_grad(set_to_none=True)  # the weights and the optimizer's moments stay as they were
+            scaler.update()
+            return dice.item(), ce.item()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, grad_clip, norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mulmodseg import data as mdata
-from mulmodseg.alt import ConcatCrops, EpochLoader, alt_batches, train_step, warmup_cosine
+from mulmodseg.alt import ConcatCrops, EpochLoader, GradientGuard, alt_batches, train_step, warmup_cosine
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.model import MulModSeg
 from mulmodseg.text.prompts import model_table, resolve_classes
@@ -217,3 +217,36 @@ def test_alt_imports_no_sibling_but_losses_inferer_and_metrics():
     code = "import sys, mulmodseg.alt; print(' '.join(sorted(m for m in sys.modules if m.startswith('mulmodseg'))))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert {m.split(".")[1] for m in loaded if "." in m} == {"alt", "inferer", "losses", "metrics", "surface"}
+
+
+# -- the gradient guard ------------------------------------------------------------------------------------------
+
+
+def test_gradient_guard_admits_healthy_norms_and_counts_the_others():
+    guard = GradientGuard()
+    assert [guard.admits(n) for n in (0.0, 12.5, 1e15)] == [True, True, True]
+    assert [guard.admits(n) for n in (float("inf"), float("nan"), 1.1e15)] == [False, False, False]
+    assert (guard.skipped, guard.consecutive) == (3, 3)
+    assert guard.admits(3.0) and (guard.skipped, guard.consecutive) == (3, 0)
+
+
+@pytest.mark.parametrize("corrupt", [1e30, float("inf")])
+def test_a_step_with_a_corrupt_gradient_is_skipped_and_changes_nothing(corrupt):
+    torch.manual_seed(0)
+    model = MulModSeg("unet", 3, *model_table("onehot", classes=("bg", "a", "b")), base_channels=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batch = {"image": torch.randn(2, 1, 16, 16, 16), "label": torch.randint(0, 3, (2, 1, 16, 16, 16))}
+    guard = GradientGuard()
+    kwargs = dict(loss_fn=DiceCELoss(), optimizer=opt, scaler=scaler, device=torch.device("cpu"), guard=guard)
+    hook = next(model.parameters()).register_hook(lambda g: g * corrupt)  # as one bf16 CPU backward gave (issue 28)
+    before = [p.detach().clone() for p in model.parameters()]
+    dice, ce = train_step(model, batch, "CT", **kwargs)
+    assert np.isfinite(dice) and np.isfinite(ce)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert opt.state_dict()["state"] == {} and all(p.grad is None for p in model.parameters())
+    assert (guard.skipped, guard.consecutive) == (1, 1)
+    hook.remove()
+    train_step(model, batch, "CT", **kwargs)  # a healthy step is applied again
+    assert sum(not torch.equal(a, p) for a, p in zip(before, model.parameters())) > 0
+    assert (guard.skipped, guard.consecutive) == (1, 0)

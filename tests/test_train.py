@@ -685,3 +685,98 @@ def test_two_folds_train_validate_report_and_resume_on_their_split(tmp_path, cac
     assert train_cli.main(["--out", str(study), "--resume", "--epochs", "3"]) == 2
     assert (f"--resume: {study / 'last.pt'} does not exist (a cross-validation study: pass its --fold K)"
             in capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------- partial labels
+
+
+def partial_copy(folder: Path, source: Path, cases: dict[str, str], keep: dict[int, str]) -> Path:
+    """``source``'s scan as each of ``cases`` (id -> "training" or "validation") with only the classes ``keep``
+    (value -> name) labelled, and a dataset.json that says so: a partially labelled dataset such as CHAOS."""
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    name = next((source / "imagesTr").iterdir()).name
+    label = nib.load(source / "labelsTr" / name)
+    values = np.asarray(label.dataobj)
+    datalist: dict = {"labels": {"0": "background", **{str(k): v for k, v in keep.items()}},
+                      "training": [], "validation": []}
+    for case, part in cases.items():
+        shutil.copy(source / "imagesTr" / name, folder / "imagesTr" / f"{case}.nii.gz")
+        nib.save(nib.Nifti1Image(np.where(np.isin(values, list(keep)), values, 0).astype(np.uint8), label.affine),
+                 folder / "labelsTr" / f"{case}.nii.gz")
+        datalist[part].append({"image": f"imagesTr/{case}.nii.gz", "label": f"labelsTr/{case}.nii.gz"})
+    (folder / "dataset.json").write_text(json.dumps(datalist))
+    return folder
+
+
+def test_a_partially_labelled_dataset_trains_with_its_mask_validates_and_resumes_only_unchanged(tmp_path, cache, capsys):
+    part = partial_copy(tmp_path / "chaos", SAMPLE / "mr", {"part_001": "training", "part_002": "validation"},
+                        {1: "spleen", 6: "liver"})
+    out = tmp_path / "run"
+    args = ["--ct_dir", str(SAMPLE / "ct"), "--mr_dir", str(SAMPLE / "mr"), str(part), *SMALL, "--epochs", "1",
+            "--out", str(out), "--cache_dir", str(cache), "--val_every", "1"]
+    trainer = Trainer(train_cli.config_from_args(train_cli.build_parser().parse_args(args)), log=lambda m: None)
+    trainer.prepare()
+    assert [c.id for c in trainer.val_cases["MR"]] == ["part_002"] and not trainer.val_cases["CT"]
+    # Every crop carries its volume's mask once one dataset is partial (CT's and the full MR's are all True).
+    masks = {c.id: m.tolist() for c, m in zip(trainer.cases["MR"], trainer.loaders["MR"].dataset.labelled)}
+    assert masks == {"part_001": [k in (0, 1, 6) for k in range(14)], "ts_mr_001": [True] * 14}
+    assert all(m.all() for m in trainer.loaders["CT"].dataset.labelled)
+    batch = next(trainer.loaders["MR"].batches(0))
+    assert batch["labelled"].shape == (2, 14) and batch["labelled"].dtype == torch.bool  # 1 volume x 2 crops
+    record = trainer.fit()
+    trainer.close()
+    assert np.isfinite(record["MR/dice_loss"]) and np.isfinite(record["MR/val_dice"])
+    saved = load_checkpoint(out / "last.pt")["config"]["datasets"]
+    assert saved == {"CT": [{"dir": str(SAMPLE / "ct"), "labelled": "all"}],
+                     "MR": [{"dir": str(SAMPLE / "mr"), "labelled": "all"},
+                            {"dir": str(part), "labelled": ["spleen", "liver"]}]}
+    assert json.loads((out / "config.json").read_text())["datasets"] == saved
+    # Validation scores the validation scan's labelled organs only.
+    summary = (out / "validation" / "MR" / "summary.md").read_text()
+    assert summary.count("not labelled") == 11 and "absent" not in summary.split("\n\n")[1]
+    per_class = record["MR/val_dice_per_class"]
+    assert [k + 1 for k, v in enumerate(per_class) if v is not None] == [1, 6]
+    # A dataset.json that now labels another set of classes is refused on resume, before any work.
+    labels = json.loads((part / "dataset.json").read_text())
+    labels["labels"] = {"0": "background", "1": "spleen"}
+    (part / "dataset.json").write_text(json.dumps(labels))
+    capsys.readouterr()
+    assert train_cli.main(args + ["--epochs", "2", "--resume"]) == 2
+    assert (f"--resume: the classes a dataset labels changed since the run started ({part} labelled ['spleen', "
+            "'liver'], now ['spleen'])") in capsys.readouterr().err
+
+
+def test_dataset_flags_take_several_folders_per_modality_and_their_labelled_classes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = train_cli.build_parser().parse_args(["--ct_dir", "ct1", "ct2", "--mr_dir", "mr", "--data_dir", "PET=p1",
+                                                "--data_dir", "PET=p2", "--labelled", "mr=liver, spleen",
+                                                "--labelled", "ct2=spleen"])
+    config = train_cli.config_from_args(args)
+    assert config.data_dirs == {"CT": [str(tmp_path / "ct1"), str(tmp_path / "ct2")], "MR": [str(tmp_path / "mr")],
+                                "PET": [str(tmp_path / "p1"), str(tmp_path / "p2")]}
+    assert config.labelled == {str(tmp_path / "mr"): ["liver", "spleen"], str(tmp_path / "ct2"): ["spleen"]}
+    with pytest.raises(TrainingError, match="--labelled expects NAME=VALUE, got 'liver'"):
+        train_cli.config_from_args(train_cli.build_parser().parse_args(["--labelled", "liver"]))
+
+
+def test_skipped_steps_are_counted_per_modality_and_too_many_in_a_row_stop_the_run(tmp_path, cache, monkeypatch,
+                                                                                   capsys):
+    from mulmodseg.alt import GradientGuard
+    calls = []
+    real = GradientGuard.admits
+
+    def first_corrupt(self, norm):  # the first step's gradient is corrupt, the others healthy
+        calls.append(norm)
+        return real(self, float("inf") if len(calls) == 1 else norm)
+
+    monkeypatch.setattr(GradientGuard, "admits", first_corrupt)
+    assert train_cli.main(small_args(tmp_path / "one", cache, 1)) == 0
+    record = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])
+    assert (record["CT/skipped_steps"], record["MR/skipped_steps"]) == (1, 0)
+    assert "CT dice" in capsys.readouterr().err
+    monkeypatch.setattr(GradientGuard, "admits", lambda self, norm: real(self, float("nan")))
+    assert train_cli.main(small_args(tmp_path / "all", cache, 1) + ["--max_skipped_steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert ("training stopped at epoch 1, step 2 (MR): the last 2 steps' gradients were not finite or above 1e+15, "
+            "so none was applied. No checkpoint had been written yet.") in err

@@ -47,8 +47,10 @@ class CropDataset(Dataset):
     `VolumeCache`), ideally padded to >= roi_size (smaller volumes are zero-padded per crop).
 
     Item i: {"image": float32 (num_samples, 1, *roi), "label": int64 (num_samples, 1, *roi)},
-    "modality": str when `modality` is given, and "labelled": bool (num_samples, K) when `labelled` is given:
-    one (K,) bool mask per volume of the classes its dataset labels (the loss of partially labelled data).
+    "modality": str when `modality` is given, "labelled": bool (num_samples, K) when `labelled` is given:
+    one (K,) bool mask per volume of the classes its dataset labels (the loss of partially labelled data), and
+    "key": int64 (num_samples, 2 + len(draw) + 1) when `keys`: each crop's (seed, *draw, index, sample), the
+    numbers a later random step (``mulmodseg.augment``) draws that crop's randomness from.
     """
 
     def __init__(self, volumes: Sequence[Tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int] = (96, 96, 96),
@@ -56,7 +58,8 @@ class CropDataset(Dataset):
                  intensity_scale: float = 0.1, aug_prob: float = 0.5, rotate_degrees: float = 0.0,
                  scale_range: float = 0.0, warp_prob: float = 1.0, flip: Union[bool, Sequence[int]] = False, seed: int = 0,
                  modality: Optional[str] = None, positive_centres: str = "voxel",
-                 flip_label_order: Optional[Sequence[int]] = None, labelled: Optional[Sequence[np.ndarray]] = None):
+                 flip_label_order: Optional[Sequence[int]] = None, labelled: Optional[Sequence[np.ndarray]] = None,
+                 keys: bool = False):
         if any(label is None for _, label in volumes):
             raise ValueError("CropDataset needs a label for every volume")
         if not 0.0 <= pos_fraction <= 1.0:
@@ -84,6 +87,7 @@ class CropDataset(Dataset):
         if labelled is not None and len(labelled) != len(self.volumes):
             raise ValueError(f"{len(labelled)} labelled masks for {len(self.volumes)} volumes")
         self.labelled = None if labelled is None else [np.asarray(m, dtype=bool) for m in labelled]
+        self.keys = keys
         self.draw: Tuple[int, ...] = (0,)
 
     def set_epoch(self, draw: Union[int, Sequence[int]]) -> None:
@@ -152,6 +156,8 @@ class CropDataset(Dataset):
             item["modality"] = self.modality
         if self.labelled is not None:
             item["labelled"] = torch.from_numpy(np.repeat(self.labelled[index][None], self.num_samples, 0))
+        if self.keys:
+            item["key"] = torch.tensor([[self.seed, *self.draw, int(index), k] for k in range(self.num_samples)])
         return item
 
     def _crop(self, volume: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -225,15 +231,16 @@ def _reflect(coord: np.ndarray, size: int) -> np.ndarray:
 
 
 def collate_crops(batch: List[Dict[str, object]]) -> Dict[str, object]:
-    """Items of `CropDataset` -> {"image": (B * num_samples, 1, *roi), "label": same, int64}, "labelled":
-    (B * num_samples, K) bool when the items carry it and, when the items carry one, "modality": a list with
-    one entry per row."""
+    """Items of `CropDataset` -> {"image": (B * num_samples, 1, *roi), "label": same, int64}, "labelled" and
+    "key" (B * num_samples, ...) when the items carry them and, when the items carry one, "modality": a list
+    with one entry per row."""
     out: Dict[str, object] = {
         "image": torch.cat([item["image"] for item in batch]),
         "label": torch.cat([item["label"] for item in batch]),
     }
-    if batch and all("labelled" in item for item in batch):
-        out["labelled"] = torch.cat([item["labelled"] for item in batch])
+    for key in ("labelled", "key"):
+        if batch and all(key in item for item in batch):
+            out[key] = torch.cat([item[key] for item in batch])
     if all("modality" in item for item in batch) and batch:
         out["modality"] = [item["modality"] for item in batch for _ in range(item["image"].shape[0])]
     return out
