@@ -46,7 +46,8 @@ class NnUNetAugment:
     work; a bad value raises ValueError naming the field.
     """
 
-    rotation_p: float = 0.2  # one draw per sample; when it rotates, it rotates about every axis
+    rotation_p: float = 0.2  # one draw per sample
+    rotation_p_per_axis: float = 1.0  # when it rotates, each axis's angle is kept with this probability
     rotation_degrees: float = 30.0  # each angle U(-deg, deg)
     scale_p: float = 0.2
     scale_range: tuple[float, float] = (0.7, 1.4)  # sampling scale, same on all axes: > 1 shows more, smaller
@@ -244,7 +245,7 @@ def draw_params(keys: Sequence[Sequence[int]], settings: NnUNetAugment) -> RowPa
         if not key or min(key) < 0:
             raise ValueError(f"augmentation key {key}: needs one or more non-negative integers")
         rng = np.random.default_rng(key)
-        u = rng.random(14)  # the apply/skip decisions
+        u = rng.random(17)  # the apply/skip decisions
         angles = rng.uniform(-1.0, 1.0, 3) * math.radians(settings.rotation_degrees)
         scale = rng.uniform(*settings.scale_range)
         noise_std = rng.uniform(*settings.noise_std_range)
@@ -256,6 +257,7 @@ def draw_params(keys: Sequence[Sequence[int]], settings: NnUNetAugment) -> RowPa
         gamma_inverted_value = _two_sided(rng, *settings.gamma_range)
         gamma_value = _two_sided(rng, *settings.gamma_range)
         rotate, do_scale = u[0] < settings.rotation_p, u[1] < settings.scale_p
+        angles = np.where(u[14:17] < settings.rotation_p_per_axis, angles, 0.0)
         scales = np.full(3, scale if do_scale else 1.0)
         zooms = np.full(3, zoom)
         if settings.inplane_axis is not None:  # nnU-Net's dummy-2D augmentation of anisotropic crops

@@ -46,7 +46,8 @@ def centre(x: torch.Tensor, out) -> torch.Tensor:
 
 def test_defaults_are_nnunets_and_overrides_check_names_and_values():
     s = NnUNetAugment()
-    assert (s.rotation_p, s.rotation_degrees, s.scale_p, s.scale_range) == (0.2, 30.0, 0.2, (0.7, 1.4))
+    assert (s.rotation_p, s.rotation_p_per_axis, s.rotation_degrees, s.scale_p, s.scale_range) == \
+        (0.2, 1.0, 30.0, 0.2, (0.7, 1.4))
     assert (s.noise_p, s.noise_std_range, s.blur_p, s.blur_p_per_channel, s.blur_sigma_range) == \
         (0.1, (0.0, 0.1), 0.2, 0.5, (0.5, 1.0))
     assert (s.brightness_p, s.brightness_range, s.contrast_p, s.contrast_range) == (0.15, (0.75, 1.25), 0.15, (0.75, 1.25))
@@ -198,6 +199,10 @@ def test_each_transform_fires_with_its_probability():
     assert 0.7 <= p.scale.min() and p.scale.max() <= 1.4 and (p.scale == p.scale[:, :1]).all()  # isotropic
     assert 0.75 <= p.brightness_factor.min() and p.brightness_factor.max() <= 1.25
     assert 0.5 <= p.blur_sigma.min() and p.blur_sigma.max() <= 1.0 and 0.5 <= p.lowres_zoom.min()
+    assert (p.angles[p.rotate] != 0).all()  # nnU-Net: a rotation turns about every axis
+    half = draw_params(keys(n, 1, 2, 3), s.with_overrides({"rotation_p_per_axis": 0.5}))
+    kept = half.angles[half.rotate] != 0
+    assert abs(kept.mean() - 0.5) <= 4 * math.sqrt(0.25 / kept.size)
     # a probability changes only its own transform's draws
     q = draw_params(keys(n, 1, 2, 3), s.with_overrides({"rotation_p": 0.9}))
     assert (q.noise == p.noise).all() and (q.scale == p.scale).all() and q.rotate.mean() > 0.85
