@@ -4,8 +4,9 @@ The loader cuts crops slightly larger than the training crop (`input_size`), cen
 crop is centred; `augment_batch` turns a batch of them into training crops in nnU-Net's order:
 
 1. spatial: rotation about all three axes and isotropic scaling about the crop centre, for all rows that
-   draw one in a single `F.affine_grid` + `F.grid_sample` call (image trilinear, label nearest or one-hot
-   linear; outside the input: image 0, label `label_fill`); rows that draw none are exact centre slices;
+   draw one in a single `F.grid_sample` call on the grid `F.affine_grid` would give (built as a cheaper
+   broadcast sum; image trilinear, label nearest or one-hot linear; outside the input: image 0, label
+   `label_fill`); rows that draw none are exact centre slices;
 2. mirroring of each axis in `mirror_axes` (nnU-Net mirrors last; every later step commutes with a flip,
    so it is folded into the sampling grid of the warped rows for free). A flip of axis 0 (left/right in
    the RAS training space) swaps the label's paired classes through `flip_lut`;
