@@ -147,3 +147,47 @@ def test_profile_inference_quick_times_every_stage(capsys):
     shares = sum(float(rows[name][2].rstrip(" %")) for name in list(rows)[:-1])
     assert shares == pytest.approx(100, abs=0.6) and rows["total"][2] == "100 %"
     assert "function calls" in out  # cProfile's table follows
+
+
+def test_gradient_guard_quick_reports_healthy_norms(capsys):
+    import gradient_guard
+
+    gradient_guard.main(["--quick"])
+    (row,) = table_rows(capsys.readouterr().out, "fp32")
+    assert int(row[1]) == 2 and 0 < float(row[4]) <= float(row[2]) < 1e3 and row[5] == "0"
+
+
+def test_heldout_stages_folds_counts_steps_and_tabulates_without_the_shared_data(tmp_path):
+    # The benchmark's data are not in a fresh clone: its parts are checked on a dataset the test makes.
+    import json
+
+    import heldout
+    import nibabel as nib
+
+    source = tmp_path / "chaos"
+    for sub in ("imagesTr", "labelsTr"):
+        (source / sub).mkdir(parents=True)
+        for case in ("p1", "p2", "p3", "p4"):
+            nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), source / sub / f"{case}.nii.gz")
+    (source / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "6": "liver"}}))
+    folds = heldout.chaos_split(source, tmp_path / "out", seed=0)
+    assert sorted(folds[0]["val"] + folds[1]["val"]) == ["p1", "p2", "p3", "p4"]
+    assert heldout.chaos_split(source, tmp_path / "out", seed=5) == folds  # written once, then reused
+    staged = heldout.staged(source, folds[0]["train"], tmp_path / "stage")
+    assert sorted(p.name for p in (staged / "labelsTr").iterdir()) == sorted(f"{c}.nii.gz" for c in folds[0]["train"])
+    assert all(p.is_symlink() for p in (staged / "imagesTr").iterdir())
+    assert json.loads((staged / "dataset.json").read_text()) == {"labels": {"0": "background", "6": "liver"}}
+    args = heldout.parse_args(["--runs", "a_fold0"])
+    dirs = {"CT": [str(source)], "MR": [str(source), str(staged)]}  # 1 + ... scans: 4 + 2 MR, 4 CT
+    alt, mr_only, background = (heldout.run_config(v, dirs, tmp_path / v, 120, args) for v in "abc")
+    assert (alt.epochs, alt.mode, alt.augment, alt.mirror_axes) == (10, "alt", "nnunet", (0, 1, 2))  # 2 x 6 steps
+    assert (mr_only.epochs, mr_only.mode) == (20, "MR")  # 6 steps an epoch: the same 120 steps
+    # c: every class of a CHAOS folder labelled, its 0s read as background (the library before partial labels).
+    assert background.labelled == {str(source): list(heldout.CLASSES[1:])} and alt.labelled == {}
+    assert heldout.run_config("p", dirs, tmp_path / "p", 120, args).augment == "paper"
+    nan = float("nan")
+    records = [{"dice": np.array([0.5, nan, nan, nan, nan, 0.9] + [nan] * 7)},
+               {"dice": np.array([0.7, nan, nan, nan, nan, nan] + [nan] * 7)}]
+    assert heldout.organ_cells(records, ("liver", "spleen"), "dice") == ["0.900", "0.600 ± 0.100", "0.750"]
+    with pytest.raises(SystemExit):
+        heldout.parse_args(["--runs", "a_fold2"])
