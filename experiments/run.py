@@ -37,7 +37,7 @@ SAMPLE = ROOT / "data" / "sample"
 SAMPLE_FOLDERS = {"CT": "ct", "MR": "mr"}
 # The sample carries AMOS label ids 1..13: the MMWHS smoke runs keep 1..7 as the 7 heart classes.
 SMOKE_LABEL_MAPS = {"mmwhs": ",".join([f"{v}:{v}" for v in range(1, 8)] + [f"{v}:0" for v in range(8, 14)])}
-SMOKE_TRAIN = ["--roi_size", "32", "--spacing", "12", "12", "12", "--epochs", "1", "--num_samples", "1",
+SMOKE_TRAIN = ["--roi_size", "32", "--spacing", "11", "11", "11", "--epochs", "1", "--num_samples", "1",
                "--num_workers", "0"]
 SMOKE_WIDTH = {"unet": ["--base_channels", "4"], "swinunetr": ["--feature_size", "12"]}
 USER_TABLE_DIMS = {"biobert": 768, "medclip": 512}  # the stand-in's width in smoke runs

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from mulmodseg import data as mdata
 from mulmodseg.checkpoint import folder_problem
+from mulmodseg.data.preprocess import settings_problems
 from mulmodseg.errors import UserError
 from mulmodseg.model import NORM_STATS
 from mulmodseg.nets import BACKBONES
@@ -149,9 +150,14 @@ def run_dir(out: str | Path, fold: int | None) -> Path:
     return Path(out) if fold is None else Path(out) / f"fold_{fold}"
 
 
+# train.py's flags for the preprocessing settings (mulmodseg.data.preprocess.settings_problems).
+PREPROCESS_FLAGS = {"spacing": "--spacing", "window": "--ct_window", "percentiles": "--mr_percentiles"}
+
+
 def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
-    """Raise one ``TrainingError`` listing every setting that cannot work, before any data is read; returns
-    warnings of settings that work but are unlikely to be meant.
+    """Raise one ``TrainingError`` listing every setting that cannot work (preprocessing that would destroy the
+    data too), before any data is read, then a ``DataError`` for an ``--out`` or ``--cache_dir`` that cannot be
+    written; returns warnings of settings that work but are unlikely to be meant.
     ``resuming``: the table file of ``--text`` and the ``--splits`` file need not exist (the table comes
     back with the weights, the split is ``OUT/splits.json``)."""
     problems = []
@@ -183,11 +189,8 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
             mdata.parse_label_map(cfg.label_map)
         except (ValueError, OSError) as e:
             problems.append(f"--label_map {cfg.label_map}: {e}")
-    # A shared --cache_dir that others fill may be read-only: missing entries are reported when written.
-    for flag, folder, writable in (("--out", cfg.out, True), ("--cache_dir", cfg.cache_dir, False)):
-        problem = folder and folder_problem(folder, flag, writable)
-        if problem:
-            problems.append(problem)
+    problems += settings_problems({"spacing": cfg.spacing, "window": cfg.ct_window,
+                                   "percentiles": cfg.mr_percentiles}, PREPROCESS_FLAGS)
     if any(a not in (0, 1, 2) for a in cfg.mirror_axes) or len(set(cfg.mirror_axes)) != len(cfg.mirror_axes):
         problems.append(f"--mirror_axes {' '.join(map(str, cfg.mirror_axes))}: give distinct RAS axes among 0 1 2")
     if cfg.norm_stats not in NORM_STATS:
@@ -223,6 +226,12 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
             problems.append(f"--max_cases {name}={count} must keep at least 1 case")
     if problems:
         raise TrainingError(f"{len(problems)} setting problem(s):\n  - " + "\n  - ".join(problems))
+    # Folders are files given, as in infer.py and evaluate (exit code 3), checked once the settings can work. A
+    # shared --cache_dir that others fill may be read-only: missing entries are reported when written.
+    unwritable = [problem for flag, folder, writable in (("--out", cfg.out, True), ("--cache_dir", cfg.cache_dir, False))
+                  if folder and (problem := folder_problem(folder, flag, writable))]
+    if unwritable:
+        raise mdata.DataError(unwritable)
     if cfg.backbone == "swinunetr" and max(cfg.roi_size) < 2 * BACKBONES["swinunetr"].size_divisor:
         return [f"--roi_size {' '.join(map(str, cfg.roi_size))} with SwinUNETR: the 1/32 level is a single voxel, "
                 "which instance norm sets to 0, so encoder10 learns nothing; use 64 along some axis"]

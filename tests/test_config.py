@@ -6,6 +6,7 @@ import re
 import pytest
 
 from mulmodseg.config import TrainConfig, TrainingError, check_config, resumed_config, saved_config
+from mulmodseg.data import DataError
 
 
 def format_1(train: dict) -> dict:
@@ -77,3 +78,29 @@ def test_a_format_1_run_keeps_the_settings_it_ran_with_and_a_format_2_run_its_ow
     assert old.epochs == 3 and old.data_dirs["CT"].endswith("/ct") and old.data_dirs["CT"].startswith("/")
     new = saved_config({"format_version": 2, "config": {"train": dataclasses.asdict(TrainConfig(epochs=3))}})
     assert new == TrainConfig(epochs=3)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"spacing": (-6.0, 6.0, 6.0)}, "--spacing -6 6 6: give three voxel sizes in mm, each a positive finite number"),
+    ({"spacing": (float("inf"), 6.0, 6.0)}, "--spacing inf 6 6: give three voxel sizes in mm"),
+    ({"spacing": (0.0, 0.0, 0.0)}, "--spacing 0 0 0: give three voxel sizes in mm"),
+    ({"spacing": (float("nan"), 1.0, 1.0)}, "--spacing nan 1 1: give three voxel sizes in mm"),
+    ({"ct_window": (275.0, -125.0)}, "--ct_window 275 -125: give the low end, then a higher high end"),
+    ({"ct_window": (100.0, 100.0)}, "--ct_window 100 100: give the low end, then a higher high end"),
+    ({"mr_percentiles": (99.0, 1.0)}, "--mr_percentiles 99 1: give two percentiles with 0 <= low < high <= 100"),
+    ({"mr_percentiles": (0.0, 150.0)}, "--mr_percentiles 0 150: give two percentiles with 0 <= low < high <= 100"),
+])
+def test_preprocessing_that_would_destroy_the_data_is_refused(changes, message):
+    # Each of these trained to exit 0 on all-background labels or all-zero images, or failed after preprocessing.
+    with pytest.raises(TrainingError) as err:
+        check_config(TrainConfig(data_dirs={"CT": "x", "MR": "y"}, **changes))
+    assert str(err.value).startswith("1 setting problem(s)") and message in str(err.value)
+
+
+def test_an_out_that_is_a_file_is_a_problem_with_the_folders_given(tmp_path):
+    # As in infer.py and evaluate: exit code 3, checked once the settings can work.
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(DataError, match=f"--out {tmp_path / 'taken' / 'run'}: {tmp_path / 'taken'} is a file"):
+        check_config(TrainConfig(data_dirs={"CT": "x"}, out=str(tmp_path / "taken" / "run")))
+    with pytest.raises(TrainingError, match="--epochs must be > 0"):
+        check_config(TrainConfig(data_dirs={"CT": "x"}, out=str(tmp_path / "taken" / "run"), epochs=0))

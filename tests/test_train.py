@@ -382,10 +382,11 @@ def test_bad_flag_values_are_one_line_errors_before_any_work(tmp_path, cache, ca
 def test_an_out_that_cannot_be_written_stops_before_any_work(tmp_path, monkeypatch, capsys):
     taken = tmp_path / "taken"
     taken.write_text("a file")
-    assert train_cli.main(small_args(taken / "run", tmp_path / "cache", 1)) == 2
+    # 3, a problem with the folders given, as in infer.py and evaluate (issue 28).
+    assert train_cli.main(small_args(taken / "run", tmp_path / "cache", 1)) == 3
     assert f"--out {taken / 'run'}: {taken} is a file, not a folder; choose another --out" in capsys.readouterr().err
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder, even for root
-    assert train_cli.main(small_args(tmp_path / "run", tmp_path / "elsewhere", 1)) == 2
+    assert train_cli.main(small_args(tmp_path / "run", tmp_path / "elsewhere", 1)) == 3
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'run'}: cannot write in {tmp_path}" in err
     assert "--cache_dir" not in err  # a shared cache may be read-only: only missing entries need writing

@@ -20,11 +20,18 @@ of each step: the original voxel i of a resampled axis sits at resampled coordin
 (i + 0.5) * old / new - 0.5 (then - crop start + pad), sampled nearest (labels) or linearly
 (probabilities); voxels whose centre lies outside the crop box get `fill`. A nearest-neighbour round
 trip of a label is exact wherever the training grid is finer than the original.
+
+Settings that would destroy the data are refused (`settings_problems`: a voxel size that is not a positive
+finite number, a window or percentiles whose low end is not below the high end), and so is a scan they would
+destroy: resampled to a single voxel along an axis (`grid_problems`, from the header alone: voxel sizes in metres,
+say), or a labelled class left without a voxel. `check_cases` reports these before any work, with a scan that
+step 3 would make constant (`intensity_problem`).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import nibabel as nib
 import numpy as np
@@ -58,14 +65,94 @@ def default_settings(modality: str) -> Dict[str, Any]:
 
 
 def resolve_settings(modality: str, settings: Dict[str, Any]) -> Dict[str, Any]:
-    """`default_settings(modality)` overridden by `settings`; unknown keys raise TypeError.
-    A `window` that is not None takes precedence over `percentiles`."""
+    """`default_settings(modality)` overridden by `settings`; unknown keys raise TypeError, values that would
+    destroy the data (`settings_problems`) ValueError. A `window` that is not None takes precedence over
+    `percentiles`."""
     unknown = set(settings) - set(SETTING_KEYS)
     if unknown:
         raise TypeError(f"unknown preprocessing settings {sorted(unknown)}; known: {list(SETTING_KEYS)}")
     resolved = default_settings(modality)
     resolved.update(settings)
+    problems = settings_problems(resolved)
+    if problems:
+        raise ValueError("; ".join(problems))
     return resolved
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return " ".join(f"{float(v):g}" for v in values)
+
+
+def settings_problems(settings: Mapping[str, Any], names: Optional[Mapping[str, str]] = None) -> List[str]:
+    """Why preprocessing `settings` would destroy every scan (empty when they would not), each problem naming
+    its setting as `names` spells it (train.py's flags) or by its key: a `spacing` that is not three positive
+    finite voxel sizes (an axis of 1 voxel, or none), a `window` whose low end is not below its high end, or
+    `percentiles` outside 0 <= low < high <= 100 (an image of zeros)."""
+    names = names or {}
+    problems = []
+    spacing, window, percentiles = (settings.get(key) for key in ("spacing", "window", "percentiles"))
+    if spacing is not None and not (len(spacing) == 3 and all(math.isfinite(v) and v > 0 for v in spacing)):
+        problems.append(f"{names.get('spacing', 'spacing')} {_numbers(spacing)}: give three voxel sizes in mm, each "
+                        "a positive finite number (e.g. 1.5 1.5 2)")
+    if window is not None and not (len(window) == 2 and all(map(math.isfinite, window)) and window[0] < window[1]):
+        problems.append(f"{names.get('window', 'window')} {_numbers(window)}: give the low end, then a higher high "
+                        "end, both finite (e.g. -125 275): every voxel would get one value")
+    if percentiles is not None and not (len(percentiles) == 2 and 0 <= percentiles[0] < percentiles[1] <= 100):
+        problems.append(f"{names.get('percentiles', 'percentiles')} {_numbers(percentiles)}: give two percentiles "
+                        "with 0 <= low < high <= 100 (e.g. 0.5 99.5)")
+    return problems
+
+
+def training_grid(shape: Sequence[int], affine: np.ndarray, spacing: Optional[Sequence[float]]
+                  ) -> Tuple[np.ndarray, Tuple[int, ...], np.ndarray, np.ndarray, List[int]]:
+    """Where a scan of `shape` (3D) and `affine` goes at `spacing` (mm; None: kept): its RAS orientation
+    (`ras_orientation`), shape in RAS order, voxel sizes in RAS order, resampling step (new / old voxel size)
+    and resampled shape (round(n * old / new), at least 1)."""
+    ornt = ras_orientation(affine)
+    ras_shape = tuple(int(shape[i]) for i in np.argsort(ornt[:, 0]))
+    affine_ras = ras_affine(affine, shape, ornt)
+    old_spacing = np.sqrt((affine_ras[:3, :3] ** 2).sum(axis=0))
+    step = np.ones(3) if spacing is None else np.asarray(spacing, dtype=np.float64) / old_spacing
+    resampled = [max(1, int(np.floor(n / s + 0.5))) for n, s in zip(ras_shape, step)]
+    return ornt, ras_shape, old_spacing, step, resampled
+
+
+def grid_problems(name: str, shape: Sequence[int], affine: np.ndarray, settings: Mapping[str, Any]
+                  ) -> Tuple[List[str], List[str]]:
+    """(problems, warnings) of resampling the scan `name` of `shape` and `affine` (its header: nothing is read)
+    to `settings["spacing"]`. A problem: an axis of several voxels resampled to a single one (the scan would be
+    a plane; a header in metres or centimetres, say). A warning: an axis at least `min_size` long resampled to
+    fewer voxels than that (the crop), which is what too small voxel sizes in a header do."""
+    if settings.get("spacing") is None:
+        return [], []
+    _, ras_shape, old_spacing, _, resampled = training_grid(shape, affine, settings["spacing"])
+    grid = (f"its voxels of {_numbers(old_spacing)} mm (RAS) make a grid of {' x '.join(map(str, resampled))} "
+            f"voxels from {' x '.join(map(str, ras_shape))} at the training spacing {_numbers(settings['spacing'])} mm")
+    if any(n > 1 and r == 1 for n, r in zip(ras_shape, resampled)):
+        return [f"{name}: {grid}: the scan would collapse to a single voxel along an axis; check the voxel sizes in "
+                "its header (written in metres or cm instead of mm?)"], []
+    crop = settings.get("min_size") or [0, 0, 0]
+    if any(n >= c > r for n, r, c in zip(ras_shape, resampled, crop)):
+        return [], [f"{name}: {grid}, smaller than the {' x '.join(map(str, crop))} crop: check the voxel sizes in "
+                    "its header"]
+    return [], []
+
+
+def intensity_problem(name: str, low: float, high: float, settings: Mapping[str, Any],
+                      clip: Optional[Sequence[float]] = None) -> Optional[str]:
+    """Why the scan `name`, whose values run from `low` to `high`, would hold one value everywhere after
+    `normalise_intensity` with `settings` (None when it would not): a (nearly) constant scan, values all outside
+    the window, or a percentile range `clip` (low, high of the scan's percentiles) of zero width."""
+    if not high - low > 1e-6 * max(abs(low), abs(high)):
+        return f"{name}: every voxel has the value {low:g} (or nearly): a blank or constant scan, nothing to segment"
+    window, percentiles = settings.get("window"), settings.get("percentiles")
+    if window is not None and (high <= window[0] or low >= window[1]):
+        return (f"{name}: its values {low:g}..{high:g} lie outside the intensity window {_numbers(window)}, so every "
+                "voxel would get one value; is it of another modality, or stored without its scaling?")
+    if window is None and percentiles is not None and clip is not None and not clip[1] > clip[0]:
+        return (f"{name}: its {percentiles[0]:g}th and {percentiles[1]:g}th percentiles are both {clip[0]:g} (most "
+                "voxels hold one value), so every voxel would get one value")
+    return None
 
 
 def load_volume(path: Union[str, Path]) -> nib.Nifti1Image:
@@ -172,27 +259,33 @@ def preprocess(image: ImageLike, label: Optional[ImageLike] = None, modality: st
     problem = affine_problem(img.affine)
     if problem:
         raise DataError(f"{name}: {problem}")
+    problems, _ = grid_problems(name, img.shape, img.affine, cfg)
+    if problems:
+        raise DataError(problems)
     original_shape = tuple(int(n) for n in img.shape)
     try:
         data = img.get_fdata(dtype=np.float32)
     except Exception as e:  # truncated gzip -> EOFError, zlib.error, OSError, ValueError
         raise DataError(f"{name}: unreadable or truncated data ({type(e).__name__}: {e})") from e
-    lab = None
+    lab = label_name = None
     if label is not None:
         label_img = _load(label)
-        lab = read_label(label_img, _name(label, label_img), img, cfg["label_map"])
+        label_name = _name(label, label_img)
+        lab = read_label(label_img, label_name, img, cfg["label_map"])
 
-    ornt = ras_orientation(img.affine)
-    data = to_ras(data, ornt)
-    lab = None if lab is None else to_ras(lab, ornt)
-    ras_shape = data.shape
+    ornt, ras_shape, old_spacing, step, resampled_shape = training_grid(original_shape, img.affine, cfg["spacing"])
     affine_ras = ras_affine(img.affine, original_shape, ornt)
-    old_spacing = np.sqrt((affine_ras[:3, :3] ** 2).sum(axis=0))
-    step = np.ones(3) if cfg["spacing"] is None else np.asarray(cfg["spacing"], dtype=np.float64) / old_spacing
-    resampled_shape = [max(1, int(np.floor(n / s + 0.5))) for n, s in zip(ras_shape, step)]
     grid = separable_grid(resampled_shape, step, ras_shape)
-    data = np.ascontiguousarray(resample(data, grid, order=1))
-    lab = None if lab is None else np.ascontiguousarray(resample(lab, grid, order=0))
+    data = np.ascontiguousarray(resample(to_ras(data, ornt), grid, order=1))
+    if lab is not None:
+        classes = np.flatnonzero(np.bincount(lab.ravel(), minlength=256))
+        lab = np.ascontiguousarray(resample(to_ras(lab, ornt), grid, order=0))
+        lost = sorted(set(classes.tolist()) - set(np.flatnonzero(np.bincount(lab.ravel())).tolist()))
+        if lost:
+            grids = f"{' x '.join(map(str, ras_shape))} -> {' x '.join(map(str, resampled_shape))}"
+            raise DataError(f"{label_name}: class(es) {lost} have no voxel left on the training grid (voxels of "
+                            f"{_numbers(old_spacing)} mm resampled to {_numbers(cfg['spacing'])} mm, {grids}): use a "
+                            "finer --spacing, or check the voxel sizes in the header of the image")
 
     data, intensity = normalise_intensity(data, cfg["window"], cfg["percentiles"])
 
