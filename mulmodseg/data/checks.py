@@ -1,8 +1,10 @@
 """Dataset integrity check before training (in the spirit of nnU-Net's dataset check).
 
 Every file is opened once; all problems of all cases are gathered and raised together as one DataError,
-each message naming its file. Affine drift between image and label is only a warning (the image's
-affine is used for both).
+each message naming its file. Affine drift between image and label is only a warning (the label is put on
+the image's axes by its own affine, then taken voxel for voxel). A scan with no intensity range is a problem;
+given the preprocessing settings, so is one that they would collapse or make constant
+(``preprocess.grid_problems``, ``preprocess.intensity_problem``).
 """
 from __future__ import annotations
 
@@ -12,12 +14,39 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
+import nibabel as nib
 import numpy as np
 
 from .cases import Case, DataError
 from .geometry import affine_problem, onto_axes
 from .labels import LabelMapSpec, label_map_problems, parse_label_map
-from .preprocess import load_volume
+from .preprocess import grid_problems, intensity_problem, load_volume
+
+# modality -> every preprocessing its scans go through (preprocess.default_settings' keys; an ensemble's several)
+Settings = Mapping[str, Sequence[Mapping]]
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 0
+
+
+def _size(nbytes: float) -> str:
+    """"1.5 GB", "2 TB"."""
+    return f"{nbytes / 1e9:.3g} GB" if nbytes < 1e12 else f"{nbytes / 1e12:.3g} TB"
+
+
+def _claimed_size(img) -> str:
+    """What the header of `img` claims: "shape (X, Y, Z) of int16, 2 TB"."""
+    return f"shape {tuple(img.shape)} of {img.get_data_dtype()}, {_size(_voxel_bytes(img))}"
+
+
+def _voxel_bytes(img) -> float:
+    """The bytes of voxels that the header of `img` claims."""
+    return float(np.prod(img.shape, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
 
 
 def _read(path: Path, what: str, problems: List[str], scaled: bool = True):
@@ -39,11 +68,20 @@ def _read(path: Path, what: str, problems: List[str], scaled: bool = True):
     if len(shape) > 3:
         problems.append(f"{path}: {what} is {len(shape)}D (shape {shape}); a 3D volume is required")
         return None, None
+    memory = _memory_bytes()
+    if memory and _voxel_bytes(img) > memory:
+        problems.append(f"{path}: its header claims {_claimed_size(img)}, more than this machine's memory "
+                        f"({_size(memory)}): a broken header, or a scan to crop or split first")
+        return None, None
     try:
         proxy = img.dataobj
         data = np.asanyarray(proxy) if scaled or not hasattr(proxy, "get_unscaled") else proxy.get_unscaled()
+    except MemoryError:
+        problems.append(f"{path}: its header claims {_claimed_size(img)}, more than the memory free to read it")
+        return None, None
     except Exception as e:  # truncated gzip -> EOFError, zlib.error, OSError, ValueError
-        problems.append(f"{path}: unreadable or truncated {what} data ({type(e).__name__}: {e})")
+        problems.append(f"{path}: unreadable or truncated {what} data ({type(e).__name__}: {e}; its header claims "
+                        f"{_claimed_size(img)})")
         return None, None
     if data.dtype.kind not in "biuf":  # RGB (a structured dtype) or complex voxels
         problems.append(f"{path}: {what} voxels are of type {data.dtype}; one real number per voxel is required")
@@ -86,8 +124,17 @@ def _label_values(data: np.ndarray) -> np.ndarray:
     return np.unique(data)
 
 
+def _percentiles(img, data: np.ndarray, percentiles: Sequence[float]) -> Tuple[float, float]:
+    """The `percentiles` of the image `img` after the header's scaling, from its stored values `data`."""
+    low, high = (float(v) for v in np.percentile(data, [float(p) for p in percentiles]))
+    if hasattr(img.dataobj, "get_unscaled"):
+        slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+        low, high = low * slope + inter, high * slope + inter
+    return low, high
+
+
 def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: Optional[int],
-                affine_tol: float) -> Tuple[List[str], List[str]]:
+                affine_tol: float, settings: Sequence[Mapping] = ()) -> Tuple[List[str], List[str]]:
     problems: List[str] = []
     warnings: List[str] = []
     img, data = _read(Path(case.image), "image", problems, scaled=False)
@@ -95,6 +142,10 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
     if unusable:
         problems.append(f"{case.image}: {unusable}")
         img = None
+    for resolved in settings if img is not None else ():
+        grid, small = grid_problems(str(case.image), img.shape, img.affine, resolved)
+        problems += [p for p in grid if p not in problems]
+        warnings += [w for w in small if w not in warnings]
     if data is not None and np.issubdtype(data.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
@@ -106,6 +157,13 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
             problems.append(f"{case.image}: values reach {low:g}..{high:g} after the header's scaling "
                             "(scl_slope, scl_inter), beyond float32")
         else:
+            for resolved in settings or [{}]:
+                clip = None
+                if resolved.get("window") is None and resolved.get("percentiles") is not None:
+                    clip = _percentiles(img, data, resolved["percentiles"])
+                flat = intensity_problem(str(case.image), low, high, resolved, clip)
+                if flat and flat not in problems:
+                    problems.append(flat)
             warning = _modality_warning(case, low)
             if warning:
                 warnings.append(warning)
@@ -132,9 +190,16 @@ def _check_label(path: Path, what: str, reference, reference_path, reference_wha
             # As read_label does: a label stored in another axis order goes onto the image's axes first.
             values, lab_affine = onto_axes(values, lab.affine, reference.affine)
             drift = float(np.abs(lab_affine - np.asarray(reference.affine)).max())
-            if not drift <= affine_tol:
+            if not drift <= affine_tol and lab_affine is lab.affine:
                 warnings.append(f"{path}: affine differs from the {reference_what}'s by up to {drift:.4g} "
                                 f"(> {affine_tol}); the {reference_what} affine ({reference_path}) is used")
+            elif not drift <= affine_tol:  # what is done is not what the plain drift's message says
+                axes = f"{''.join(nib.aff2axcodes(lab.affine))} against {''.join(nib.aff2axcodes(reference.affine))}"
+                warnings.append(f"{path}: stored in other axes than the {reference_what} ({axes}): its voxels are "
+                                f"flipped/transposed onto the {reference_what}'s axes by its own affine, after which "
+                                f"its affine still differs from the {reference_what}'s by up to {drift:.4g} "
+                                f"(> {affine_tol}), and its voxels are taken to be the {reference_what}'s "
+                                f"({reference_path}); check that the two belong together")
         if values.shape != tuple(reference.shape):
             problems.append(f"{path}: {what} shape {values.shape} differs from {reference_what} shape "
                             f"{tuple(reference.shape)} ({reference_path})")
@@ -166,6 +231,19 @@ def _check_label(path: Path, what: str, reference, reference_path, reference_wha
         if too_big:
             problems.append(f"{path}: class values {_values_text(too_big)} >= num_classes={num_classes}{hint}")
     return lab
+
+
+def existing_output_problems(output: Path, scan: Path, label_map: Optional[LabelMapSpec] = None,
+                             num_classes: Optional[int] = None, affine_tol: float = 1e-3) -> List[str]:
+    """Why the label map `output`, which an earlier inference wrote for the scan `scan` (a readable image), cannot
+    be kept (empty when it can): checked as a label is against its image (`check_cases`), and off the scan's grid
+    (an affine that differs, or is unusable) is a problem too, since inference writes it on that grid."""
+    problems: List[str] = []
+    warnings: List[str] = []
+    mapping = None if label_map is None else parse_label_map(label_map)
+    _check_label(Path(output), "earlier output", load_volume(scan), scan, "scan", mapping, num_classes, affine_tol,
+                 problems, warnings)
+    return problems + warnings
 
 
 def check_label_pairs(pairs: Sequence[Tuple[Path, Path]], label_map: Optional[LabelMapSpec] = None,
@@ -205,12 +283,16 @@ def check_label_pairs(pairs: Sequence[Tuple[Path, Path]], label_map: Optional[La
 def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
                 num_classes: Optional[int] = None, affine_tol: float = 1e-3,
                 modalities: Optional[Sequence[str]] = None, require_labels: bool = False,
-                num_workers: Optional[int] = None) -> List[str]:
+                num_workers: Optional[int] = None, settings: Optional[Settings] = None) -> List[str]:
     """Read every image and label once and check: missing file, unreadable/truncated file, 2D or 4D
     volume, voxels that are not one real number, an image affine that places no voxel, NaN/Inf voxels,
     image/label shape mismatch (after putting the label on the image's axes), non-integer labels, label values outside
     `label_map` or >= `num_classes`, unknown modality (not in `modalities`), duplicate ids, a case
     without a label when `require_labels`.
+
+    An image with no intensity range (`preprocess.intensity_problem`) is a problem too; with `settings`
+    (modality -> the preprocessing settings its scans go through), so is one that they would collapse to a plane
+    or make constant, and one that they would shrink below the crop is a warning (`preprocess.grid_problems`).
 
     Returns the warnings (affine drift > `affine_tol`, an unusable label affine); raises one DataError
     listing every problem.
@@ -229,7 +311,8 @@ def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
         problems += [f"{c.image}: no label file" for c in cases if c.label is None]
     workers = num_workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda c: _check_case(c, mapping, num_classes, affine_tol), cases))
+        results = list(pool.map(lambda c: _check_case(c, mapping, num_classes, affine_tol,
+                                                      (settings or {}).get(c.modality, ())), cases))
     warnings: List[str] = []
     for case_problems, case_warnings in results:
         problems += case_problems
