@@ -1,8 +1,9 @@
 """The files of an inference call: which scans, where each output goes, what may be written, and the writers.
 
 ``plan_outputs`` settles a call before any inference, as nnU-Net's ``_manage_input_and_output_lists`` does: the
-scans (this process's ``input_share``), their label files, each output's name (``output_path``), and the
-overwrite rules; every problem is reported at once in one ``DataError``. The writers put label maps on the
+scans (this process's ``input_share``), their label files, each output's name (``output_path``, short enough for
+the file system), the overwrite rules, and an output folder apart from the inputs; every problem is reported at
+once in one ``DataError``. The writers put label maps on the
 scan's own grid (``write_like``), in the dataset's label values (``to_dataset_values``), beside nnU-Net's
 ``dataset.json`` (``dataset_description``); each file is written whole (``checkpoint.atomic_write``).
 """
@@ -19,11 +20,13 @@ import numpy as np
 
 from mulmodseg import __version__
 from mulmodseg import data as mdata
-from mulmodseg.checkpoint import atomic_write, folder_problem
+from mulmodseg.checkpoint import atomic_write, folder_problem, name_max
 from mulmodseg.metrics import REPORT_FILES
 from mulmodseg.viz import preview
 
 DATASET_JSON = "dataset.json"
+# The folders of a dataset's scans and labels (MSD, nnU-Net): outputs written there would be read as scans.
+DATASET_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
 
 
 def output_path(image: Path, output_dir: Path, suffix: str = ".nii.gz") -> Path:
@@ -63,6 +66,25 @@ def output_dir_problems(output_dir: Path) -> list[str]:
                 f"(each named like its scan), e.g. --output {output_dir.parent}"]
     problem = folder_problem(output_dir, "--output")
     return [problem] if problem else []
+
+
+def input_folder_problem(output_dir: Path, inputs: Sequence[Path], labels_dir: Path | None) -> str | None:
+    """Why ``output_dir`` is a folder of the inputs (None when it is not): the folder of a scan or the labels
+    folder, or one inside a dataset's imagesTr, labelsTr, imagesTs or labelsTs, where label maps would mix with the
+    scans (and be read as scans by the next call or a training run)."""
+    out = output_dir.resolve()
+    given = {p.parent.resolve(): "the scans" for p in inputs}
+    if labels_dir is not None:
+        given[Path(labels_dir).resolve()] = "the labels (--labels)"
+    inside = next((folder for folder in (out, *out.parents) if folder.name in DATASET_FOLDERS), None)
+    if out in given:
+        where = f"the folder of {given[out]}"
+    elif inside is not None:
+        where = f"inside the dataset folder {inside}"
+    else:
+        return None
+    return (f"--output {output_dir}: {where}, where label maps would mix with the inputs; choose another --output, "
+            "or pass --into_input_folder to write there anyway")
 
 
 def invert_label_map(settings: dict) -> dict[int, int] | None:
@@ -208,26 +230,44 @@ class Plan:
 def plan_outputs(inputs: Sequence[Path], output_dir: Path, labels_dir: Path | None = None, *,
                  probabilities: bool = False, preview: bool = False, statistics: bool = False,
                  class_files: dict[int, str] | None = None, overwrite: bool = False, skip_existing: bool = False,
-                 num_parts: int = 1, part_id: int = 0) -> Plan:
+                 num_parts: int = 1, part_id: int = 0, into_input_folder: bool = False) -> Plan:
     """The ``Plan`` of segmenting part ``part_id`` of ``num_parts`` of ``inputs`` into ``output_dir``, with the
     optional outputs asked for; raises one ``DataError`` listing every problem.
 
-    Problems: ``output_dir`` cannot be written; two scans (of any part) would write one file; a scan has no
-    label file in ``labels_dir``; an output would replace an input scan or label file, or a dataset.json that
-    inference did not write (even with ``overwrite``); without ``overwrite`` or ``skip_existing``, an output
-    exists (label maps, the optional files, dataset.json unless parts share the folder, the evaluation
-    tables when labels are given). With ``skip_existing`` a scan whose outputs all exist is ``done``.
+    Problems: an input that is not a NIfTI file; ``output_dir`` cannot be written, or is a folder of the inputs
+    (``input_folder_problem``, unless ``into_input_folder``); ``labels_dir`` is not a folder; two scans (of any part)
+    would write one file; an output's name is longer than the file system allows; a scan has no label file in
+    ``labels_dir``; an output would replace an input scan or label file, or a dataset.json that inference did not
+    write (even with ``overwrite``); without ``overwrite`` or ``skip_existing``, an output exists (label maps, the
+    optional files, dataset.json unless parts share the folder, the evaluation tables when labels are given). With
+    ``skip_existing`` a scan whose outputs all exist is ``done``.
     """
-    everything = [Path(p) for p in inputs]
+    given_inputs = [Path(p) for p in inputs]
+    problems = [f"{p}: not a NIfTI file; only .nii and .nii.gz files are read (convert .nrrd, .mha or DICOM to NIfTI "
+                "first)" for p in given_inputs if not mdata.nifti_stem(p)]
+    everything = [p for p in given_inputs if mdata.nifti_stem(p)]
     todo = input_share(everything, num_parts, part_id)
     plan = Plan(output_dir, todo, {p: output_path(p, output_dir) for p in todo}, {}, set(), probabilities, preview,
                 statistics, dict(class_files or {}))
-    problems, writers = output_dir_problems(output_dir), {}
+    problems += output_dir_problems(output_dir)
+    elsewhere = None if into_input_folder else input_folder_problem(output_dir, everything, labels_dir)
+    if elsewhere:
+        problems.append(elsewhere)
+    if labels_dir is not None and not Path(labels_dir).is_dir():
+        problems.append(f"--labels {labels_dir}: {'not a folder' if Path(labels_dir).exists() else 'no such folder'}")
+        labels_dir = None
+    writers: dict[Path, Path] = {}
     for src in everything:  # over every part's scans: two parts must not write one file either
         dst = output_path(src, output_dir)
         if dst in writers:
             problems.append(f"{src}: would write {dst}, as {writers[dst]} does; rename one of them")
         writers.setdefault(dst, src)
+    limit = name_max(output_dir)
+    for src in todo:
+        for path in plan.case_outputs(src):
+            if len(path.name.encode()) > limit:
+                problems.append(f"{path}: its name is {len(path.name.encode())} bytes long, and the file system of "
+                                f"{output_dir} allows {limit}; shorten the name of {src}")
     for src in todo if labels_dir is not None else []:
         found = [p for p in label_candidates(src, Path(labels_dir)) if p.is_file()]
         if not found:
@@ -261,5 +301,5 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path, labels_dir: Path | No
         elif path.exists() and not (overwrite or skip_existing):
             problems.append(f"{path}: exists; pass --overwrite to replace it, or --skip_existing to keep it")
     if problems:
-        raise mdata.DataError(problems)
+        raise mdata.DataError(list(dict.fromkeys(problems)))  # two scans writing one output: each problem once
     return plan

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from mulmodseg import data as mdata
-from mulmodseg.checkpoint import atomic_write, load_checkpoint
+from mulmodseg.checkpoint import atomic_write, load_checkpoint, lock_folder, remove_dead_temporaries
+from mulmodseg.data.checks import existing_output_problems
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.inferer import Progress, sliding_window_inference
 from mulmodseg.metrics import case_metrics, count_flops, count_parameters, write_reports
@@ -224,6 +225,11 @@ class Ensemble:
         return restored.argmax(0).astype(np.uint8), restored.astype(np.float16) if probabilities else None
 
 
+def preprocessing(ensemble: Ensemble, modality: str) -> dict[str, list[dict]]:
+    """``modality`` -> the preprocessing settings of the ensemble's members for it, as ``check_cases`` takes them."""
+    return {modality: [member.config["preprocess"][modality] for member in ensemble.members]}
+
+
 def restore_probabilities(probs: np.ndarray, meta: dict, dtype: type = np.float16) -> np.ndarray:
     """Softmax (K, X, Y, Z) on the training grid -> (K, *original shape) of ``dtype`` on the scan's grid,
     linearly, channel by channel (one float32 copy of a channel at a time); outside the foreground crop
@@ -277,6 +283,7 @@ def segment_files(
     statistics: bool = False,
     num_parts: int = 1,
     part_id: int = 0,
+    into_input_folder: bool = False,
 ) -> list[dict]:
     """Segment ``inputs`` into ``output_dir`` with the ``Ensemble`` of ``checkpoint`` (one path or several);
     returns one record per case (with Dice, NSD at ``nsd_tolerance`` mm and HD95,
@@ -290,16 +297,20 @@ def segment_files(
     ``NAME_statistics.json`` (``statistics``: ``outputs.class_statistics``).
 
     Before any inference: the checkpoint loads, the modality and the ``keep_largest`` classes are ones it
-    knows, the outputs are planned (``outputs.plan_outputs``: names, label files, overwrite rules) and every
-    scan and label passes ``mulmodseg.data.check_cases`` (readable, 3D, finite, label values known); all
-    problems at once. ``skip_existing`` continues an interrupted call: a case whose outputs all exist is not
-    segmented (nor postprocessed) again, its label map is read back for the evaluation, the others are
-    segmented, and dataset.json and the evaluation tables are written anew. Ctrl-C while the cases run raises
-    ``InferenceInterrupted``.
+    knows, no other call writes ``output_dir`` (``checkpoint.lock_folder``; temporaries of killed writes there are
+    removed), the outputs are planned (``outputs.plan_outputs``: names, label files, overwrite rules, not into
+    the inputs' folder unless ``into_input_folder``) and every scan and label passes
+    ``mulmodseg.data.check_cases`` (readable, 3D, finite, label values known, not destroyed by the checkpoint's
+    preprocessing); all problems at once. ``skip_existing`` continues an interrupted call: a case whose outputs all
+    exist is not segmented (nor postprocessed) again, its label map is read back for the evaluation, the others
+    are segmented, and dataset.json and the evaluation tables are written anew; an existing label map that cannot
+    be used (unreadable, another grid than its scan's, unknown values) is segmented again, with a warning.
+    Ctrl-C while the cases run raises ``InferenceInterrupted``.
 
     ``num_parts`` > 1 segments only share ``part_id`` of ``inputs`` (``outputs.input_share``), so that that
     many processes fill one ``output_dir``: each writes the same dataset.json (an existing one is no conflict
-    then), none scores (``labels_dir`` is refused: score the whole folder once every part is done).
+    then), none scores (``labels_dir`` is refused: score the whole folder once every part is done). The parts
+    share the folder's lock; a call with the same ``part_id`` or without ``num_parts`` is refused meanwhile.
     """
     output_dir = Path(output_dir)
     input_share(inputs, num_parts, part_id)  # a part that does not exist is a bad flag: before the checkpoint loads
@@ -318,13 +329,24 @@ def segment_files(
     values = written_values(len(classes), inverse)
     largest = None if keep_largest is None else resolve_classes(keep_largest, classes, values)
     class_files = {k: class_file(classes[k]) for k in values} if per_class else {}
+    probe = lock_folder(output_dir, "infer.py", create=False, shared=num_parts > 1)  # another call: say so at once
+    if probe is not None:
+        probe.release()
     plan = plan_outputs(inputs, output_dir, labels_dir, probabilities=save_probabilities, preview=previews,
                         statistics=statistics, class_files=class_files, overwrite=overwrite,
-                        skip_existing=skip_existing, num_parts=num_parts, part_id=part_id)
+                        skip_existing=skip_existing, num_parts=num_parts, part_id=part_id,
+                        into_input_folder=into_input_folder)
     label_map = ensemble.config["preprocess"][modality].get("label_map")
     cases = [mdata.Case(plan.targets[src].name, src, plan.labels.get(src), modality) for src in plan.inputs]
-    for warning in plan.warnings + mdata.check_cases(cases, label_map=label_map,
-                                                     num_classes=None if label_map else len(classes)):
+    warnings = plan.warnings + mdata.check_cases(cases, label_map=label_map,
+                                                 num_classes=None if label_map else len(classes),
+                                                 settings=preprocessing(ensemble, modality))
+    for src in sorted(plan.done):
+        unusable = existing_output_problems(plan.targets[src], src, label_map, None if label_map else len(classes))
+        if unusable:
+            plan.done.discard(src)
+            warnings.append(f"{unusable[0]}; segmented again")
+    for warning in warnings:
         log(f"warning: {warning}")
 
     # Written before the first case: every label map in output_dir has its classes beside it.
@@ -333,11 +355,18 @@ def segment_files(
                     "min_component_mm3": min_component_mm3, "per_class": per_class, "statistics": statistics,
                     "save_probabilities": save_probabilities}
     description = dataset_description(classes, values, modality, checkpoints, run_settings)
-    atomic_write(output_dir / DATASET_JSON, lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n"))
-    if num_parts > 1:
-        log(f"part {part_id} of {num_parts} (0-based): {len(plan.inputs)} of the {len(inputs)} scans")
-    records, complete = [], []
+    records, complete, locks = [], [], []
     try:
+        locks.append(lock_folder(output_dir, "infer.py", shared=num_parts > 1))
+        if num_parts > 1:  # the parts share the folder, but no two processes segment one part
+            locks.append(lock_folder(output_dir, f"infer.py --part_id {part_id}",
+                                     name=f".mulmodseg.part_{part_id}_of_{num_parts}.lock"))
+        removed = remove_dead_temporaries(output_dir)
+        if removed:
+            log(removed)
+        atomic_write(output_dir / DATASET_JSON, lambda tmp: tmp.write_text(json.dumps(description, indent=2) + "\n"))
+        if num_parts > 1:
+            log(f"part {part_id} of {num_parts} (0-based): {len(plan.inputs)} of the {len(inputs)} scans")
         for i, src in enumerate(plan.inputs, 1):
             t0, target = time.time(), plan.targets[src]
             reference = mdata.load_volume(src)
@@ -375,6 +404,9 @@ def segment_files(
             write_evaluation(records, ensemble, output_dir, modality, log, nsd_tolerance)
     except KeyboardInterrupt as exc:
         raise InferenceInterrupted(complete, [src for src in plan.inputs if plan.targets[src] not in complete]) from exc
+    finally:
+        for lock in locks:
+            lock.release()
     return records
 
 

@@ -127,7 +127,8 @@ def test_clear_errors_for_bad_arguments(tmp_path, checkpoint):
     assert code == 3 and "missing: no such file or folder" in log
     scans = tmp_path / "scans"
     scans.mkdir()
-    nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)), scans / "nan.nii.gz")
+    # 12 mm wide: 2 voxels at the checkpoint's 6 mm (8 mm would be 1, a scan collapsed to a plane: a problem too).
+    nib.save(nib.Nifti1Image(np.full((12, 12, 12), np.nan, np.float32), np.eye(4)), scans / "nan.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4)), scans / "four_d.nii.gz")
     (scans / "broken.nii.gz").write_bytes(CT.read_bytes()[:5000])
     code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", scans, "--output", tmp_path / "out")
@@ -253,7 +254,7 @@ def test_help_explains_every_flag():
     for flag in ("--checkpoint", "--modality", "--input", "--output", "--overwrite", "--labels", "--save_probabilities",
                  "--preview", "--tta", "--device", "--sw_batch_size", "--overlap", "--prompt_modality",
                  "--nsd_tolerance", "--amp", "--channels_last", "--threads", "--keep_largest", "--min_component_mm3",
-                 "--per_class", "--statistics", "--version", "-i INPUT", "-o OUTPUT"):
+                 "--per_class", "--statistics", "--version", "-i INPUT", "-o OUTPUT", "--into_input_folder"):
         assert flag in text
     assert "3 a problem in the data" in text and "130 interrupted" in text
     args = infer_cli.build_parser().parse_args(["--checkpoint", "c.pt", "--modality", "CT", "-i", "a", "-o", "b"])
@@ -441,6 +442,41 @@ def test_skip_existing_continues_an_interrupted_call(tmp_path, checkpoint, monke
                   skip_existing=True, log=lambda m: None)
     assert segmented == ["b.nii.gz"]
     assert "no case segmented in this call" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_skip_existing_checks_the_outputs_it_keeps_before_any_work(tmp_path, checkpoint, monkeypatch):
+    # A zero-byte output was skipped without a word, and with --labels gave an ImageFileError traceback at the end.
+    scans, labels, out = tmp_path / "scans", tmp_path / "labels", tmp_path / "out"
+    for folder in (scans, labels, out):
+        folder.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        shutil.copy(CT, scans / name)
+        shutil.copy(SAMPLE / "ct" / "labelsTr" / CT.name, labels / name)
+    (out / "a.nii.gz").write_bytes(b"")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), out / "b.nii.gz")  # another scan's grid
+    segmented, original = [], Ensemble.segment
+    monkeypatch.setattr(Ensemble, "segment", lambda self, src, *a, **k: segmented.append(src.name) or original(
+        self, src, *a, **k))
+    lines = []
+    records = segment_files(checkpoint, find_inputs(scans), out, "CT", labels_dir=labels, skip_existing=True,
+                            log=lines.append)
+    assert segmented == ["a.nii.gz", "b.nii.gz"] and all(r["seconds"] is not None for r in records)
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert warnings[0].startswith(f"warning: {out / 'a.nii.gz'}: unreadable or truncated earlier output")
+    assert warnings[1] == (f"warning: {out / 'b.nii.gz'}: earlier output shape (4, 4, 4) differs from scan shape "
+                           f"{nib.load(str(CT)).shape} ({scans / 'b.nii.gz'}); segmented again")
+    assert lines.index(warnings[1]) < min(i for i, line in enumerate(lines) if "->" in line)  # before any work
+    assert nib.load(out / "a.nii.gz").shape == nib.load(out / "b.nii.gz").shape == nib.load(str(CT)).shape
+
+
+def test_a_long_input_name_is_segmented_and_written(tmp_path, checkpoint):
+    # 243 characters: infer.py segmented the scan, then failed on the longer name of the hidden temporary.
+    scan = tmp_path / "in" / ("s" * 236 + ".nii.gz")
+    scan.parent.mkdir()
+    shutil.copy(CT, scan)
+    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", scan, "--output", tmp_path / "out")
+    assert code == 0, log
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["dataset.json", scan.name]
 
 
 def test_a_case_killed_while_writing_leaves_nothing_that_looks_done(tmp_path, checkpoint, monkeypatch):
@@ -733,3 +769,27 @@ def test_two_parts_write_exactly_what_one_call_writes(tmp_path, checkpoint, caps
     assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--skip_existing", "--labels", str(labels)]) == 0
     assert "skipped (--skip_existing)" in capsys.readouterr().err
     assert (tmp_path / "parts" / "metrics.csv").read_text().count("\ns") == 3
+
+
+def test_labels_of_a_partially_labelled_dataset_score_only_what_it_labels(tmp_path, checkpoint):
+    # A CHAOS-like dataset: the CT's label keeps spleen and liver, and its dataset.json (above labelsTr) says so.
+    label = nib.load(SAMPLE / "ct" / "labelsTr" / "ts_ct_001.nii.gz")
+    values = np.asarray(label.dataobj)
+    (tmp_path / "ds" / "labelsTr").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.where(np.isin(values, [1, 6]), values, 0).astype(np.uint8), label.affine),
+             tmp_path / "ds" / "labelsTr" / "ts_ct_001.nii.gz")
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "spleen",
+                                                                         "6": "liver"}}))
+    records = segment_files(checkpoint, [CT], tmp_path / "out", "CT", labels_dir=tmp_path / "ds" / "labelsTr",
+                            log=lambda m: None)
+    full = segment_files(checkpoint, [CT], tmp_path / "full", "CT", labels_dir=SAMPLE / "ct" / "labelsTr",
+                         log=lambda m: None)
+    scored = [k for k, v in enumerate(records[0]["dice"], 1) if not np.isnan(v)]
+    assert scored == [1, 6] and records[0]["labelled"].tolist() == [k in (1, 6) for k in range(1, 14)]
+    assert [records[0]["dice"][k - 1] for k in scored] == [full[0]["dice"][k - 1] for k in scored]
+    header, cells = [row.split(",") for row in (tmp_path / "out" / "metrics.csv").read_text().splitlines()]
+    assert cells[header.index("stomach")] == "not labelled" and cells[header.index("liver")] != "not labelled"
+    # --labelled names the classes instead.
+    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", CT.parent, "--output", tmp_path / "o2",
+                    "--labels", tmp_path / "ds" / "labelsTr", "--labelled", "liver")
+    assert code == 3 and "class values [1] are classes its dataset does not label (it labels liver)" in log

@@ -2,10 +2,12 @@
 ``mulmodseg.cli.predict`` (infer.py, ``mulmodseg-predict``), and what every program shares (also
 ``python -m mulmodseg.evaluate``, ``python -m mulmodseg.text`` and experiments/).
 
-Exit codes: 0 done; 1 the system failed (a disk filled up, ...); 2 bad arguments (argparse's own, and values
-that cannot work: a ``mulmodseg.errors.UserError``, printed as one line); ``EXIT_DATA_ERROR`` (3) a data
-problem found by the checks before any work (``mulmodseg.data.DataError``, the one ``UserError`` with a code of
-its own); ``EXIT_INTERRUPTED`` (130, the shell's code for Ctrl-C) interrupted.
+Exit codes (``exit_code``, the README's table): 0 done; ``EXIT_SYSTEM_ERROR`` (1) the system failed (an
+``OSError``: a disk filled up, ...); ``EXIT_BAD_ARGUMENTS`` (2) bad arguments (argparse's own, and values that cannot
+work: a ``mulmodseg.errors.UserError`` or ``ValueError``); ``EXIT_DATA_ERROR`` (3) a problem in the data or the
+folders given, found by the checks before any work (``mulmodseg.data.DataError``, the one ``UserError`` with a code
+of its own); ``EXIT_INTERRUPTED`` (130, the shell's code for Ctrl-C) interrupted. Each is printed as one line
+(``report``); any other exception is a bug, with its traceback.
 """
 from __future__ import annotations
 
@@ -14,12 +16,36 @@ import sys
 from pathlib import Path
 
 from mulmodseg import __version__
+from mulmodseg.errors import UserError
 
+EXIT_SYSTEM_ERROR = 1
+EXIT_BAD_ARGUMENTS = 2
 EXIT_DATA_ERROR = 3
 EXIT_INTERRUPTED = 130
 # The end of each program's --help.
-EXIT_CODES_HELP = (f"exit codes: 0 done, 1 system error, 2 bad arguments, {EXIT_DATA_ERROR} a problem in the data "
-                   f"(reported before any work), {EXIT_INTERRUPTED} interrupted (Ctrl-C)")
+EXIT_CODES_HELP = (f"exit codes: 0 done, {EXIT_SYSTEM_ERROR} system error, {EXIT_BAD_ARGUMENTS} bad arguments, "
+                   f"{EXIT_DATA_ERROR} a problem in the data or the folders given (found before any work), "
+                   f"{EXIT_INTERRUPTED} interrupted (Ctrl-C)")
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit status of a program stopped by ``error`` (the module's table)."""
+    # Imported here: the text command shares these codes without loading the data layer.
+    from mulmodseg.data import DataError
+
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, DataError):
+        return EXIT_DATA_ERROR
+    if isinstance(error, (UserError, ValueError)):
+        return EXIT_BAD_ARGUMENTS
+    return EXIT_SYSTEM_ERROR
+
+
+def report(error: Exception, hint: str = "") -> int:
+    """Print ``error`` (and ``hint``, what to do) as ``error: ...`` on stderr; returns its ``exit_code``."""
+    print(f"error: {error}{hint}", file=sys.stderr)
+    return exit_code(error)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_DATA_ERROR, EXIT_INTERRUPTED, HelpFormatter,
-                           add_cpu_speed_arguments, add_version_argument)
-from mulmodseg.data import DataError
+from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_INTERRUPTED, HelpFormatter, add_cpu_speed_arguments,
+                           add_version_argument, report)
 from mulmodseg.device import set_threads
-from mulmodseg.errors import UserError
+from mulmodseg.errors import DiskFullError, UserError
 from mulmodseg.outputs import find_inputs
 from mulmodseg.predict import InferenceInterrupted, InferenceSettings, segment_files
 
@@ -32,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", required=True, help="the scans' modality, as named in training (CT, MR, ...)")
     p.add_argument("-i", "--input", required=True, help="a .nii/.nii.gz file or a folder of them (never modified)")
     p.add_argument("-o", "--output", required=True, help="folder for the label maps, named like the inputs, and "
-                   "dataset.json (class name -> value in the label maps, the checkpoint and settings used)")
+                   "dataset.json (class name -> value in the label maps, the checkpoint and settings used); not a "
+                   "folder of the inputs or labels, nor inside a dataset's imagesTr/labelsTr/imagesTs/labelsTs")
+    p.add_argument("--into_input_folder", action="store_true",
+                   help="write into --output even where it is a folder of the inputs (refused without this flag)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
     again.add_argument("--skip_existing", action="store_true",
@@ -75,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def with_skip_existing(args: argparse.Namespace) -> str:
+    """How the same command continues into ``--output``: with --skip_existing (instead of --overwrite)."""
+    return "with --skip_existing instead of --overwrite" if args.overwrite else "with --skip_existing"
+
+
 def interrupted_hint(error: KeyboardInterrupt, args: argparse.Namespace) -> str:
     """What Ctrl-C leaves behind and how to go on: the cases complete in ``--output`` and the command that
     segments the rest."""
@@ -82,7 +89,7 @@ def interrupted_hint(error: KeyboardInterrupt, args: argparse.Namespace) -> str:
         return "no case was segmented yet"
     if not error.complete:
         return f"no case is complete in {args.output}; run the same command again"
-    again = "with --skip_existing instead of --overwrite" if args.overwrite else "with --skip_existing"
+    again = with_skip_existing(args)
     if not error.remaining:
         return f"every case is complete in {args.output}; run the same command {again} to write the evaluation tables"
     return (f"{len(error.complete)} of {len(error.complete) + len(error.remaining)} cases are complete in "
@@ -107,16 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             labels_dir=args.labels, skip_existing=args.skip_existing, nsd_tolerance=args.nsd_tolerance,
             keep_largest=args.keep_largest, min_component_mm3=args.min_component_mm3, per_class=args.per_class,
             statistics=args.statistics, num_parts=args.num_parts, part_id=args.part_id,
+            into_input_folder=args.into_input_folder,
         )
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DATA_ERROR
-    except (UserError, ValueError) as exc:  # a file that cannot be used, or a value that cannot work (--overlap 1)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # e.g. the disk filled up while writing
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except DiskFullError as exc:
+        return report(exc, f"; free space there, then run the same command {with_skip_existing(args)}: the cases "
+                      f"complete in {args.output} are kept")
+    except (UserError, ValueError, OSError) as exc:  # a file or value that cannot work (--overlap 1), the system
+        return report(exc)
     except KeyboardInterrupt as exc:  # Ctrl-C: say how to go on instead of printing a traceback
         print(f"\ninterrupted; {interrupted_hint(exc, args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
