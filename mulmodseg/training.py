@@ -29,10 +29,12 @@ from torch import nn
 from mulmodseg import data as mdata
 from mulmodseg import text as mtext
 from mulmodseg.alt import ConcatCrops, EpochLoader, alt_batches, mixed_batches, train_step, validate, warmup_cosine
-from mulmodseg.checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mulmodseg.checkpoint import (FolderLock, atomic_write, load_checkpoint, lock_folder, raise_if_no_space,
+                                  remove_dead_temporaries, rng_state, save_checkpoint, set_rng_state)
 from mulmodseg.config import (TrainConfig, TrainingError, check_config, preprocess_settings, resumed_config, run_dir,
                               saved_config)
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
+from mulmodseg.errors import DiskFullError
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.metrics import summarise, write_reports
 from mulmodseg.model import MulModSeg
@@ -58,6 +60,8 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.is_main = self.rank == 0
         self.resume_state: dict | None = None
+        self.lock: FolderLock | None = None
+        self.saved_epoch: int | None = None  # the epoch of the run folder's last.pt, once known
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -66,6 +70,7 @@ class Trainer:
         model, the crop loaders and the optimiser; when resuming, load ``last.pt``'s state."""
         self.open_run(resume)
         self.select_scans()
+        self.hold_run_folder()
         table = None if resume else build_table(self.config, self.modalities, self.classes, self.cache_dir)
         self.model = self.build_model(table)
         if self.world > 1 and self.rank != 0:
@@ -79,10 +84,13 @@ class Trainer:
             self.load_state(self.resume_state)
 
     def open_run(self, resume: bool) -> None:
-        """Join the process group under torchrun; refuse a run folder that holds another run (or, to resume,
+        """Join the process group under torchrun; refuse a run folder that another live run writes (its lock,
+        ``checkpoint.lock_folder``, taken here when the folder exists), or that holds another run (or, to resume,
         none); take a resumed run's saved settings with the given ones applied; check every setting."""
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() and self.config.device != "cpu" else "gloo")
+        if self.is_main:
+            self.lock = lock_folder(self.out, "training run", create=False)
         last = self.out / "last.pt"
         if resume and not last.is_file():
             study = " (a cross-validation study: pass its --fold K)" if (self.out / SPLITS_FILE).is_file() else ""
@@ -98,7 +106,7 @@ class Trainer:
         if resume:
             self.resume_state = load_checkpoint(last)
             self.config = resumed_config(saved_config(self.resume_state), self.config, self.given)
-            done = self.resume_state["epoch"]
+            done = self.saved_epoch = self.resume_state["epoch"]
             if done >= self.config.epochs:  # before any data is read or config.json rewritten
                 raise TrainingError(f"--resume: {last} has finished {done} of {self.config.epochs} epochs; "
                                     f"pass --epochs above {done} to train on")
@@ -111,6 +119,16 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         self.channels_last = use_channels_last(cfg.channels_last, cfg.backbone, self.device)
         self.classes = list(resolve_classes(cfg.classes))
+
+    def hold_run_folder(self) -> None:
+        """Rank 0, once the settings and scans passed their checks: hold the run folder's lock (creating the
+        folder), then remove the temporaries that writes killed midway left there."""
+        if not self.is_main:
+            return
+        self.lock = self.lock or lock_folder(self.out, "training run")
+        removed = remove_dead_temporaries(self.out)
+        if removed:
+            self.log(removed)
 
     def select_scans(self) -> None:
         """``cases`` and ``val_cases`` per trained modality (``selection.select_cases``), the ones the saved
@@ -208,6 +226,14 @@ class Trainer:
             scaler=self.scaler.state_dict(), epoch=epoch, iteration=self.iteration, best=self.best,
             rng=rng_state(), cases=case_ids(self.cases, self.val_cases),
         )
+        if path == self.out / "last.pt":
+            self.saved_epoch = epoch
+
+    def close(self) -> None:
+        """Let another run write the run folder."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def load_state(self, ckpt: dict) -> None:
         """Continue from ``ckpt``: weights, optimiser, schedule (re-fitted to ``--epochs``), counters, RNGs."""
@@ -315,8 +341,12 @@ class Trainer:
         cfg = self.config
         if not self.is_main:
             return
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:  # a line cut short is dropped on --resume (trim_log)
+            raise_if_no_space(error, self.out / "log.jsonl")
+            raise
         val = [v for k, v in record.items() if k.endswith("/val_dice")]
         if val and float(np.mean(val)) > self.best:
             self.best = float(np.mean(val))
@@ -343,11 +373,15 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
     ``resume``: continue ``config.out`` from its ``last.pt``, with the saved settings plus the fields
     ``given`` of ``config`` (None: all of them), of which only ``config.RESUMABLE`` ones may differ.
     """
+    trainer = Trainer(config, log, given)
     try:
-        trainer = Trainer(config, log, given)
         trainer.prepare(resume)
         return trainer.fit()
+    except DiskFullError as error:
+        raise DiskFullError(f"{error}; free space there; {how_to_go_on(trainer.out, trainer.saved_epoch)}",
+                            error.errno) from error
     finally:
+        trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -401,6 +435,19 @@ def run_leftovers(out: Path) -> list[str]:
     by a run that stopped before its first last.pt, they keep a new run from mixing with them."""
     names = sorted(p.name for p in (out / "log.jsonl", out / "best.pt") if p.is_file())
     return names + sorted(p.name for p in out.glob("epoch_*.pt"))
+
+
+def how_to_go_on(out: Path, epoch: int | None = None) -> str:
+    """How to continue the run in ``out`` after it stopped (Ctrl-C, a full disk): resume from its last.pt
+    (of ``epoch``, when known), or start again once the files of its first epochs are deleted."""
+    last, leftovers = out / "last.pt", run_leftovers(out)
+    if last.is_file():
+        of_epoch = "" if epoch is None else f" (epoch {epoch})"
+        return f"{last}{of_epoch} holds the last saved epoch: run the same command with --resume to continue"
+    if leftovers:
+        return (f"no last.pt was written yet; delete {', '.join(leftovers)} in {out} (or choose another --out) to "
+                "start again")
+    return "no checkpoint was written yet"
 
 
 def read_log(path: str | Path) -> list[dict]:

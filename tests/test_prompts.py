@@ -257,7 +257,7 @@ def test_command_line(encoder, tmp_path, capsys):
     assert torch.allclose(table.row("T1")[1], expected, atol=1e-5)
     assert "A T1-weighted imaging of a background." in capsys.readouterr().out
 
-    assert main(["--clip_weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 1
+    assert main(["--clip_weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x.pt")]) == 2  # as train
     assert "missing.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -9,14 +9,13 @@ import argparse
 import os
 import sys
 
-from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_DATA_ERROR, EXIT_INTERRUPTED, HelpFormatter,
-                           add_cpu_speed_arguments, add_version_argument)
+from mulmodseg.cli import (CHANNELS_LAST, EXIT_BAD_ARGUMENTS, EXIT_CODES_HELP, EXIT_INTERRUPTED, HelpFormatter,
+                           add_cpu_speed_arguments, add_version_argument, report)
 from mulmodseg.config import BUNDLED_SAMPLE, DEFAULT_FOLDS, TrainConfig, TrainingError, absolute_paths, run_dir
-from mulmodseg.data import DataError
 from mulmodseg.device import DeviceError, set_threads
 from mulmodseg.errors import UserError
 from mulmodseg.text.clip import ACTIVATIONS
-from mulmodseg.training import run_leftovers, train, write_curves
+from mulmodseg.training import how_to_go_on, train, write_curves
 
 
 def parse_pairs(pairs: list[str], flag: str, cast=str) -> dict:
@@ -188,28 +187,16 @@ def main(argv: list[str] | None = None) -> int:
         log = out / "log.jsonl"
         if not log.is_file():
             print(f"error: {log} does not exist yet", file=sys.stderr)
-            return 2
+            return EXIT_BAD_ARGUMENTS
         write_curves(log, out / "curves.png")
         print(out / "curves.png")
         return 0
     try:
         set_threads(args.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         train(config_from_args(args), resume=args.resume, given=given_fields(argv))
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DATA_ERROR
-    except (UserError, DeviceError) as exc:  # device.py's DeviceError is a ValueError, not a UserError
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (UserError, DeviceError, OSError) as exc:  # device.py's DeviceError is a ValueError, not a UserError
+        return report(exc)
     except KeyboardInterrupt:  # Ctrl-C: say how to go on instead of printing a traceback
-        leftovers = run_leftovers(out)
-        if (out / "last.pt").is_file():
-            hint = f"{out / 'last.pt'} holds the last saved epoch: run the same command with --resume to continue"
-        elif leftovers:
-            hint = (f"no last.pt was written yet; delete {', '.join(leftovers)} in {out} (or choose another --out) "
-                    "to start again")
-        else:
-            hint = "no checkpoint was written yet"
-        print(f"\ninterrupted; {hint}", file=sys.stderr)
+        print(f"\ninterrupted; {how_to_go_on(out)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

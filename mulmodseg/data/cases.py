@@ -169,7 +169,8 @@ def discover_cases(root: PathLike, modality: str, split: str = "train") -> List[
         raise ValueError(f"split must be one of {sorted(_SPLIT_KEYS)}, got {split!r}")
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: dataset folder does not exist")
+        what = "a file, not a dataset folder; give its folder" if root.exists() else "dataset folder does not exist"
+        raise DataError(f"{root}: {what}")
     labels_required = split != "test"
     datalist_file = root / "dataset.json"
     cases: List[Case] = []

@@ -2,6 +2,9 @@
 
     python -m mulmodseg.text --clip_weights ViT-B-32.pt --classes amos --template v3 \
         --modalities CT MR --out amos_v3.pt
+
+Every flag (the output, the device, the classes, modalities and template) is checked before the text tower
+loads; the exit codes are the other commands' (``mulmodseg.cli``; no data, so never 3).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mulmodseg import __version__  # the command's --version only: the library modules import nothing outside text
+from mulmodseg import __version__  # the command's --version and exit codes: the library modules import nothing
+from mulmodseg.cli import EXIT_BAD_ARGUMENTS, EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_SYSTEM_ERROR  # outside text
 
 from .clip import ACTIVATIONS
 from .prompts import (
@@ -25,8 +29,9 @@ from .prompts import (
     build_embedding_table,
     make_prompts,
     resolve_classes,
+    resolve_template,
 )
-from .weights import DEFAULT_CACHE_DIR, OPENAI_VIT_B_32_URL, WeightsError, WeightsUnavailableError, load_text_encoder
+from .weights import DEFAULT_CACHE_DIR, OPENAI_VIT_B_32_URL, WeightsUnavailableError, load_text_encoder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode one prompt per (modality, class) with CLIP's text tower and save the "
         "(M, K, 512) float32 table that MulModSeg conditions on.",
         epilog="Example: python -m mulmodseg.text --clip_weights ViT-B-32.pt --classes amos --template v3 "
-        "--modalities CT MR --out amos_v3.pt",
+        f"--modalities CT MR --out amos_v3.pt. {EXIT_CODES_HELP}",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
@@ -150,22 +155,36 @@ def device_problem(name: str) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    phrases = {}
+def prompt_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--classes``, ``--modalities``, ``--phrase`` or ``--template`` cannot make the prompts (None when
+    they can), found before the text tower loads."""
     for item in args.phrase:
         name, sep, words = item.partition("=")
         if not sep or not name or not words:
-            print(f"error: --phrase expects NAME=WORDS, got {item!r}", file=sys.stderr)
-            return 2
-        phrases[name] = words
-    problem = output_problem(args) or device_problem(args.device)
+            return f"--phrase expects NAME=WORDS, got {item!r}"
+    try:
+        resolve_classes(args.classes)
+    except (ValueError, OSError) as error:
+        return f"--classes {args.classes}: {error}"
+    try:
+        resolve_template(args.template)
+    except ValueError as error:
+        return f"--template {args.template}: {error}"
+    if len(set(args.modalities)) != len(args.modalities):
+        return f"--modalities {' '.join(args.modalities)}: each modality is one row of the table; name it once"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (``mulmodseg.cli``'s codes)."""
+    args = build_parser().parse_args(argv)
+    problem = output_problem(args) or device_problem(args.device) or prompt_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_ARGUMENTS
+    classes = resolve_classes(args.classes)
+    phrases = dict(item.split("=", 1) for item in args.phrase)
     try:
-        classes = resolve_classes(args.classes)
         encoder = load_text_encoder(
             args.clip_weights, download=args.download, cache_dir=args.cache_dir, normalize=args.normalize,
             activation=args.activation,
@@ -173,10 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         table = build_embedding_table(
             encoder, classes, args.modalities, args.template, phrases=phrases, device=torch.device(device_name(args.device))
         )
-    except (WeightsError, WeightsUnavailableError, FileNotFoundError, ValueError) as error:
+        table.save(args.out)
+    # Weights that are missing or unusable (WeightsError is a ValueError) are the arguments' problem, as in train.py.
+    except (ValueError, WeightsUnavailableError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    table.save(args.out)
+        return EXIT_BAD_ARGUMENTS
+    except OSError as error:  # a full disk, a network that fails mid-download, ...
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_SYSTEM_ERROR
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {args.out} was not written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     prompts = make_prompts(classes, args.modalities, args.template, phrases)
     shape = f"{len(table.modalities)} modalities x {len(table.classes)} classes x {table.dim}"
     print(f"wrote {args.out}: {shape} ({table.encoder})")
