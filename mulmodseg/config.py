@@ -18,12 +18,16 @@ from typing import Any, Iterable
 from mulmodseg import data as mdata
 from mulmodseg.checkpoint import folder_problem
 from mulmodseg.data.preprocess import settings_problems
+from mulmodseg.augment import NnUNetAugment
 from mulmodseg.errors import UserError
 from mulmodseg.model import NORM_STATS
 from mulmodseg.nets import BACKBONES
 from mulmodseg.text.prompts import resolve_classes
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
+# --augment: the paper's (intensity shift and scale per crop, and the optional --rotate_degrees / --scale_range
+# warp), nnU-Net v2's default set (mulmodseg.augment, batched on the training device), or none.
+AUGMENTATIONS = ("paper", "nnunet", "none")
 DEFAULT_FOLDS = 5  # nnU-Net's
 
 
@@ -35,7 +39,8 @@ class TrainingError(UserError):
 class TrainConfig:
     """Every setting of a run; saved as JSON in the run directory and inside each checkpoint."""
 
-    data_dirs: dict[str, str] = field(default_factory=dict)  # modality name -> dataset folder
+    data_dirs: dict[str, list[str]] = field(default_factory=dict)  # modality name -> its dataset folders
+    labelled: dict[str, list[str]] = field(default_factory=dict)  # dataset folder -> the classes it labels
     out: str = "runs/mulmodseg"
     backbone: str = "unet"
     feature_size: int = 48  # SwinUNETR only
@@ -50,6 +55,8 @@ class TrainConfig:
     roi_size: tuple[int, int, int] = (96, 96, 96)
     batch_size: int = 1  # volumes per step; each gives num_samples crops
     num_samples: int = 2
+    augment: str = "paper"  # paper | nnunet | none (AUGMENTATIONS)
+    augment_options: dict[str, Any] = field(default_factory=dict)  # nnunet: augment.NnUNetAugment settings changed
     rotate_degrees: float = 0.0  # random rotation about the S/I axis, up to this many degrees (reference CT: 6)
     scale_range: float = 0.0  # random per-axis scaling by 1 +- this (reference CT: 0.1)
     warp_modalities: list[str] | None = None  # modalities that get rotation/scaling (None: all; reference: CT)
@@ -64,6 +71,7 @@ class TrainConfig:
     amp: str = "auto"  # auto | bf16 | fp16 | none
     compile: bool = False
     grad_clip: float = 0.0
+    max_skipped_steps: int = 10  # consecutive steps skipped for a corrupt gradient (alt.GradientGuard) that stop a run
     gradient_checkpointing: bool = False
     channels_last: bool | None = None  # channels_last_3d layout; None: auto (the UNet on the CPU, use_channels_last)
     norm_stats: str = "per_modality"  # UNet BatchNorm running statistics: per_modality | shared (bench/learn.py)
@@ -84,6 +92,11 @@ class TrainConfig:
     keep_every: int = 0
     cache_dir: str | None = None
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        # One folder may be given as a string (the Python API, checkpoints of format 1 and 2).
+        self.data_dirs = {name: [dirs] if isinstance(dirs, (str, os.PathLike)) else list(dirs)
+                          for name, dirs in self.data_dirs.items()}
 
     @property
     def modalities(self) -> list[str]:
@@ -128,7 +141,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def absolute(path: str) -> str:
         return os.path.abspath(os.path.expanduser(path))
 
-    changes: dict[str, Any] = {"data_dirs": {name: absolute(d) for name, d in cfg.data_dirs.items()}}
+    changes: dict[str, Any] = {"data_dirs": {name: [absolute(d) for d in dirs] for name, dirs in cfg.data_dirs.items()},
+                               "labelled": {absolute(d): names for d, names in cfg.labelled.items()}}
     for name in ("cache_dir", "clip_weights", "splits"):
         if getattr(cfg, name):
             changes[name] = absolute(getattr(cfg, name))
@@ -141,7 +155,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 # Settings a resumed run may change: none of them alters what the run has learned so far.
 RESUMABLE = frozenset({"epochs", "device", "out", "num_workers", "log_every", "save_every", "keep_every",
-                       "val_every", "sw_batch_size", "cache_dir"})
+                       "val_every", "sw_batch_size", "cache_dir", "max_skipped_steps"})
 
 
 def run_dir(out: str | Path, fold: int | None) -> Path:
@@ -167,7 +181,8 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
         problems.append(f"--modality_order {cfg.modalities} must name each of {list(cfg.data_dirs)} once")
     if cfg.mode not in ("alt", "mix") and cfg.mode not in cfg.modalities:
         problems.append(f"--mode {cfg.mode!r}: choose alt, mix or one of {cfg.modalities}")
-    for name in ("epochs", "batch_size", "num_samples", "save_every", "log_every", "sw_batch_size", "lr"):
+    for name in ("epochs", "batch_size", "num_samples", "save_every", "log_every", "sw_batch_size", "lr",
+                 "max_skipped_steps"):
         if not getattr(cfg, name) > 0:
             problems.append(f"--{name} must be > 0, got {getattr(cfg, name)}")
     for name in ("warmup_epochs", "keep_every", "val_every", "num_workers", "weight_decay", "grad_clip",
@@ -199,13 +214,14 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
         problems.append(f"--positive_centres {cfg.positive_centres!r}: choose one of {list(mdata.POSITIVE_CENTRES)}")
     if cfg.channels_last not in (None, True, False):
         problems.append(f"--channels_last {cfg.channels_last!r}: choose auto, on or off (None, True or False)")
+    problems += augment_problems(cfg)
     if not 0 <= cfg.warp_prob <= 1:
         problems.append(f"--warp_prob must be in [0, 1], got {cfg.warp_prob}")
     if not 0 <= cfg.val_fraction < 1:
         problems.append(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     problems += fold_config_problems(cfg, resuming)
     if (cfg.val_every and not cfg.val_fraction and cfg.fold is None
-            and not any(mdata.has_validation_list(d) for d in cfg.data_dirs.values())):
+            and not any(mdata.has_validation_list(d) for dirs in cfg.data_dirs.values() for d in dirs)):
         problems.append(f"--val_every {cfg.val_every} has nothing to validate on: also pass --val_fraction, e.g. 0.2, "
                         "or --fold, or give a dataset.json with a validation list")
     if cfg.backbone not in BACKBONES:
@@ -219,6 +235,12 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
     for name in cfg.warp_modalities or []:
         if name not in cfg.data_dirs:
             problems.append(f"--warp_modalities {name}: no modality {name!r} in this run ({list(cfg.data_dirs)})")
+    folders = {d for dirs in cfg.data_dirs.values() for d in dirs}
+    for folder, names in cfg.labelled.items():
+        if folder not in folders:
+            problems.append(f"--labelled {folder}: not one of the run's dataset folders ({', '.join(sorted(folders))})")
+        elif not names:
+            problems.append(f"--labelled {folder}: name the classes it labels, e.g. {folder}=liver,spleen")
     for name, count in cfg.max_cases.items():
         if name not in cfg.data_dirs:
             problems.append(f"--max_cases {name}={count}: no modality {name!r} in this run ({list(cfg.data_dirs)})")
@@ -236,6 +258,31 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
         return [f"--roi_size {' '.join(map(str, cfg.roi_size))} with SwinUNETR: the 1/32 level is a single voxel, "
                 "which instance norm sets to 0, so encoder10 learns nothing; use 64 along some axis"]
     return []
+
+
+def augment_settings(cfg: TrainConfig) -> NnUNetAugment:
+    """``--augment nnunet``'s settings: nnU-Net's defaults with ``augment_options`` applied, mirroring the axes of
+    ``--mirror_axes`` (the one mirroring flag, which infer.py's ``--tta`` follows too)."""
+    return NnUNetAugment(mirror_axes=cfg.mirror_axes).with_overrides(cfg.augment_options)
+
+
+def augment_problems(cfg: TrainConfig) -> list[str]:
+    """``check_config``'s part for ``--augment``, ``--augment_set`` and the paper augmentation's warp flags."""
+    if cfg.augment not in AUGMENTATIONS:
+        return [f"--augment {cfg.augment!r}: choose one of {list(AUGMENTATIONS)}"]
+    if cfg.augment != "nnunet":
+        return [f"--augment_set applies to --augment nnunet, not {cfg.augment}"] if cfg.augment_options else []
+    problems = [f"--{name} {getattr(cfg, name)} is the paper augmentation's warp; with --augment nnunet set "
+                f"rotation and scaling with --augment_set (e.g. rotation_degrees=15,scale_range=0.85:1.25)"
+                for name in ("rotate_degrees", "scale_range") if getattr(cfg, name)]
+    if "mirror_axes" in cfg.augment_options:
+        problems.append("--augment_set mirror_axes: mirroring follows --mirror_axes (and infer.py --tta with it)")
+    else:
+        try:
+            augment_settings(cfg)
+        except ValueError as error:
+            problems.append(f"--augment_set: {error}")
+    return problems
 
 
 def fold_config_problems(cfg: TrainConfig, resuming: bool = False) -> list[str]:

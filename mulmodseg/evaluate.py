@@ -20,7 +20,7 @@ import nibabel as nib
 from mulmodseg import data as mdata
 from mulmodseg.cli import EXIT_CODES_HELP, EXIT_DATA_ERROR, HelpFormatter, add_version_argument, program_name
 from mulmodseg.data.checks import check_label_pairs
-from mulmodseg.metrics import case_metrics, write_reports
+from mulmodseg.metrics import case_metrics, mask_unlabelled, write_reports
 from mulmodseg.outputs import find_inputs, label_candidates, output_dir_problems, output_path
 from mulmodseg.surface import check_nsd_tolerance
 from mulmodseg.text.prompts import resolve_classes
@@ -40,12 +40,14 @@ def match_labels(predictions: Sequence[Path], labels_dir: Path) -> tuple[dict[Pa
 
 def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, classes: str | Sequence[str] = "amos",
                      label_map=None, nsd_tolerance: float = 2.0, output_dir: str | Path | None = None,
-                     modality: str = "",
+                     modality: str = "", labelled: Sequence[str] | None = None,
                      log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> list[dict]:
     """Score every label map in ``pred_dir`` against its label in ``labels_dir`` and write the reports
     into ``output_dir`` (default: ``pred_dir``), replacing earlier ones. Both files of a pair are read as
     labels are in training (``label_map`` applied), the prediction put on the label's grid; ``modality``
-    only fills the tables' modality column. Returns one row per case (see ``mulmodseg.metrics``).
+    only fills the tables' modality column. A class is scored only where the labels' dataset labels it: the
+    class names ``labelled``, else the ``labels`` of the dataset.json in or above ``labels_dir``, else all (the
+    others are "not labelled" in the tables). Returns one row per case (see ``mulmodseg.metrics``).
 
     Raises DataError listing every problem (missing labels, unreadable files, other grids, unknown
     values, an unwritable ``output_dir``) before any case is scored, and ValueError for bad ``classes``
@@ -66,10 +68,16 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, classes: str 
     else:
         pairs = {}
         problems.append(f"--labels {labels_dir}: no such folder")
-    warnings = []
+    warnings, scored = [], None
+    try:
+        scored = mdata.labelled_classes(names, mdata.labels_file(labels_dir), labelled,
+                                        label_map and mdata.parse_label_map(label_map))
+    except mdata.DataError as error:
+        problems += error.problems
     if pairs:
         try:
-            warnings = check_label_pairs(list(pairs.items()), label_map, len(names))
+            warnings = check_label_pairs(list(pairs.items()), label_map, len(names), labelled=scored,
+                                         class_names=names)
         except mdata.DataError as error:
             problems += error.problems
     if problems:
@@ -83,7 +91,8 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, classes: str 
         predicted = mdata.read_label(mdata.load_volume(pred), str(pred), reference, label_map)
         rows.append({"case": mdata.nifti_stem(output_path(pred, output_dir)), "modality": modality,
                      "prediction": str(pred), "reference": str(label_file),
-                     **case_metrics(predicted, truth, len(names), nib.affines.voxel_sizes(reference.affine), nsd_tolerance)})
+                     **mask_unlabelled(case_metrics(predicted, truth, len(names),
+                                                    nib.affines.voxel_sizes(reference.affine), nsd_tolerance), scored)})
         log(f"[{i}/{len(pairs)}] {pred.name}: scored against {label_file}")
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = {"pred": str(pred_dir), "labels": str(labels_dir), "classes": list(names), "label_map": label_map,
@@ -108,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "background first, as in training")
     p.add_argument("--label_map", help="dataset value -> class id (src:dst,... or a JSON file), applied to both "
                    "folders, as in training")
+    p.add_argument("--labelled", nargs="+", metavar="CLASS",
+                   help="the classes the labels label (default: the labels of a dataset.json in or above the --labels "
+                   "folder, else all); the others are 'not labelled' in the tables, and predicting them is no error")
     p.add_argument("--nsd_tolerance", type=float, default=2.0, help="normalised surface Dice tolerance in mm")
     p.add_argument("--modality", default="", help="written in the tables' modality column (e.g. CT)")
     p.add_argument("--output", help="folder for the reports (default: --pred); earlier reports there are replaced")
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         evaluate_folders(args.pred, args.labels, args.classes, args.label_map, args.nsd_tolerance, args.output,
-                         args.modality)
+                         args.modality, args.labelled)
     except mdata.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DATA_ERROR

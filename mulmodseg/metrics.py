@@ -184,7 +184,8 @@ def summary_rows(settings: dict[str, dict], class_names: Sequence[str], metric: 
                  ) -> list[list[str]]:
     """The paper's layout as text cells: a header, then one row per setting, one column per organ, then
     ``Average``. Dice and NSD in percent, HD95 in mm, with two decimals; ``absent`` where no case had the
-    class, ``not labelled`` where no case's reference labels it. With ``std``, each cell is ``mean ± std`` (the Average's spread is ``case_std``, see :func:`summarise`).
+    class, ``not labelled`` where no case's reference labels it. With ``std``, each cell is ``mean ± std`` (the
+    Average's spread is ``case_std``, see :func:`summarise`).
 
     settings: setting name (e.g. ``"CT, ALT"``) -> a :func:`summarise` result for ``metric``.
     """

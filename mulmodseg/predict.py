@@ -30,7 +30,7 @@ from mulmodseg.checkpoint import atomic_write, load_checkpoint, lock_folder, rem
 from mulmodseg.data.checks import existing_output_problems
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.inferer import Progress, sliding_window_inference
-from mulmodseg.metrics import case_metrics, count_flops, count_parameters, write_reports
+from mulmodseg.metrics import case_metrics, count_flops, count_parameters, mask_unlabelled, write_reports
 from mulmodseg.model import MulModSeg
 from mulmodseg.outputs import (DATASET_JSON, Plan, class_file, class_statistics, dataset_description, input_share,
                                invert_label_map, plan_outputs, to_dataset_values, write_like, write_preview,
@@ -283,6 +283,7 @@ def segment_files(
     statistics: bool = False,
     num_parts: int = 1,
     part_id: int = 0,
+    labelled: Sequence[str] | None = None,
     into_input_folder: bool = False,
 ) -> list[dict]:
     """Segment ``inputs`` into ``output_dir`` with the ``Ensemble`` of ``checkpoint`` (one path or several);
@@ -311,6 +312,10 @@ def segment_files(
     many processes fill one ``output_dir``: each writes the same dataset.json (an existing one is no conflict
     then), none scores (``labels_dir`` is refused: score the whole folder once every part is done). The parts
     share the folder's lock; a call with the same ``part_id`` or without ``num_parts`` is refused meanwhile.
+
+    A class is scored only where the labels' dataset labels it: the class names ``labelled``, else the
+    ``labels`` of the dataset.json in or above ``labels_dir`` (``mdata.labelled_classes``), else every class; the
+    others are "not labelled" in the tables (a prediction of an unlabelled organ is no false positive).
     """
     output_dir = Path(output_dir)
     input_share(inputs, num_parts, part_id)  # a part that does not exist is a bad flag: before the checkpoint loads
@@ -337,8 +342,10 @@ def segment_files(
                         skip_existing=skip_existing, num_parts=num_parts, part_id=part_id,
                         into_input_folder=into_input_folder)
     label_map = ensemble.config["preprocess"][modality].get("label_map")
-    cases = [mdata.Case(plan.targets[src].name, src, plan.labels.get(src), modality) for src in plan.inputs]
-    warnings = plan.warnings + mdata.check_cases(cases, label_map=label_map,
+    scored = None if labels_dir is None else mdata.labelled_classes(
+        classes, mdata.labels_file(labels_dir), labelled, label_map and mdata.parse_label_map(label_map))
+    cases = [mdata.Case(plan.targets[src].name, src, plan.labels.get(src), modality, scored) for src in plan.inputs]
+    warnings = plan.warnings + mdata.check_cases(cases, label_map=label_map, class_names=classes,
                                                  num_classes=None if label_map else len(classes),
                                                  settings=preprocessing(ensemble, modality))
     for src in sorted(plan.done):
@@ -397,7 +404,7 @@ def segment_files(
             if truth is not None:
                 # On the scan's grid, with its voxel sizes (the label was read onto that grid).
                 spacing = nib.affines.voxel_sizes(reference.affine)
-                record.update(case_metrics(label, truth, len(classes), spacing, nsd_tolerance))
+                record.update(mask_unlabelled(case_metrics(label, truth, len(classes), spacing, nsd_tolerance), scored))
                 record["reference"] = str(plan.labels[src])
             records.append(record)
         if labels_dir is not None:

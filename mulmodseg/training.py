@@ -28,17 +28,19 @@ from torch import nn
 
 from mulmodseg import data as mdata
 from mulmodseg import text as mtext
-from mulmodseg.alt import ConcatCrops, EpochLoader, alt_batches, mixed_batches, train_step, validate, warmup_cosine
+from mulmodseg.alt import (ConcatCrops, EpochLoader, GradientGuard, alt_batches, mixed_batches, train_step, validate,
+                           warmup_cosine)
 from mulmodseg.checkpoint import (FolderLock, atomic_write, load_checkpoint, lock_folder, raise_if_no_space,
                                   remove_dead_temporaries, rng_state, save_checkpoint, set_rng_state)
-from mulmodseg.config import (TrainConfig, TrainingError, check_config, preprocess_settings, resumed_config, run_dir,
-                              saved_config)
+from mulmodseg.augment import augment_batch, input_size
+from mulmodseg.config import (TrainConfig, TrainingError, augment_settings, check_config, preprocess_settings,
+                              resumed_config, run_dir, saved_config)
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.errors import DiskFullError
 from mulmodseg.losses import DiceCELoss
-from mulmodseg.metrics import summarise, write_reports
+from mulmodseg.metrics import mask_unlabelled, summarise, write_reports
 from mulmodseg.model import MulModSeg
-from mulmodseg.selection import SPLITS_FILE, case_ids, check_resumed_cases, select_cases
+from mulmodseg.selection import SPLITS_FILE, case_ids, check_resumed_cases, dataset_records, select_cases
 from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.prompts import model_table, resolve_classes
 from mulmodseg.viz import plot_curves
@@ -135,12 +137,21 @@ class Trainer:
         run used when resuming; every file checked before any is preprocessed."""
         cfg = self.config
         self.cases, self.val_cases, self.splits = select_cases(cfg, self.log)
+        self.datasets = dataset_records(cfg)
         if self.resume_state is not None:
             check_resumed_cases(self.resume_state.get("cases"), case_ids(self.cases, self.val_cases), cfg)
+            saved = self.resume_state["config"].get("datasets")
+            if saved is not None and saved != self.datasets:
+                was = {d["dir"]: d["labelled"] for name in saved for d in saved[name]}
+                changes = [f"{d['dir']} labelled {was.get(d['dir'])}, now {d['labelled']}"
+                           for name in self.datasets for d in self.datasets[name] if was.get(d["dir"]) != d["labelled"]]
+                raise TrainingError(f"--resume: the classes a dataset labels changed since the run started "
+                                    f"({'; '.join(changes)}): restore its dataset.json or --labelled, or start a "
+                                    "new run")
         every = [c for name in self.train_modalities for c in self.cases[name] + self.val_cases[name]]
         label_map = mdata.parse_label_map(cfg.label_map) if cfg.label_map else None
         for warning in mdata.check_cases(every, label_map=label_map, num_classes=len(self.classes),
-                                         modalities=self.modalities, require_labels=True):
+                                         modalities=self.modalities, require_labels=True, class_names=self.classes):
             self.log(f"warning: {warning}")
 
     def build_model(self, table: EmbeddingTable | None) -> MulModSeg:
@@ -164,18 +175,28 @@ class Trainer:
         cache = mdata.VolumeCache(self.cache_dir)
         self.settings = {name: preprocess_settings(cfg, name) for name in self.modalities}
         self.val_volumes, datasets = {}, {}
+        # Masks of the labelled classes go with every crop once one dataset is partial: a mixed batch's rows then
+        # all carry one, and a batch of fully labelled rows still takes the full-label loss.
+        partial = any(c.labelled is not None for n in self.train_modalities for c in self.cases[n])
+        # --augment nnunet: the loader cuts larger crops, augment.augment_batch turns them into training crops on
+        # the device (augmented_batch); paper: CropDataset augments each crop; none: neither does.
+        self.augment = augment_settings(cfg) if cfg.augment == "nnunet" else None
+        crop = cfg.roi_size if self.augment is None else input_size(cfg.roi_size, self.augment)
+        paper = cfg.augment == "paper"
         for name in self.train_modalities:
-            warped = cfg.warp_modalities is None or name in cfg.warp_modalities
+            warped = paper and (cfg.warp_modalities is None or name in cfg.warp_modalities)
             t0 = time.time()
             volumes = mdata.load_training_volumes(self.cases[name], self.settings[name], cache)
             self.val_volumes[name] = mdata.load_training_volumes(self.val_cases[name], self.settings[name], cache)
             self.log(f"{name}: {len(volumes)} training and {len(self.val_volumes[name])} validation volumes "
                      f"ready in {time.time() - t0:.1f}s")
             datasets[name] = mdata.CropDataset(
-                volumes, cfg.roi_size, num_samples=cfg.num_samples, modality=name,
+                volumes, crop, num_samples=cfg.num_samples, modality=name, aug_prob=0.5 if paper else 0.0,
                 rotate_degrees=cfg.rotate_degrees if warped else 0.0, scale_range=cfg.scale_range if warped else 0.0,
                 warp_prob=cfg.warp_prob, positive_centres=cfg.positive_centres,
-                flip=cfg.mirror_axes, flip_label_order=mdata.left_right_order(self.classes), seed=cfg.seed,
+                flip=cfg.mirror_axes if paper else (), flip_label_order=self.flip_order, seed=cfg.seed,
+                labelled=[labelled_mask(c, len(self.classes)) for c in self.cases[name]] if partial else None,
+                keys=self.augment is not None,
             )
 
         def loader(dataset, modality: int) -> EpochLoader:
@@ -188,10 +209,27 @@ class Trainer:
         else:
             self.loaders = {name: loader(ds, self.modalities.index(name)) for name, ds in datasets.items()}
 
+    @property
+    def flip_order(self) -> list[int]:
+        """The class each class becomes when a crop is mirrored left/right (paired classes swap)."""
+        return mdata.left_right_order(self.classes)
+
+    def augmented_batch(self, batch: dict) -> dict:
+        """``batch`` with its image and label on the device and, with ``--augment nnunet``, augmented there
+        (``augment.augment_batch``, each crop drawn from its key) to ``roi_size``."""
+        if self.augment is None:
+            return batch
+        image, label = augment_batch(batch["image"].to(self.device, non_blocking=True),
+                                     batch["label"].to(self.device, non_blocking=True), batch["key"].tolist(),
+                                     self.augment, self.config.roi_size,
+                                     torch.tensor(self.flip_order, device=self.device))
+        return {**batch, "image": image, "label": label}
+
     def setup_optimisation(self) -> None:
         """Loss, AdamW, the warm-up + cosine schedule, the fp16 grad scaler, DDP and torch.compile wrappers."""
         cfg = self.config
         self.loss_fn = DiceCELoss()
+        self.guard = GradientGuard()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda e: warmup_cosine(e, cfg.warmup_epochs, cfg.epochs)
@@ -216,6 +254,7 @@ class Trainer:
             "classes": list(self.classes),
             "modalities": list(self.modalities),
             "roi_size": list(self.config.roi_size),
+            "datasets": self.datasets,
         }
 
     def save(self, path: Path, epoch: int) -> None:
@@ -286,30 +325,43 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         for step, (modality, batch) in enumerate(batches, 1):
             try:
-                dice, ce = train_step(self.net, batch, modality, loss_fn=self.loss_fn, optimizer=self.optimizer,
-                                      scaler=self.scaler, device=self.device, amp_dtype=self.amp_dtype,
-                                      grad_clip=cfg.grad_clip, channels_last=self.channels_last)
+                skipped = self.guard.skipped
+                dice, ce = train_step(self.net, self.augmented_batch(batch), modality, loss_fn=self.loss_fn,
+                                      optimizer=self.optimizer, scaler=self.scaler, device=self.device,
+                                      amp_dtype=self.amp_dtype, grad_clip=cfg.grad_clip,
+                                      channels_last=self.channels_last, guard=self.guard)
             except FloatingPointError as exc:
-                last = self.out / "last.pt"
-                kept = (f"The last good checkpoint is kept: {last}" if last.is_file()
-                        else "No checkpoint had been written yet.")
-                raise TrainingError(f"training stopped at epoch {epoch + 1}, step {step} ({modality}): {exc}. {kept}"
-                                    ) from exc
+                raise TrainingError(f"training stopped at epoch {epoch + 1}, step {step} ({modality}): {exc}. "
+                                    f"{self.kept_checkpoint()}") from exc
+            if self.guard.consecutive >= cfg.max_skipped_steps:
+                raise TrainingError(
+                    f"training stopped at epoch {epoch + 1}, step {step} ({modality}): the last "
+                    f"{self.guard.consecutive} steps' gradients were not finite or above {self.guard.max_norm:g}, "
+                    f"so none was applied. {self.kept_checkpoint()} Try --amp none (bf16 on a CPU without AMX has "
+                    "given such gradients), a lower --lr, or --grad_clip 1")
             self.iteration += 1
             self.steps_done += 1
-            acc = sums.setdefault(modality if isinstance(modality, str) else "mix", [0.0, 0.0, 0])
+            acc = sums.setdefault(modality if isinstance(modality, str) else "mix", [0.0, 0.0, 0, 0])
             acc[0], acc[1], acc[2] = acc[0] + dice, acc[1] + ce, acc[2] + 1
+            acc[3] += self.guard.skipped - skipped
             if self.is_main and (step % cfg.log_every == 0 or step == n_steps):
                 rate = self.steps_done / (time.time() - self.t_start)
                 left = (cfg.epochs - epoch - 1) * n_steps + (n_steps - step)
-                terms = " | ".join(f"{k} dice {a[0] / a[2]:.4f} ce {a[1] / a[2]:.4f}" for k, a in sums.items())
+                terms = " | ".join(f"{k} dice {a[0] / a[2]:.4f} ce {a[1] / a[2]:.4f}"
+                                   + (f" skipped {a[3]}" if a[3] else "") for k, a in sums.items())
                 self.log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{n_steps} | {terms} | lr {lr:.2e} | "
                          f"{rate:.2f} steps/s | ETA {format_seconds(left / rate)}")
         self.scheduler.step()
         record = {"epoch": epoch + 1, "iteration": self.iteration, "lr": lr, "time": time.time() - self.t_start}
         for k, a in sums.items():
             record[f"{k}/dice_loss"], record[f"{k}/ce_loss"] = a[0] / a[2], a[1] / a[2]
+            record[f"{k}/skipped_steps"] = a[3]
         return record
+
+    def kept_checkpoint(self) -> str:
+        """What a stopped run leaves to go on from, for its message."""
+        last = self.out / "last.pt"
+        return f"The last good checkpoint is kept: {last}" if last.is_file() else "No checkpoint had been written yet."
 
     def run_validation(self, epoch: int) -> dict:
         """Validate every trained modality's validation scans: the log record's scores, and (rank 0)
@@ -322,7 +374,8 @@ class Trainer:
                 continue
             dice = validate(self.model, self.val_volumes[name], name, len(self.classes), cfg.roi_size, self.device,
                             predictor=predictor, sw_batch_size=cfg.sw_batch_size, amp_dtype=self.amp_dtype)
-            rows = [{"case": case.id, "modality": name, "dice": row} for case, row in zip(self.val_cases[name], dice)]
+            rows = [{"case": case.id, "modality": name, **mask_unlabelled({"dice": row}, case.labelled)}
+                    for case, row in zip(self.val_cases[name], dice)]
             summary = summarise(rows)
             if self.is_main:
                 folder = self.out / "validation" / name
@@ -483,6 +536,15 @@ def write_curves(log_path: str | Path, png_path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run state
+
+
+def labelled_mask(case: mdata.Case, num_classes: int) -> np.ndarray:
+    """(num_classes,) bool: background and the classes the case's dataset labels (all when it labels all)."""
+    if case.labelled is None:
+        return np.ones(num_classes, dtype=bool)
+    mask = np.zeros(num_classes, dtype=bool)
+    mask[[0, *case.labelled]] = True
+    return mask
 
 
 def seed_everything(seed: int) -> None:

@@ -125,3 +125,34 @@ def test_command_line(folders):
     assert "3 a problem in the data" in proc.stdout
     assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--classes", str(classes),
                  "--nsd_tolerance", "-1"]) == 2
+
+
+def test_a_partially_labelled_reference_scores_only_what_its_dataset_labels(folders):
+    tmp_path, classes = folders
+    # The labels' dataset labels liver only: spleen is "not labelled", whatever is predicted there.
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}}))
+    for name in ("a", "b"):
+        label = np.asarray(nib.load(tmp_path / "labels" / f"{name}.nii.gz").dataobj)
+        save(np.where(label == 1, 1, 0).astype(np.uint8), tmp_path / "labels" / f"{name}.nii.gz")
+    rows = evaluate_folders(tmp_path / "pred", tmp_path / "labels", str(classes), output_dir=tmp_path / "out",
+                            log=lambda m: None)
+    full = case_metrics(*pair(0), 4, (0.8, 1.2, 2.5))
+    assert rows[0]["dice"][0] == full["dice"][0] and np.isnan(rows[0]["dice"][1:]).all()
+    assert rows[0]["labelled"].tolist() == [True, False, False]
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        header, first, _ = list(csv.reader(f))
+    assert first[2:6] == [f"{full['dice'][0]:.6f}", "not labelled", "not labelled", f"{full['dice'][0]:.6f}"]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| not labelled | not labelled |" in summary and "absent" not in summary
+    report = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert report["mean"]["spleen"]["dice"] == {"mean": None, "std": None, "n": 0, "labelled": 0}
+    assert report["metric_per_case"][0]["labelled"] == ["liver"]
+    # --labelled overrides the dataset.json; a label value outside it is a problem before any scoring.
+    assert main(["--pred", str(tmp_path / "pred"), "--labels", str(tmp_path / "labels"), "--classes", str(classes),
+                 "--labelled", "liver", "kidney", "--output", str(tmp_path / "out2")]) == 0
+    with open(tmp_path / "out2" / "metrics.csv") as f:
+        assert list(csv.reader(f))[1][3] == "not labelled"
+    save(np.full((20, 16, 12), 2, np.uint8), tmp_path / "labels" / "a.nii.gz")
+    with pytest.raises(DataError, match=r"a.nii.gz: class values \[2\] are classes its dataset does not label "
+                                        r"\(it labels liver\)"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "labels", str(classes), log=lambda m: None)

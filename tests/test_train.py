@@ -781,3 +781,54 @@ def test_skipped_steps_are_counted_per_modality_and_too_many_in_a_row_stop_the_r
     err = capsys.readouterr().err
     assert ("training stopped at epoch 1, step 2 (MR): the last 2 steps' gradients were not finite or above 1e+15, "
             "so none was applied. No checkpoint had been written yet.") in err
+
+
+# ---------------------------------------------------------------------------------------------- --augment
+
+
+def test_augment_nnunet_crops_on_the_device_and_a_resumed_run_equals_a_straight_one(tmp_path, cache):
+    def config(out, epochs):
+        args = small_args(tmp_path / out, cache, epochs) + ["--augment", "nnunet", "--mirror_axes", "0", "1", "2",
+                                                            "--augment_set", "rotation_p=0.5,noise_p=0.5"]
+        return train_cli.config_from_args(train_cli.build_parser().parse_args(args))
+
+    trainer = Trainer(config("straight", 2), log=lambda m: None)
+    trainer.prepare()
+    assert trainer.augment.rotation_p == 0.5 and trainer.augment.mirror_axes == (0, 1, 2)
+    batch = next(trainer.loaders["CT"].batches(0))
+    # The loader cuts larger crops with their keys; the trainer turns them into 32^3 training crops.
+    assert batch["image"].shape[2:] == trainer.loaders["CT"].dataset.roi_size != (32, 32, 32)
+    assert batch["key"].tolist() == [[0, 0, 0, 0, 0, 0, k] for k in range(2)]
+    augmented = trainer.augmented_batch(batch)
+    assert augmented["image"].shape == augmented["label"].shape == (2, 1, 32, 32, 32)
+    trainer.fit()
+    trainer.close()
+    first = Trainer(config("resumed", 1), log=lambda m: None)
+    first.prepare()
+    first.fit()
+    first.close()
+    resumed = Trainer(config("resumed", 2), log=lambda m: None, given={"epochs"})
+    resumed.prepare(resume=True)
+    resumed.fit()
+    resumed.close()
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["config"]["train"]["augment_options"] == {"rotation_p": "0.5", "noise_p": "0.5"}
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--augment", "nnunet", "--rotate_degrees", "6"], "--rotate_degrees 6.0 is the paper augmentation's warp; with "
+                                                       "--augment nnunet set rotation and scaling with --augment_set"),
+    (["--augment_set", "rotation_p=0.5"], "--augment_set applies to --augment nnunet, not paper"),
+    (["--augment", "nnunet", "--augment_set", "rotation_p=2"], "--augment_set: augmentation setting rotation_p=2.0: a "
+                                                               "probability must be in [0, 1]"),
+    (["--augment", "nnunet", "--augment_set", "spin=1"], "--augment_set: unknown augmentation setting(s) spin"),
+    (["--augment", "nnunet", "--augment_set", "mirror_axes=0"], "--augment_set mirror_axes: mirroring follows "
+                                                                "--mirror_axes"),
+    (["--augment_set", "oops"], "--augment_set: augmentation override 'oops': expected name=value"),
+])
+def test_bad_augmentation_settings_are_one_line_errors_before_any_work(tmp_path, cache, capsys, flags, message):
+    assert train_cli.main(small_args(tmp_path / "r", cache, 1) + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "cache").exists()

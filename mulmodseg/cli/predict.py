@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted run into the same --output: scans whose outputs all exist are not "
                        "segmented again (with --labels they are scored from those files)")
     p.add_argument("--labels", help="folder of ground-truth label maps with the inputs' names: writes metrics.csv (Dice, NSD and HD95 per case and class), summary.md and summary.csv (mean and std per class, the paper's table layout) and summary.json")
+    p.add_argument("--labelled", nargs="+", metavar="CLASS",
+                   help="with --labels: the classes the labels label (default: the labels of a dataset.json in or "
+                   "above the --labels folder, else all); the others are 'not labelled' in the tables, and "
+                   "predicting them is no error")
     p.add_argument("--nsd_tolerance", type=float, default=2.0, help="with --labels: the normalised surface Dice's tolerance in mm")
     p.add_argument("--keep_largest", nargs="*", metavar="CLASS",
                    help="postprocessing: keep only the largest 26-connected component of these classes (names, with "
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         segment_files(
             args.checkpoint, find_inputs(args.input), args.output, args.modality, settings,
             overwrite=args.overwrite, save_probabilities=args.save_probabilities, previews=args.preview,
-            labels_dir=args.labels, skip_existing=args.skip_existing, nsd_tolerance=args.nsd_tolerance,
+            labels_dir=args.labels, labelled=args.labelled, skip_existing=args.skip_existing,
+            nsd_tolerance=args.nsd_tolerance,
             keep_largest=args.keep_largest, min_component_mm3=args.min_component_mm3, per_class=args.per_class,
             statistics=args.statistics, num_parts=args.num_parts, part_id=args.part_id,
             into_input_folder=args.into_input_folder,

@@ -11,7 +11,9 @@ import sys
 
 from mulmodseg.cli import (CHANNELS_LAST, EXIT_BAD_ARGUMENTS, EXIT_CODES_HELP, EXIT_INTERRUPTED, HelpFormatter,
                            add_cpu_speed_arguments, add_version_argument, report)
-from mulmodseg.config import BUNDLED_SAMPLE, DEFAULT_FOLDS, TrainConfig, TrainingError, absolute_paths, run_dir
+from mulmodseg.augment import parse_overrides
+from mulmodseg.config import (AUGMENTATIONS, BUNDLED_SAMPLE, DEFAULT_FOLDS, TrainConfig, TrainingError, absolute_paths,
+                              run_dir)
 from mulmodseg.device import DeviceError, set_threads
 from mulmodseg.errors import UserError
 from mulmodseg.text.clip import ACTIVATIONS
@@ -41,11 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_version_argument(p)
     g = p.add_argument_group("data")
-    g.add_argument("--ct_dir", help="CT dataset folder (imagesTr/labelsTr, MSD dataset.json, or <id>.nii.gz + <id>_gt.nii.gz). "
-                   "Without --ct_dir and --mr_dir the bundled sample (data/sample) is used")
-    g.add_argument("--mr_dir", help="MR dataset folder, same layouts as --ct_dir")
+    g.add_argument("--ct_dir", nargs="+", metavar="DIR",
+                   help="CT dataset folder(s) (imagesTr/labelsTr, MSD dataset.json, or <id>.nii.gz + <id>_gt.nii.gz); "
+                   "each folder is one dataset, labelling the classes its dataset.json 'labels' names (all without "
+                   "one; see --labelled). Without --ct_dir and --mr_dir the bundled sample (data/sample) is used")
+    g.add_argument("--mr_dir", nargs="+", metavar="DIR", help="MR dataset folder(s), same layouts as --ct_dir")
     g.add_argument("--data_dir", action="append", default=[], metavar="MODALITY=DIR",
-                   help="a folder for any other modality name (repeatable), e.g. PET=/data/pet")
+                   help="a dataset folder of any modality name (repeatable, also to give a modality several "
+                   "folders), e.g. PET=/data/pet")
+    g.add_argument("--labelled", action="append", default=[], metavar="DIR=CLASS,CLASS",
+                   help="the classes a dataset folder labels, overriding its dataset.json (repeatable), e.g. "
+                   "/data/chaos=liver,spleen,right_kidney,left_kidney: its 0s are then background or an unlabelled "
+                   "class, and the loss counts only what it labels (marginal loss)")
     g.add_argument("--classes", default=d.classes, help="class names: amos, amos_reference (the reference's spellings), mmwhs, "
                    "or a file with one name per line or a JSON list (background first)")
     g.add_argument("--label_map", default=d.label_map, help="map label values, JSON file or 'src:dst,...' (MMWHS: 205:1,420:2,...)")
@@ -101,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where positive crops centre: class (a class present in the scan drawn uniformly, then one of "
                    "its voxels, as nnU-Net oversamples) or voxel (uniform over labelled voxels, the reference's, which "
                    "centres most crops on the liver)")
+    g.add_argument("--augment", choices=list(AUGMENTATIONS), default=d.augment,
+                   help="training augmentation: paper (the paper's: intensity shift and scale of half the crops, plus "
+                   "the --rotate_degrees/--scale_range warp when given), nnunet (nnU-Net v2's default set: rotation, "
+                   "scaling, noise, blur, brightness, contrast, low resolution, gamma, batched on the training device; "
+                   "mirroring follows --mirror_axes; see docs/augmentation.md), or none")
+    g.add_argument("--augment_set", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                   help="change --augment nnunet's settings (repeatable), e.g. rotation_p=0.3,scale_range=0.8:1.25; "
+                   "the names and nnU-Net's values are in docs/augmentation.md")
     g.add_argument("--rotate_degrees", type=float, default=d.rotate_degrees,
                    help="random rotation about the S/I axis up to this angle (the reference's CT augmentation used 6)")
     g.add_argument("--scale_range", type=float, default=d.scale_range,
@@ -118,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     g.add_argument("--grad_clip", type=float, default=d.grad_clip, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--max_skipped_steps", type=int, default=d.max_skipped_steps,
+                   help="a step whose gradient is not finite or has a norm above 1e15 is skipped (counted per modality "
+                   "in the log); this many in a row stop the run, its last checkpoint kept")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
                    help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones; on the CPU bf16 "
                    "where it has bf16 matrix units, AMX or AVX512-BF16, else off)")
@@ -145,12 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's ``TrainConfig`` from parsed flags (bundled sample when no folder is given), its folders
     and files as absolute paths (``absolute_paths``)."""
-    dirs = {}
+    dirs: dict[str, list[str]] = {}
     if args.ct_dir:
-        dirs["CT"] = args.ct_dir
+        dirs["CT"] = list(args.ct_dir)
     if args.mr_dir:
-        dirs["MR"] = args.mr_dir
-    dirs.update(parse_pairs(args.data_dir, "--data_dir"))
+        dirs["MR"] = list(args.mr_dir)
+    for pair in args.data_dir:
+        (name, folder), = parse_pairs([pair], "--data_dir").items()
+        dirs.setdefault(name, []).append(folder)
     if not dirs:
         if not args.resume:  # a resumed run keeps its own folders
             print(f"no --ct_dir/--mr_dir given: training on the bundled sample in {BUNDLED_SAMPLE}", file=sys.stderr)
@@ -163,8 +185,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_dirs=dirs, roi_size=tuple(roi), spacing=tuple(args.spacing), ct_window=tuple(args.ct_window),
         mirror_axes=tuple(args.mirror_axes), channels_last=CHANNELS_LAST[args.channels_last],
         mr_percentiles=tuple(args.mr_percentiles), max_cases=parse_pairs(args.max_cases, "--max_cases", int),
+        augment_options=augment_options(args.augment_set),
+        labelled={os.path.abspath(os.path.expanduser(folder)): [c.strip() for c in names.split(",") if c.strip()]
+                  for folder, names in parse_pairs(args.labelled, "--labelled").items()},
     )
     return absolute_paths(TrainConfig(**fields))
+
+
+def augment_options(texts: list[str]) -> dict[str, str]:
+    """``--augment_set`` values -> {setting: value as text} (checked with the other settings in check_config)."""
+    try:
+        return {name: value for text in texts for name, value in parse_overrides(text).items()}
+    except ValueError as error:
+        raise TrainingError(f"--augment_set: {error}") from None
 
 
 def given_fields(argv: list[str] | None) -> set[str]:
@@ -175,6 +208,8 @@ def given_fields(argv: list[str] | None) -> set[str]:
     given = set(vars(probe.parse_args(argv)))
     if given & {"ct_dir", "mr_dir", "data_dir"}:
         given.add("data_dirs")
+    if "augment_set" in given:
+        given.add("augment_options")
     return given & set(TrainConfig.__dataclass_fields__)
 
 

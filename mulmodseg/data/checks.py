@@ -134,7 +134,8 @@ def _percentiles(img, data: np.ndarray, percentiles: Sequence[float]) -> Tuple[f
 
 
 def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: Optional[int],
-                affine_tol: float, settings: Sequence[Mapping] = ()) -> Tuple[List[str], List[str]]:
+                affine_tol: float, settings: Sequence[Mapping] = (), class_names: Optional[Sequence[str]] = None
+                ) -> Tuple[List[str], List[str]]:
     problems: List[str] = []
     warnings: List[str] = []
     img, data = _read(Path(case.image), "image", problems, scaled=False)
@@ -169,16 +170,18 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
                 warnings.append(warning)
     if case.label is not None:
         _check_label(Path(case.label), "label", img, case.image, "image", mapping, num_classes, affine_tol, problems,
-                     warnings)
+                     warnings, case.labelled, class_names)
     return problems, warnings
 
 
 def _check_label(path: Path, what: str, reference, reference_path, reference_what: str,
                  mapping: Optional[Mapping[int, int]], num_classes: Optional[int], affine_tol: float,
-                 problems: List[str], warnings: List[str]):
+                 problems: List[str], warnings: List[str], labelled: Optional[Sequence[int]] = None,
+                 class_names: Optional[Sequence[str]] = None):
     """Check the label map at `path` (called `what` in messages) on the grid of the nibabel image
     `reference` (None: no grid to compare, e.g. it was unreadable) read from `reference_path`, adding to
-    `problems` and `warnings`. Returns the label's nibabel image, or None when it cannot be read."""
+    `problems` and `warnings`; `labelled`: the classes its dataset labels (None: all), named by `class_names` in
+    messages. Returns the label's nibabel image, or None when it cannot be read."""
     lab, values = _read(path, what, problems)
     if values is None:
         return None
@@ -230,6 +233,11 @@ def _check_label(path: Path, what: str, reference, reference_path, reference_wha
         too_big = [v for v in classes if v >= num_classes]
         if too_big:
             problems.append(f"{path}: class values {_values_text(too_big)} >= num_classes={num_classes}{hint}")
+    unlabelled = [v for v in classes if v and labelled is not None and v not in labelled]
+    if unlabelled:
+        named = ", ".join(class_names[k] if class_names else str(k) for k in labelled)
+        problems.append(f"{path}: class values {_values_text(unlabelled)} are classes its dataset does not label "
+                        f"(it labels {named}): add them to the dataset.json labels or --labelled")
     return lab
 
 
@@ -248,12 +256,14 @@ def existing_output_problems(output: Path, scan: Path, label_map: Optional[Label
 
 def check_label_pairs(pairs: Sequence[Tuple[Path, Path]], label_map: Optional[LabelMapSpec] = None,
                       num_classes: Optional[int] = None, affine_tol: float = 1e-3,
-                      num_workers: Optional[int] = None) -> List[str]:
+                      num_workers: Optional[int] = None, labelled: Optional[Sequence[int]] = None,
+                      class_names: Optional[Sequence[str]] = None) -> List[str]:
     """Check (prediction, reference label) pairs of label-map files before scoring, each file read once:
     both readable 3D label maps whose values are known (as labels are in `check_cases`), and the
     prediction on the label's grid: the same shape once put on the label's axes, and affines within
     `affine_tol` (beyond it only a warning, as between an image and its label: the voxels are taken to
-    correspond). Returns the warnings; raises one DataError listing every problem of every pair."""
+    correspond); `labelled`: the classes the labels' dataset labels (None: all), which the labels must keep to.
+    Returns the warnings; raises one DataError listing every problem of every pair."""
     if not pairs:
         raise DataError("no pairs to check")
     mapping = None if label_map is None else parse_label_map(label_map)
@@ -263,7 +273,7 @@ def check_label_pairs(pairs: Sequence[Tuple[Path, Path]], label_map: Optional[La
         problems: List[str] = []
         warnings: List[str] = []
         reference = _check_label(label, "label", None, None, "label", mapping, num_classes, affine_tol, problems,
-                                 warnings)
+                                 warnings, labelled, class_names)
         unusable = None if reference is None else affine_problem(reference.affine)
         if unusable:
             problems.append(f"{label}: {unusable}")
@@ -283,12 +293,14 @@ def check_label_pairs(pairs: Sequence[Tuple[Path, Path]], label_map: Optional[La
 def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
                 num_classes: Optional[int] = None, affine_tol: float = 1e-3,
                 modalities: Optional[Sequence[str]] = None, require_labels: bool = False,
-                num_workers: Optional[int] = None, settings: Optional[Settings] = None) -> List[str]:
+                num_workers: Optional[int] = None, settings: Optional[Settings] = None,
+                class_names: Optional[Sequence[str]] = None) -> List[str]:
     """Read every image and label once and check: missing file, unreadable/truncated file, 2D or 4D
     volume, voxels that are not one real number, an image affine that places no voxel, NaN/Inf voxels,
-    image/label shape mismatch (after putting the label on the image's axes), non-integer labels, label values outside
-    `label_map` or >= `num_classes`, unknown modality (not in `modalities`), duplicate ids, a case
-    without a label when `require_labels`.
+    image/label shape mismatch (after putting the label on the image's axes), non-integer labels, label values
+    outside `label_map` or >= `num_classes` or of a class the case's dataset does not label (`Case.labelled`,
+    named by `class_names`), unknown modality (not in `modalities`), duplicate ids, a case without a label when
+    `require_labels`.
 
     An image with no intensity range (`preprocess.intensity_problem`) is a problem too; with `settings`
     (modality -> the preprocessing settings its scans go through), so is one that they would collapse to a plane
@@ -312,7 +324,8 @@ def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
     workers = num_workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(lambda c: _check_case(c, mapping, num_classes, affine_tol,
-                                                      (settings or {}).get(c.modality, ())), cases))
+                                                      (settings or {}).get(c.modality, ()),
+                                                      class_names), cases))
     warnings: List[str] = []
     for case_problems, case_warnings in results:
         problems += case_problems
