@@ -571,8 +571,10 @@ def concurrent_training(ws: Workspace, d: Path) -> list[str]:
     try:
         if not wait_for(lambda: (d / "run" / "last.pt").is_file(), first):
             return ["the first run wrote no last.pt"]
+        # One epoch more than the first run has saved: where nothing refuses them, these end soon.
+        again = [*args[:-2], "--epochs", str(load_checkpoint(d / "run" / "last.pt")["epoch"] + 1)]
         for name, extra in (("a second run", []), ("--resume", ["--resume"])):
-            outcome = in_process("train", [*args, *extra])
+            outcome = in_process("train", [*again, *extra])
             if outcome.code != 2 or f"(PID {first.pid})" not in outcome.output:
                 failures.append(f"{name} while one runs: exit {outcome.code}: {outcome.output.strip()[-200:]}")
     finally:
