@@ -69,21 +69,26 @@ class Trainer:
 
     def prepare(self, resume: bool = False) -> None:
         """Open the run folder and settle the settings, select and check the scans, build the table and
-        model, the crop loaders and the optimiser; when resuming, load ``last.pt``'s state."""
-        self.open_run(resume)
-        self.select_scans()
-        self.hold_run_folder()
-        table = None if resume else build_table(self.config, self.modalities, self.classes, self.cache_dir)
-        self.model = self.build_model(table)
-        if self.world > 1 and self.rank != 0:
-            dist.barrier()  # rank 0 fills the preprocessing cache first; the others then read it
-        self.setup_data()
-        if self.world > 1 and self.rank == 0:
-            dist.barrier()
-        self.setup_optimisation()
-        self.start_epoch, self.iteration, self.best = 0, 0, -1.0
-        if resume:
-            self.load_state(self.resume_state)
+        model, the crop loaders and the optimiser; when resuming, load ``last.pt``'s state. A run that cannot
+        start lets its folder go (``close``); one that can holds it until ``close``, which ``train`` calls."""
+        try:
+            self.open_run(resume)
+            self.select_scans()
+            self.hold_run_folder()
+            table = None if resume else build_table(self.config, self.modalities, self.classes, self.cache_dir)
+            self.model = self.build_model(table)
+            if self.world > 1 and self.rank != 0:
+                dist.barrier()  # rank 0 fills the preprocessing cache first; the others then read it
+            self.setup_data()
+            if self.world > 1 and self.rank == 0:
+                dist.barrier()
+            self.setup_optimisation()
+            self.start_epoch, self.iteration, self.best = 0, 0, -1.0
+            if resume:
+                self.load_state(self.resume_state)
+        except BaseException:
+            self.close()
+            raise
 
     def open_run(self, resume: bool) -> None:
         """Join the process group under torchrun; refuse a run folder that another live run writes (its lock,

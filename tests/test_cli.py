@@ -249,3 +249,17 @@ def test_exit_code_of_each_error_class():
 
     assert [cli.exit_code(e) for e in (DataError("x"), TrainingError("x"), ValueError("x"), DiskFullError("x"),
                                        OSError("x"), KeyboardInterrupt())] == [3, 2, 2, 1, 1, 130]
+
+
+def test_a_run_that_cannot_start_lets_its_folder_go(dataset, tmp_path):
+    # Through the Python API, a Trainer whose prepare() fails (here: the data) must not keep the folder locked for
+    # the next attempt in the same process (a notebook keeps the failed one alive in its traceback).
+    from mulmodseg.training import Trainer
+
+    bad = write_case(tmp_path / "bad", "c.nii.gz", np.full((24, 24, 24), 5, np.int16), ct_label())
+    out = tmp_path / "run"
+    out.mkdir()
+    failed = Trainer(train_cli.config_from_args(train_cli.build_parser().parse_args(train_args(bad.parent.parent, out))))
+    with pytest.raises(Exception, match="a blank or constant scan"):
+        failed.prepare()
+    assert failed.lock is None and train_cli.main(train_args(dataset, out)) == 0

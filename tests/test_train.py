@@ -338,7 +338,7 @@ def test_max_cases_counts_training_scans_after_the_validation_split(tmp_path):
         for folder in ("imagesTr", "labelsTr"):
             path = data / folder / f"case_{i:03d}.nii.gz"
             path.parent.mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), path)
+            nib.save(nib.Nifti1Image(volume(folder), np.eye(4)), path)
     config = TrainConfig(data_dirs={"CT": str(data)}, val_fraction=0.5, max_cases={"CT": 3}, text="onehot",
                          out=str(tmp_path / "r"))
     trainer = Trainer(config, log=lambda m: None)
@@ -550,12 +550,17 @@ def test_threads_are_set_once_before_training(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- cross-validation
 
 
+def volume(sub: str) -> np.ndarray:
+    """An 8^3 image (a ramp: a constant scan is refused) or label (all class 1), for ``imagesTr`` or ``labelsTr``."""
+    return np.arange(512, dtype=np.int16).reshape(8, 8, 8) if sub == "imagesTr" else np.ones((8, 8, 8), np.uint8)
+
+
 def tiny_dataset(folder: Path, ids: list[str], validation: list[str] = ()) -> Path:
     """imagesTr/labelsTr of 8^3 volumes named ``ids``, plus a datalist when some are ``validation`` scans."""
     for case in [*ids, *validation]:
         for sub in ("imagesTr", "labelsTr"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), folder / sub / f"{case}.nii.gz")
+            nib.save(nib.Nifti1Image(volume(sub), np.eye(4)), folder / sub / f"{case}.nii.gz")
     if validation:
         entry = lambda c: {"image": f"imagesTr/{c}.nii.gz", "label": f"labelsTr/{c}.nii.gz"}  # noqa: E731
         (folder / "dataset.json").write_text(json.dumps({"training": [entry(c) for c in ids],
@@ -564,11 +569,12 @@ def tiny_dataset(folder: Path, ids: list[str], validation: list[str] = ()) -> Pa
 
 
 def selected(config: TrainConfig, log=None) -> Trainer:
-    """A trainer prepared up to its case lists (no volumes, model or optimiser)."""
+    """A trainer prepared up to its case lists (no volumes, model or optimiser), its run folder let go."""
     trainer = Trainer(config, log=log or (lambda m: None))
     trainer.setup_data = trainer.setup_optimisation = lambda: None
     trainer.build_model = lambda table: None
     trainer.prepare()
+    trainer.close()
     return trainer
 
 
