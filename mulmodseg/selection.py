@@ -38,9 +38,9 @@ def select_cases(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[Cases, C
                     f"{len(listed)} of the datalist's validation list unused")
         elif listed:
             if cfg.val_fraction:
-                raise TrainingError(f"--val_fraction {cfg.val_fraction}: a dataset.json of {folders} has a "
-                                    f"validation list ({len(listed)} scans), which is the validation set; drop "
-                                    "--val_fraction")
+                where = [d for d in cfg.data_dirs[name] if mdata.has_validation_list(d)]
+                raise TrainingError(f"--val_fraction {cfg.val_fraction}: {where[0]}/dataset.json has a validation "
+                                    f"list ({len(listed)} scans), which is the validation set; drop --val_fraction")
             held = {c.id for c in listed}
             train, val = [c for c in scans if c.id not in held], listed
         else:

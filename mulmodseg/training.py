@@ -155,8 +155,11 @@ class Trainer:
                                     "new run")
         every = [c for name in self.train_modalities for c in self.cases[name] + self.val_cases[name]]
         label_map = mdata.parse_label_map(cfg.label_map) if cfg.label_map else None
+        # With the run's preprocessing: a scan it would collapse, flatten or empty of a class is refused here.
+        settings = {name: [preprocess_settings(cfg, name)] for name in self.modalities}
         for warning in mdata.check_cases(every, label_map=label_map, num_classes=len(self.classes),
-                                         modalities=self.modalities, require_labels=True, class_names=self.classes):
+                                         modalities=self.modalities, require_labels=True, class_names=self.classes,
+                                         settings=settings):
             self.log(f"warning: {warning}")
 
     def build_model(self, table: EmbeddingTable | None) -> MulModSeg:

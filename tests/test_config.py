@@ -75,7 +75,8 @@ def test_fold_flags_that_cannot_work_are_refused_before_any_data_is_read(tmp_pat
 def test_a_format_1_run_keeps_the_settings_it_ran_with_and_a_format_2_run_its_own():
     old = saved_config(format_1({"epochs": 3, "data_dirs": {"CT": "ct"}}))
     assert (old.warp_prob, old.norm_stats, old.positive_centres, old.channels_last) == (0.5, "shared", "voxel", False)
-    assert old.epochs == 3 and old.data_dirs["CT"].endswith("/ct") and old.data_dirs["CT"].startswith("/")
+    # A run saved with one folder per modality as a string reads it as a list of one folder.
+    assert old.epochs == 3 and old.data_dirs["CT"][0].endswith("/ct") and old.data_dirs["CT"][0].startswith("/")
     new = saved_config({"format_version": 2, "config": {"train": dataclasses.asdict(TrainConfig(epochs=3))}})
     assert new == TrainConfig(epochs=3)
 

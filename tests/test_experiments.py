@@ -140,7 +140,7 @@ def test_smoke_plan_uses_the_sample_and_dedupes(tmp_path):
     sample = run.SAMPLE
     for step in steps(plan, "train"):
         a = train.build_parser().parse_args(step.argv)
-        assert (Path(a.ct_dir), Path(a.mr_dir)) == (sample / "ct", sample / "mr")
+        assert ([Path(d) for d in a.ct_dir], [Path(d) for d in a.mr_dir]) == ([sample / "ct"], [sample / "mr"])
         assert (a.epochs, a.roi_size, a.num_workers) == (1, [32], 0)
         if a.classes == "mmwhs":  # the sample's AMOS ids 1..7 stand for the 7 heart classes
             assert mdata.parse_label_map(a.label_map) == {**{v: v for v in range(1, 8)}, **{v: 0 for v in range(8, 14)}}

@@ -251,7 +251,7 @@ def test_a_run_resumes_from_any_folder_and_paths_compare_by_location(tmp_path, c
     args[args.index(str(SAMPLE / "mr"))] = f"./{relative}/mr/"
     assert train_cli.main(args) == 0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["data_dirs"]
-    assert saved == {"CT": str(SAMPLE / "ct"), "MR": str(SAMPLE / "mr")}
+    assert saved == {"CT": [str(SAMPLE / "ct")], "MR": [str(SAMPLE / "mr")]}
     monkeypatch.chdir(tmp_path)  # elsewhere, with the folders spelled another way
     capsys.readouterr()
     assert train_cli.main(["--out", str(tmp_path / "run"), "--resume", "--epochs", "2",
