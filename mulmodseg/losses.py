@@ -75,17 +75,7 @@ class DiceCELoss(nn.Module):
         if labelled is not None:
             return self._partial_terms(flat, labels, labelled)
         probs = torch.softmax(flat, 1) if self.activation == "softmax" else torch.sigmoid(flat)
-
-        # Per sample and class: the probability mass on that class's voxels and the voxel count. The
-        # scatter adds one value at a time, so it accumulates in float64 to stay as accurate as a pairwise sum.
-        prob_on_label = probs.gather(1, labels[:, None]).squeeze(1)  # (B, N)
-        intersection = torch.zeros(batch, num_classes, dtype=torch.float64, device=flat.device)
-        intersection = intersection.scatter_add(1, labels, prob_on_label.double())
-        sample_offset = torch.arange(batch, device=flat.device)[:, None] * num_classes
-        label_count = torch.bincount((labels + sample_offset).reshape(-1), minlength=batch * num_classes)
-        denominator = label_count.reshape(batch, num_classes) + probs.sum(2).double()
-        dice_per_item = 1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)
-        dice = dice_per_item.mean().to(flat.dtype)
+        dice = self._dice_per_item(probs, labels).mean().to(flat.dtype)
 
         if self.activation == "softmax":
             ce = F.cross_entropy(flat, labels)
@@ -97,7 +87,6 @@ class DiceCELoss(nn.Module):
     def _partial_terms(self, flat: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """``terms`` for flat logits (B, K, N), labels (B, N) and a mask (B, K) with some False."""
-        batch, num_classes = flat.shape[:2]
         if self.activation == "softmax":
             # Marginal probabilities: background takes the mass of every unlabelled class.
             probs = torch.softmax(flat, 1)
@@ -119,15 +108,21 @@ class DiceCELoss(nn.Module):
             weight = scored.to(flat.dtype)  # (B, K)
             on_label = flat.gather(1, labels[:, None]).squeeze(1) * weight.gather(1, labels)  # (B, N)
             ce = ((F.softplus(flat) * weight[:, :, None]).sum() - on_label.sum()) / (weight.sum() * flat.shape[2])
-        prob_on_label = merged.gather(1, labels[:, None]).squeeze(1)
-        intersection = torch.zeros(batch, num_classes, dtype=torch.float64, device=flat.device)
-        intersection = intersection.scatter_add(1, labels, prob_on_label.double())
-        sample_offset = torch.arange(batch, device=flat.device)[:, None] * num_classes
-        label_count = torch.bincount((labels + sample_offset).reshape(-1), minlength=batch * num_classes)
-        denominator = label_count.reshape(batch, num_classes) + merged.sum(2).double()
-        dice_per_item = 1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)
-        dice = (dice_per_item * scored).sum() / scored.sum()
+        dice = (self._dice_per_item(merged, labels) * scored).sum() / scored.sum()
         return dice.to(flat.dtype), ce
+
+    def _dice_per_item(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Soft Dice loss per sample and class, float64 (B, K), of probs (B, K, N) against labels (B, N)."""
+        batch, num_classes = probs.shape[:2]
+        # Per sample and class: the probability mass on that class's voxels and the voxel count. The
+        # scatter adds one value at a time, so it accumulates in float64 to stay as accurate as a pairwise sum.
+        prob_on_label = probs.gather(1, labels[:, None]).squeeze(1)  # (B, N)
+        intersection = torch.zeros(batch, num_classes, dtype=torch.float64, device=probs.device)
+        intersection = intersection.scatter_add(1, labels, prob_on_label.double())
+        sample_offset = torch.arange(batch, device=probs.device)[:, None] * num_classes
+        label_count = torch.bincount((labels + sample_offset).reshape(-1), minlength=batch * num_classes)
+        denominator = label_count.reshape(batch, num_classes) + probs.sum(2).double()
+        return 1.0 - (2.0 * intersection + self.smooth_nr) / (denominator + self.smooth_dr)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor | None = None
                 ) -> torch.Tensor:
