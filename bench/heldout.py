@@ -64,7 +64,8 @@ RECIPE = dict(backbone="unet", base_channels=8, text="onehot", spacing=(4.5, 4.5
               augment="nnunet", mirror_axes=(0, 1, 2))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags (``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder holding chaos-mr-t2, ts-ct-slab, msd-spleen-ct "
@@ -81,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one fold and variant: a smoke test, not a "
                    "measurement; writes nothing to RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags of ``argv``, checked (each run VARIANT_foldK; ``--quick`` runs the first one, writing nothing)."""
+    p = build_parser()
     args = p.parse_args(argv)
     bad = [r for r in args.runs if not re.fullmatch(r"[abcp]_fold[01]", r)]
     if bad:

@@ -16,6 +16,7 @@ import pytest
 
 import infer
 import train
+from bench import heldout
 from experiments import collect, prepare, run
 from mulmodseg.evaluate import build_parser as evaluate_parser
 from mulmodseg.text.__main__ import build_parser as text_parser
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "experiments" / "README.md"]
 SETUP = ['pip install torch==2.13.0 && pip install -e ".[test]"', "python -m pytest -q"]
 MAIN = ("python train.py --ct_dir data/sample/ct --mr_dir data/sample/mr --base_channels 8 --text onehot "
-        "--spacing 4.5 4.5 4.5 --roi_size 64 --num_samples 4 --lr 3e-3 --warmup_epochs 5 --epochs 250 --num_workers 0 "
+        "--spacing 4.5 4.5 4.5 --roi_size 48 --num_samples 4 --lr 3e-3 --warmup_epochs 5 --epochs 200 --num_workers 0 "
         "--out runs/demo")
 PARSERS = {
     ("train.py",): train.build_parser,
@@ -38,6 +39,7 @@ PARSERS = {
     ("mulmodseg-text",): text_parser,
     ("experiments/prepare.py",): prepare.build_parser,
     ("experiments/collect.py",): collect.build_parser,
+    ("bench/heldout.py",): heldout.build_parser,
 }
 
 
