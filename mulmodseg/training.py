@@ -156,7 +156,8 @@ class Trainer:
         every = [c for name in self.train_modalities for c in self.cases[name] + self.val_cases[name]]
         label_map = mdata.parse_label_map(cfg.label_map) if cfg.label_map else None
         # With the run's preprocessing: a scan it would collapse, flatten or empty of a class is refused here.
-        settings = {name: [preprocess_settings(cfg, name)] for name in self.modalities}
+        self.settings = {name: preprocess_settings(cfg, name) for name in self.modalities}
+        settings = {name: [value] for name, value in self.settings.items()}
         for warning in mdata.check_cases(every, label_map=label_map, num_classes=len(self.classes),
                                          modalities=self.modalities, require_labels=True, class_names=self.classes,
                                          settings=settings):
@@ -181,7 +182,6 @@ class Trainer:
         """The preprocessed volumes (through the cache) and one crop loader per trained modality, or one mixed."""
         cfg = self.config
         cache = mdata.VolumeCache(self.cache_dir)
-        self.settings = {name: preprocess_settings(cfg, name) for name in self.modalities}
         self.val_volumes, datasets = {}, {}
         # Masks of the labelled classes go with every crop once one dataset is partial: a mixed batch's rows then
         # all carry one, and a batch of fully labelled rows still takes the full-label loss.
@@ -190,6 +190,9 @@ class Trainer:
         # the device (augmented_batch); paper: CropDataset augments each crop; none: neither does.
         self.augment = augment_settings(cfg) if cfg.augment == "nnunet" else None
         crop = cfg.roi_size if self.augment is None else input_size(cfg.roi_size, self.augment)
+        # The class each class becomes when a crop is mirrored left/right (paired classes swap).
+        flip_order = mdata.left_right_order(self.classes)
+        self.flip_lut = torch.tensor(flip_order, device=self.device)
         paper = cfg.augment == "paper"
         for name in self.train_modalities:
             warped = paper and (cfg.warp_modalities is None or name in cfg.warp_modalities)
@@ -202,7 +205,7 @@ class Trainer:
                 volumes, crop, num_samples=cfg.num_samples, modality=name, aug_prob=0.5 if paper else 0.0,
                 rotate_degrees=cfg.rotate_degrees if warped else 0.0, scale_range=cfg.scale_range if warped else 0.0,
                 warp_prob=cfg.warp_prob, positive_centres=cfg.positive_centres,
-                flip=cfg.mirror_axes if paper else (), flip_label_order=self.flip_order, seed=cfg.seed,
+                flip=cfg.mirror_axes if paper else (), flip_label_order=flip_order, seed=cfg.seed,
                 labelled=[labelled_mask(c, len(self.classes)) for c in self.cases[name]] if partial else None,
                 keys=self.augment is not None,
             )
@@ -217,11 +220,6 @@ class Trainer:
         else:
             self.loaders = {name: loader(ds, self.modalities.index(name)) for name, ds in datasets.items()}
 
-    @property
-    def flip_order(self) -> list[int]:
-        """The class each class becomes when a crop is mirrored left/right (paired classes swap)."""
-        return mdata.left_right_order(self.classes)
-
     def augmented_batch(self, batch: dict) -> dict:
         """``batch`` with its image and label on the device and, with ``--augment nnunet``, augmented there
         (``augment.augment_batch``, each crop drawn from its key) to ``roi_size``."""
@@ -229,8 +227,7 @@ class Trainer:
             return batch
         image, label = augment_batch(batch["image"].to(self.device, non_blocking=True),
                                      batch["label"].to(self.device, non_blocking=True), batch["key"].tolist(),
-                                     self.augment, self.config.roi_size,
-                                     torch.tensor(self.flip_order, device=self.device))
+                                     self.augment, self.config.roi_size, self.flip_lut)
         return {**batch, "image": image, "label": label}
 
     def setup_optimisation(self) -> None:
