@@ -183,12 +183,15 @@ def write_like(array: np.ndarray, reference: nib.Nifti1Image, path: Path) -> Non
     atomic_write(path, lambda tmp: nib.save(out, tmp))
 
 
-def write_preview(reference: nib.Nifti1Image, label: np.ndarray, path: Path) -> None:
-    """The label map over the scan as a PNG, both turned to RAS so the view is radiological."""
+def write_preview(reference: nib.Nifti1Image, label: np.ndarray, path: Path,
+                  names: Sequence[str] | None = None) -> None:
+    """The label map (class ids) over the scan as a PNG, both turned to RAS so the view is radiological, with a
+    legend of the ``names`` of the classes present."""
     image = nib.as_closest_canonical(reference)
     label = nib.as_closest_canonical(nib.Nifti1Image(label, reference.affine))
     atomic_write(path, lambda tmp: preview(np.asanyarray(image.dataobj, dtype=np.float32),
-                                                np.asanyarray(label.dataobj), tmp, spacing=image.header.get_zooms()[:3]))
+                                           np.asanyarray(label.dataobj), tmp, spacing=image.header.get_zooms()[:3],
+                                           names=names))
 
 
 def input_share(inputs: Sequence[Path], num_parts: int = 1, part_id: int = 0) -> list[Path]:

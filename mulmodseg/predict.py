@@ -434,7 +434,7 @@ def segment_case(ensemble: Ensemble, plan: Plan, src: Path, modality: str, refer
         atomic_write(plan.path(src, "_probabilities.npz"),
                      lambda tmp: np.savez_compressed(tmp, probabilities=probs, classes=np.array(classes)))
     if plan.preview:
-        write_preview(reference, label, plan.path(src, ".png"))
+        write_preview(reference, label, plan.path(src, ".png"), classes)
     for k, name in plan.class_files.items():
         write_like((label == k).astype(np.uint8), reference, plan.path(src, "") / name)
     if plan.statistics:

@@ -352,7 +352,7 @@ class Trainer:
             if self.is_main and (step % cfg.log_every == 0 or step == n_steps):
                 rate = self.steps_done / (time.time() - self.t_start)
                 left = (cfg.epochs - epoch - 1) * n_steps + (n_steps - step)
-                terms = " | ".join(f"{k} dice {a[0] / a[2]:.4f} ce {a[1] / a[2]:.4f}"
+                terms = " | ".join(f"{k} dice_loss {a[0] / a[2]:.4f} ce_loss {a[1] / a[2]:.4f}"
                                    + (f" skipped {a[3]}" if a[3] else "") for k, a in sums.items())
                 self.log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{n_steps} | {terms} | lr {lr:.2e} | "
                          f"{rate:.2f} steps/s | ETA {format_seconds(left / rate)}")

@@ -87,6 +87,7 @@ def preview(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     size: int = 256,
     percentiles: tuple[float, float] = (0.5, 99.5),
+    names: Sequence[str] | None = None,
 ) -> None:
     """Save axial | coronal | sagittal slices of image with label overlaid in colour as one PNG.
 
@@ -99,7 +100,9 @@ def preview(
     percentiles (of an evenly strided subsample of at most about 2M voxels); labelled pixels are
     ``(1 - alpha) * grey + alpha * colour``. Panels are resampled (nearest) to square pixels of the
     physical ``spacing`` in mm, the largest extent becoming ``size`` pixels. Class colours and the
-    slice indices are stored in the PNG's tEXt chunks (``Labels``, ``Slices``).
+    slice indices are stored in the PNG's tEXt chunks (``Labels``, ``Slices``). With ``names`` (class names,
+    index = label value), a legend under the panels shows each class present in ``label``: its colour, then
+    its name (white on black, wrapped to the panels' width).
     """
     image, label = np.asarray(image), np.asarray(label)
     if image.shape != label.shape or image.ndim != 3:
@@ -133,7 +136,12 @@ def preview(
         "Slices": f"x={x} y={y} z={z}",
         "Labels": " ".join(f"{k}:#{c[0]:02x}{c[1]:02x}{c[2]:02x}" for k, c in enumerate(colors[1:num_classes], 1)),
     }
-    write_png(path, _side_by_side(panels, gap=4), text)
+    picture = _side_by_side(panels, gap=4)
+    if names is not None:
+        present = [k for k in np.unique(label).astype(np.intp) if k > 0]
+        picture = np.concatenate([picture, _legend([(str(names[k]) if k < len(names) else str(k), colors[k])
+                                                    for k in present], picture.shape[1])])
+    write_png(path, picture, text)
 
 
 def plot_curves(
@@ -236,6 +244,26 @@ def _side_by_side(panels: list[np.ndarray], gap: int) -> np.ndarray:
     for p in panels:
         out[: p.shape[0], col : col + p.shape[1]] = p
         col += p.shape[1] + gap
+    return out
+
+
+def _legend(entries: list[tuple[str, np.ndarray]], width: int) -> np.ndarray:
+    """(H, width, 3) black rows holding each (name, colour) as a swatch then the name in white, left to right,
+    wrapped to ``width``; no rows when ``entries`` is empty."""
+    row_height, rows, cursor = 16, [[]], 4
+    for name, color in entries:
+        extent = 14 + 4 + len(name) * 8 + 12
+        if cursor + extent > width and rows[-1]:
+            rows.append([])
+            cursor = 4
+        rows[-1].append((cursor, name, color))
+        cursor += extent
+    out = np.zeros((row_height * len(rows) + 4 if entries else 0, width, 3), np.uint8)
+    for r, row in enumerate(rows if entries else []):
+        top = 4 + r * row_height
+        for col, name, color in row:
+            out[top : top + 10, col : col + 14] = color
+            _draw_text(out, name, top, col + 18, (255, 255, 255))
     return out
 
 

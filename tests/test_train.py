@@ -781,7 +781,7 @@ def test_skipped_steps_are_counted_per_modality_and_too_many_in_a_row_stop_the_r
     assert train_cli.main(small_args(tmp_path / "one", cache, 1)) == 0
     record = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[0])
     assert (record["CT/skipped_steps"], record["MR/skipped_steps"]) == (1, 0)
-    assert "CT dice" in capsys.readouterr().err
+    assert "CT dice_loss" in capsys.readouterr().err
     monkeypatch.setattr(GradientGuard, "admits", lambda self, norm: real(self, float("nan")))
     assert train_cli.main(small_args(tmp_path / "all", cache, 1) + ["--max_skipped_steps", "2"]) == 2
     err = capsys.readouterr().err

@@ -141,3 +141,26 @@ def test_plot_curves_degenerate_inputs(tmp_path):
     rgb = read_png(path)
     assert rgb.shape == (120, 200, 3)
     assert (rgb[25:92, 65:188] == label_colors(2)[1]).all(2).sum() >= 3  # the lone point, inside the box
+
+
+def test_preview_legend_names_the_classes_present(tmp_path):
+    shape = (20, 16, 12)
+    image = np.random.default_rng(3).normal(size=shape)
+    label = np.zeros(shape, np.uint8)
+    label[2:6, 10:14, 3:9] = 1
+    label[12:16, 2:6, 3:9] = 3  # class 2 absent
+    plain, legend = tmp_path / "plain.png", tmp_path / "legend.png"
+    preview(image, label, plain, spacing=(1.0, 1.0, 2.0), size=40)
+    preview(image, label, legend, spacing=(1.0, 1.0, 2.0), size=40, names=["background", "spleen", "kidney", "liver"])
+    top, rgb = read_png(plain), read_png(legend)
+    # 40 px of panels; "spleen" (18 + 6 * 8 + 12 px) and "liver" do not fit the 101 px together: two rows.
+    assert rgb.shape == (40 + 2 * 16 + 4, 101, 3)
+    np.testing.assert_array_equal(rgb[:40], top)  # the panels are unchanged
+    colors = label_colors(4)
+    below = rgb[40:]
+    np.testing.assert_array_equal(below[4:14, 4:18], np.broadcast_to(colors[1], (10, 14, 3)))  # row 1: spleen
+    np.testing.assert_array_equal(below[20:30, 4:18], np.broadcast_to(colors[3], (10, 14, 3)))  # row 2: liver
+    assert not (below == colors[2]).all(2).any()  # the absent class has no swatch
+    white = (below == 255).all(2)
+    assert white[4:14, 22:22 + 6 * 8].sum() > 50 and white[20:30, 22:22 + 5 * 8].sum() > 40  # the names, in white
+    assert not white[:, 22 + 6 * 8:].any()  # nothing past the longest name

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "parts are done, with python -m mulmodseg.evaluate or a last run without --num_parts, with "
                    "--skip_existing --labels")
     p.add_argument("--part_id", type=int, default=0, metavar="I", help="with --num_parts: this process's part, 0 to P-1")
-    p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices")
+    p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices, with a legend of "
+                   "the classes present")
     p.add_argument("--tta", action="store_true", help="test-time mirroring: average over every combination of mirrors "
                    "along the axes the checkpoint was trained with (train.py --mirror_axes; 2^N times slower), a "
                    "left/right mirror swapping paired classes back; refused for a checkpoint trained without mirroring")
