@@ -26,7 +26,8 @@ setup(
         "mulmodseg-text = mulmodseg.text.__main__:main",
     ]},
     extras_require={
-        # Oracles only: the package never imports these.
-        "test": ["pytest", "monai>=1.3", "einops", "transformers>=4.40", "safetensors"],
+        # Oracles only (and ruff, pinned so that the style check of .ci/run does not change under us): the package
+        # never imports these.
+        "test": ["pytest", "monai>=1.3", "einops", "transformers>=4.40", "safetensors", "ruff==0.17.6"],
     },
 )

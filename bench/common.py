@@ -14,8 +14,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable
 
 import torch
 
@@ -58,13 +59,13 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int,
-                device: torch.device) -> Dict[str, List[float]]:
+                device: torch.device) -> dict[str, list[float]]:
     """Run every ``fn`` ``warmup`` times, then ``repeats`` rounds of each in turn; seconds per call."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
             sync(device)
-    times: Dict[str, List[float]] = {name: [] for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             gc.collect()

@@ -74,8 +74,16 @@ def synthetic_ct(folder: Path, shape, spacing) -> Case:
 
 def monai_preprocess(case: Case, settings: dict):
     """The reference's MONAI chain doing our preprocessing's work on ``case``: a closure returning the image."""
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd,
-                                  ScaleIntensityRanged, ScaleIntensityRangePercentilesd, Spacingd)
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        ScaleIntensityRangePercentilesd,
+        Spacingd,
+    )
 
     keys = ["image", "label"]
     if settings["window"]:
@@ -134,9 +142,17 @@ def augmentation_crops(out: int, batch: int, classes: int = 14, seed: int = 0):
 
 def monai_nnunet_chain(out: int):
     """MONAI's transforms set up as nnU-Net's defaults (the closest MONAI has), applied per crop."""
-    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandFlipd, RandGaussianNoised,
-                                  RandGaussianSmoothd, RandScaleIntensityd, RandScaleIntensityFixedMeand,
-                                  RandSimulateLowResolutiond)
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandScaleIntensityFixedMeand,
+        RandSimulateLowResolutiond,
+    )
 
     both, img = ["image", "label"], ["image"]
     chain = Compose([

@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         tiny = tiny_norms(amp, args.repeats)
         bad = sum(not (np.isfinite(n) and n <= threshold) for n in norms)
         tiny_bad = sum(not (np.isfinite(n) and n <= threshold) for n in tiny)
-        lines.append(f"| {name} | {len(norms)} | {max(norms):.3g} | {np.median(norms):.3g} | {min(norms):.3g} | {bad} | "
-                     f"{seconds:.2f} | {tiny_bad} | {max(tiny):.3g} |")
+        lines.append(f"| {name} | {len(norms)} | {max(norms):.3g} | {np.median(norms):.3g} | {min(norms):.3g} | "
+                     f"{bad} | {seconds:.2f} | {tiny_bad} | {max(tiny):.3g} |")
     notes = [f"README model (UNet base 8, one-hot, 4.5 mm), {args.roi}^3 x 4 crops, AdamW lr 3e-3, the bundled pair"]
     if "bf16" not in precisions:
         notes.append("bf16 not measured: this CPU has no bf16 units (no AMX or AVX512-BF16), so --amp auto trains "

@@ -115,10 +115,11 @@ def main(argv=None) -> None:
                "MONAI Swin vision-only + MONAI inferer": theirs(c["MONAI Swin vision-only"].to(device).eval())}
         pairs = [("ours MulModSeg-Swin + our inferer", "MONAI Swin + ref head + MONAI inferer"),
                  ("ours Swin vision-only + our inferer", "MONAI Swin vision-only + MONAI inferer")]
-        variants(c["ours MulModSeg-Swin"], "swinunetr", "ours MulModSeg-Swin + our inferer", "MONAI Swin + ref head + MONAI inferer",
-                 fns, pairs)
+        variants(c["ours MulModSeg-Swin"], "swinunetr", "ours MulModSeg-Swin + our inferer",
+                 "MONAI Swin + ref head + MONAI inferer", fns, pairs)
         if args.before:
-            before = with_sdpa_attention(swin_contenders(args.feature_size, roi, vision_only=False)["ours MulModSeg-Swin"])
+            before = with_sdpa_attention(
+                swin_contenders(args.feature_size, roi, vision_only=False)["ours MulModSeg-Swin"])
             fns["ours MulModSeg-Swin, SDPA attention (before)"] = ours(before.to(device).eval(), modality="CT")
             pairs.append(("ours MulModSeg-Swin, SDPA attention (before)", "MONAI Swin + ref head + MONAI inferer"))
         groups.append(("SwinUNETR", fns, pairs))
@@ -127,8 +128,8 @@ def main(argv=None) -> None:
         fns = {"ours MulModSeg-UNet + our inferer": ours(c["ours MulModSeg-UNet"].to(device).eval(), modality="CT"),
                "our UNet + ref head + MONAI inferer": theirs(c["our UNet + ref head"].to(device).eval(), modality="CT")}
         pairs = [tuple(fns)]
-        variants(c["ours MulModSeg-UNet"], "unet", "ours MulModSeg-UNet + our inferer", "our UNet + ref head + MONAI inferer",
-                 fns, pairs)
+        variants(c["ours MulModSeg-UNet"], "unet", "ours MulModSeg-UNet + our inferer",
+                 "our UNet + ref head + MONAI inferer", fns, pairs)
         groups.append(("UNet", fns, pairs))
     windows = n_windows(shape, roi, args.overlap)
     for name, fns, pairs in groups:
@@ -146,11 +147,11 @@ def main(argv=None) -> None:
                              median(times[peer_label]) / t, f"{diff:.2e}"])
         table = format_table(["backbone", "contender", "median s/case", "min", "max", "windows/s",
                               "speed-up vs peer", "max abs diff vs peer"], rows)
-        notes = [f"volume {shape}, window {roi}^3, overlap {args.overlap}, gaussian, sw_batch_size {args.sw_batch_size}, "
-                 f"{windows} windows; SwinUNETR feature_size {args.feature_size}, UNet base {args.unet_base}; amp "
-                 f"{args.amp}; {args.repeats} interleaved rounds after {args.warmup} warm-up; a row ending in "
-                 "', channels_last' runs our model with channels_last_3d weights, one ending in ', sw16' with 16 "
-                 "windows per call, one with ', auto: ...' in infer.py's automatic settings on this machine, "
+        notes = [f"volume {shape}, window {roi}^3, overlap {args.overlap}, gaussian, sw_batch_size "
+                 f"{args.sw_batch_size}, {windows} windows; SwinUNETR feature_size {args.feature_size}, UNet base "
+                 f"{args.unet_base}; amp {args.amp}; {args.repeats} interleaved rounds after {args.warmup} warm-up; a "
+                 "row ending in ', channels_last' runs our model with channels_last_3d weights, one ending in ', sw16' "
+                 "with 16 windows per call, one with ', auto: ...' in infer.py's automatic settings on this machine, "
                  "against the same peer"]
         # One entry per backbone, written as soon as it is measured: a time limit later keeps it.
         report(f"Whole-scan inference, {name}", device, table, notes, write=not args.no_write)

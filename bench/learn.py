@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import format_table, report
+
 from mulmodseg import data as mdata
+from mulmodseg.config import BUNDLED_SAMPLE, TrainConfig
 from mulmodseg.metrics import dice_per_class
 from mulmodseg.nets.unet3d import DomainBatchNorm3d
 from mulmodseg.predict import InferenceSettings, Segmenter
-from mulmodseg.config import BUNDLED_SAMPLE, TrainConfig
 from mulmodseg.training import train
 
 SCANS = {"CT": "ts_ct_001.nii.gz", "MR": "ts_mr_001.nii.gz"}
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
              f"{steps} steps each (UNet base {args.base_channels}, {args.spacing:g} mm, {args.num_samples} x "
              f"{args.roi}^3 crops, one-hot text, ALT, {args.positive_centres} crop centres, amp {args.amp}, "
              f"channels_last {args.channels_last}, lr {args.lr:g}, warm-up {args.warmup_epochs}, seed {args.seed})",
-             "scored with predict.Segmenter on the training scans, on their own grids (a fit check, not generalisation); "
-             "eval: infer.py's defaults (amp auto: bf16 on a CPU with bf16 units); mean of 5: spleen, kidneys R/L, "
-             "liver, stomach",
+             "scored with predict.Segmenter on the training scans, on their own grids (a fit check, not "
+             "generalisation); eval: infer.py's defaults (amp auto: bf16 on a CPU with bf16 units); mean of 5: spleen, "
+             "kidneys R/L, liver, stomach",
              f"targets for {default}: mean of 5 >= 0.75 on CT ({organ_mean(dice['eval', 'CT']):.3f}) and "
              f"MR ({organ_mean(dice['eval', 'MR']):.3f}); eval within 0.02 of batch for every organ "
              f"(largest gap CT {gaps['CT']:.3f}, MR {gaps['MR']:.3f})",

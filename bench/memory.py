@@ -153,7 +153,8 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-base", type=int, default=32)
     parser.add_argument("--only", choices=["all", "swin", "unet"], default="all")
     parser.add_argument("--skip-host", action="store_true", help="only the GPU training-step peaks")
-    parser.add_argument("--restore", action="store_true", help="also restoration onto the original grid, before and now")
+    parser.add_argument("--restore", action="store_true",
+                        help="also restoration onto the original grid, before and now")
     parser.add_argument("--scan", type=int, nargs=3, default=(512, 512, 600), help="original CT for --restore")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -168,7 +169,8 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         # Its own entry, written before the host runs: a time limit later keeps it.
         gpu_rows = gpu_train_peaks(96, args.feature_size, args.unet_base, device)
-        report("Memory, GPU training step", device, format_table(["what", "contender", "peak", "unit / note"], gpu_rows),
+        report("Memory, GPU training step", device,
+               format_table(["what", "contender", "peak", "unit / note"], gpu_rows),
                [f"SwinUNETR feature_size {args.feature_size}, UNet base {args.unet_base}"], write=not args.no_write)
     else:
         rows.append(["train step 96^3 batch 2 (GPU)", "all", "not measured", "no GPU lent"])

@@ -7,13 +7,12 @@ that architecture) our ``UNet3D`` backbone + the reference head.
 from __future__ import annotations
 
 import inspect
-from typing import Dict
 
 import torch
+from reference_head import MonaiSwinFeatures, ReferenceHeadModel
 from torch import nn
 
 from mulmodseg.model import MulModSeg
-from reference_head import MonaiSwinFeatures, ReferenceHeadModel
 
 MODALITIES = ("CT", "MR")
 
@@ -53,7 +52,7 @@ def _copy_head(ours: MulModSeg, ref: ReferenceHeadModel) -> None:
     assert not unexpected and all(k.startswith("backbone.") for k in missing), (missing, unexpected)
 
 
-def swin_contenders(feature_size: int, size: int, seed: int = 0, vision_only: bool = True) -> Dict[str, nn.Module]:
+def swin_contenders(feature_size: int, size: int, seed: int = 0, vision_only: bool = True) -> dict[str, nn.Module]:
     """{"ours": MulModSeg-SwinUNETR, "monai+ref head": same weights, "monai vision-only": same backbone weights}."""
     torch.manual_seed(seed)
     table = torch.randn(len(MODALITIES), 14, 512)
@@ -73,7 +72,7 @@ def swin_contenders(feature_size: int, size: int, seed: int = 0, vision_only: bo
     return out
 
 
-def unet_contenders(base_channels: int = 32, seed: int = 0) -> Dict[str, nn.Module]:
+def unet_contenders(base_channels: int = 32, seed: int = 0) -> dict[str, nn.Module]:
     """{"ours": MulModSeg-UNet, "our UNet + ref head": same weights}."""
     torch.manual_seed(seed)
     table = torch.randn(len(MODALITIES), 14, 512)

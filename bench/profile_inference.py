@@ -9,7 +9,8 @@ time) at the paper's UNet (base 32) with ``--spacing`` and ``--roi`` (the window
 then runs one more whole call and prints the functions with the most time of their own.
 
     python bench/profile_inference.py                          # bundled CT, UNet base 32, 3 mm, 64^3 windows
-    python bench/profile_inference.py --checkpoint runs/demo/last.pt --scan data/sample/mr/imagesTr/ts_mr_001.nii.gz --modality MR
+    python bench/profile_inference.py --checkpoint runs/demo/last.pt \\
+        --scan data/sample/mr/imagesTr/ts_mr_001.nii.gz --modality MR
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         args.base, args.spacing, args.roi, args.repeats, args.no_write = 2, 6.0, 32, 1, True
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        checkpoint = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp, args.base, args.spacing, args.roi)
+        checkpoint = (Path(args.checkpoint) if args.checkpoint
+                      else build_checkpoint(tmp, args.base, args.spacing, args.roi))
         segmenter = Segmenter(checkpoint, InferenceSettings(device="cpu", amp=args.amp))
         scan, output = Path(args.scan), tmp / "label.nii.gz"
         stages(segmenter, scan, args.modality, output)  # warm-up
@@ -104,8 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     print(text.getvalue())
     shape = mdata.load_volume(scan).shape
     model = segmenter.config["model"]
+    built = f"built: one epoch of train.py, UNet base {args.base}, {args.spacing:g} mm, {args.roi}^3 windows"
     notes = [f"scan {scan.name} {tuple(shape)} ({args.modality}); checkpoint "
-             f"{args.checkpoint or f'built: one epoch of train.py, UNet base {args.base}, {args.spacing:g} mm, {args.roi}^3 windows'}"
+             f"{args.checkpoint or built}"
              f" ({model['backbone']}); amp {args.amp} -> {segmenter.amp_dtype or 'fp32'}, channels_last "
              f"{segmenter.channels_last}; median of {args.repeats} after one warm-up"]
     report("Whole-scan inference, stage by stage (bench/profile_inference.py)", torch.device("cpu"),

@@ -11,7 +11,7 @@ its output conv, facts file section 3.1).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ class MonaiSwinFeatures(nn.Module):
         self.enc_channels = net.encoder10.layer.conv1.conv.out_channels
         self.dec_channels = net.decoder1.conv_block.conv1.conv.out_channels
 
-    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.net
         hidden = n.swinViT(x, n.normalize)
         enc0 = n.encoder1(x)

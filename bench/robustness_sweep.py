@@ -135,10 +135,10 @@ class Case:
 
     name: str
     program: str
-    setup: Callable[["Workspace", Path], list[str]]
+    setup: Callable[[Workspace, Path], list[str]]
     code: int
     says: tuple[str, ...] = ()
-    check: Callable[["Workspace", Path], str | None] | None = None
+    check: Callable[[Workspace, Path], str | None] | None = None
     may_change: tuple[str, ...] = ()
 
 
@@ -147,7 +147,7 @@ class Scenario:
     """A case about processes: ``run(ws, d)`` returns its failures."""
 
     name: str
-    run: Callable[["Workspace", Path], list[str]]
+    run: Callable[[Workspace, Path], list[str]]
     program: str = "process"
 
 

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, format_table, interleaved, median, report, setup, sync  # noqa: E402
 from peers import swin_contenders, unet_contenders, with_sdpa_attention  # noqa: E402
 
-from mulmodseg.losses import DiceCELoss  # noqa: E402
 from mulmodseg.alt import train_step  # noqa: E402
+from mulmodseg.losses import DiceCELoss  # noqa: E402
 
 
 def random_batch(batch: int, size: int) -> dict:

@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # train.py and infer.py live in the repository root
     sys.path.insert(0, str(ROOT))
 
-from experiments.recipes import (BACKBONES, DATASETS, REFERENCE_AUGMENTATION, TABLES, USER_TABLES, Eval,  # noqa: E402
-                                 Run)
+from experiments.recipes import BACKBONES, DATASETS, REFERENCE_AUGMENTATION, TABLES, USER_TABLES, Eval, Run  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample"
 SAMPLE_FOLDERS = {"CT": "ct", "MR": "mr"}

@@ -498,7 +498,8 @@ def _intensity(x: torch.Tensor, params: RowParams, settings: NnUNetAugment) -> t
     return x
 
 
-def gaussian_blur(x: torch.Tensor, sigmas: Sequence[float], radius: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigmas: Sequence[float], radius: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """x (X, Y, Z) blurred by separable Gaussians of sigmas[a] voxels along axis a, taps -radius..radius
     normalised to sum 1, reflected borders (nnU-Net's), as one matrix product per axis (see `along_axes`)."""
     matrices = [blur_matrix(size, float(sigma), radius) for size, sigma in zip(x.shape, sigmas)]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import nibabel as nib
 
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter, epilog=EXIT_CODES_HELP,
     )
     add_version_argument(p)
-    p.add_argument("--pred", required=True, help="folder of predicted label maps (.nii/.nii.gz), e.g. infer.py's --output")
+    p.add_argument("--pred", required=True,
+                   help="folder of predicted label maps (.nii/.nii.gz), e.g. infer.py's --output")
     p.add_argument("--labels", required=True, help="folder of reference labels: case.nii.gz for a prediction "
                    "case.nii.gz or case_0000.nii.gz, or the prediction's own name")
     p.add_argument("--classes", default="amos", help="class set (amos, amos_reference, mmwhs) or a file of names, "

@@ -16,15 +16,17 @@ matrix products, with f shared by all classes instead of repeated, so the head s
 Modalities are names ("CT", "MR", ...) stored with the table; a batch may mix them (one name per
 sample). With ``norm_stats="per_modality"`` the UNet keeps one set of BatchNorm running statistics per
 modality (``nets.unet3d.DomainBatchNorm3d``), chosen by each sample's modality; SwinUNETR normalises with
-InstanceNorm, which has no running statistics, so the setting changes nothing there. State-dict keys match the reference (backbone.*, GAP.*, precls_conv.*, controller.*,
-text_to_vision.*); the table is the buffer ``text_embeddings`` in our modality order.
+InstanceNorm, which has no running statistics, so the setting changes nothing there. State-dict keys match
+the reference (backbone.*, GAP.*, precls_conv.*, controller.*, text_to_vision.*); the table is the buffer
+``text_embeddings`` in our modality order.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +150,7 @@ class MulModSeg(nn.Module):
         self.controller = nn.Conv3d(512, NUM_DYNAMIC_PARAMS, 1)
         self.register_buffer("text_embeddings", table)
 
-    def set_gradient_checkpointing(self, enabled: bool) -> "MulModSeg":
+    def set_gradient_checkpointing(self, enabled: bool) -> MulModSeg:
         """Recompute activations during backward instead of keeping them: the dynamic head and every
         backbone module with a ``use_checkpoint`` switch (SwinUNETR's blocks). The UNet's stages are
         not checkpointed: recomputing a BatchNorm in training would update its running statistics twice."""
@@ -250,7 +252,7 @@ class MulModSeg(nn.Module):
         }
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "MulModSeg":
+    def from_config(cls, config: dict[str, Any]) -> MulModSeg:
         """Build an untrained network of the shape ``config`` describes; load its state dict after."""
         embeddings = None
         if not config["vision_only"]:
@@ -289,7 +291,8 @@ def load_reference_checkpoint(
         table, modalities = table[[1, 0]], ("CT", "MR")
     else:
         if modality is None:
-            raise ValueError("this reference checkpoint holds one modality's (K, 512) table: pass modality='CT' or 'MR'")
+            raise ValueError("this reference checkpoint holds one modality's (K, 512) table: "
+                             "pass modality='CT' or 'MR'")
         table, modalities = table[None], (modality,)
     model = MulModSeg(backbone, num_classes=table.shape[1], embeddings=table, modalities=modalities, **backbone_kwargs)
     state["text_embeddings"] = table

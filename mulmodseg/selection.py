@@ -8,9 +8,10 @@ validation; then ``--max_cases`` of the training scans. A resumed run must find 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 from mulmodseg import data as mdata
 from mulmodseg.config import DEFAULT_FOLDS, TrainConfig, TrainingError

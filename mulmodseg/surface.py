@@ -123,11 +123,11 @@ def _surface_polygons(code: int) -> list[np.ndarray]:
     return polygons
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triangulations(n: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
     """Every triangulation of a polygon with vertices 0..n-1 by non-crossing diagonals."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def between(i: int, j: int) -> list[tuple[tuple[int, int, int], ...]]:  # the sub-polygon i, i+1, ..., j
         if j - i < 2:
             return [()]
@@ -309,7 +309,8 @@ def surface_metrics(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float
     """
     pred, label, spacing = _check_pair(pred, label, spacing)
     crop = _joint_box(pred, label)
-    return _surface_pair(pred[crop], label[crop], spacing, check_nsd_tolerance(tolerance), _diagonal(pred.shape, spacing))
+    return _surface_pair(pred[crop], label[crop], spacing, check_nsd_tolerance(tolerance),
+                         _diagonal(pred.shape, spacing))
 
 
 def surface_metrics_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int, spacing: Sequence[float],

@@ -72,7 +72,8 @@ def test_alt_alternates_modalities_for_max_len_iterations_with_cycling():
     for modality, batch in alt_batches(loaders, ["CT", "MR"], epoch=3):
         values.append(batch["image"].flatten()[0].item())
         w_before = model.w.detach().clone()
-        train_step(model, batch, modality, loss_fn=DiceCELoss(), optimizer=opt, scaler=scaler, device=torch.device("cpu"))
+        train_step(model, batch, modality, loss_fn=DiceCELoss(), optimizer=opt, scaler=scaler,
+                   device=torch.device("cpu"))
         assert not torch.equal(w_before, model.w.detach())  # one optimizer step per batch
         steps += 1
     assert model.seen == ["CT", "MR"] * 5  # max(5, 2) iterations, CT first
@@ -118,15 +119,16 @@ from mulmodseg.text.prompts import model_table
 from mulmodseg.alt import train_step
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-model = torch.nn.parallel.DistributedDataParallel(MulModSeg("unet", 3, *model_table("onehot", classes=("bg", "a", "b")), base_channels=2))
+model = torch.nn.parallel.DistributedDataParallel(MulModSeg("unet", 3, *model_table("onehot", classes=("bg", "a", "b")),
+                                                            base_channels=2))
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 image = torch.randn(2, 1, 16, 16, 16)
 if dist.get_rank() == 1:
     image[0, 0, 0, 0, 0] = float("nan")
 batch = {"image": image, "label": torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)}
 try:
-    train_step(model, batch, "CT", loss_fn=DiceCELoss(), optimizer=opt, scaler=torch.amp.GradScaler("cpu", enabled=False),
-               device=torch.device("cpu"))
+    train_step(model, batch, "CT", loss_fn=DiceCELoss(), optimizer=opt,
+               scaler=torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"))
 except FloatingPointError as exc:
     print("stopped:", exc, flush=True)
     # os._exit: the interpreter's own exit tears down gloo's threads in an order that can abort (SIGABRT),
@@ -198,8 +200,8 @@ def test_channels_last_step_matches_the_default_layout():
             model = model.to(memory_format=torch.channels_last_3d)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the step is the gradient, scaled
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss = train_step(model, batch, "CT", loss_fn=DiceCELoss(), optimizer=opt, scaler=scaler, device=torch.device("cpu"),
-                          channels_last=channels_last)
+        loss = train_step(model, batch, "CT", loss_fn=DiceCELoss(), optimizer=opt, scaler=scaler,
+                          device=torch.device("cpu"), channels_last=channels_last)
         results.append((loss, [p.detach().clone() for p in model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[0][1], results[1][1]))

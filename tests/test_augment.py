@@ -50,7 +50,8 @@ def test_defaults_are_nnunets_and_overrides_check_names_and_values():
         (0.2, 1.0, 30.0, 0.2, (0.7, 1.4))
     assert (s.noise_p, s.noise_std_range, s.blur_p, s.blur_p_per_channel, s.blur_sigma_range) == \
         (0.1, (0.0, 0.1), 0.2, 0.5, (0.5, 1.0))
-    assert (s.brightness_p, s.brightness_range, s.contrast_p, s.contrast_range) == (0.15, (0.75, 1.25), 0.15, (0.75, 1.25))
+    assert (s.brightness_p, s.brightness_range, s.contrast_p, s.contrast_range) == \
+        (0.15, (0.75, 1.25), 0.15, (0.75, 1.25))
     assert (s.lowres_p, s.lowres_p_per_channel, s.lowres_zoom_range) == (0.25, 0.5, (0.5, 1.0))
     assert (s.gamma_inverted_p, s.gamma_p, s.gamma_range, s.gamma_retain_stats) == (0.1, 0.3, (0.7, 1.5), True)
     assert (s.mirror_p, s.mirror_axes, s.inplane_axis, s.label_mode) == (0.5, (0, 1, 2), None, "nearest")
@@ -62,8 +63,9 @@ def test_defaults_are_nnunets_and_overrides_check_names_and_values():
     assert NnUNetAugment.from_overrides("mirror_axes=").mirror_axes == ()
     assert NnUNetAugment(**o.to_dict()) == o  # what config.json / a checkpoint saves reads back
     assert all(getattr(NnUNetAugment.off(), n) == 0 for n in s.to_dict() if n.endswith("_p"))
-    for text, field in [("rotaton_p=0.1", "rotaton_p"), ("rotation_p=1.5", "rotation_p"), ("scale_range=1", "scale_range"),
-                        ("scale_range=1.2:0.8", "scale_range"), ("noise_p=x", "noise_p"), ("mirror_axes=0:3", "mirror_axes"),
+    for text, field in [("rotaton_p=0.1", "rotaton_p"), ("rotation_p=1.5", "rotation_p"),
+                        ("scale_range=1", "scale_range"), ("scale_range=1.2:0.8", "scale_range"),
+                        ("noise_p=x", "noise_p"), ("mirror_axes=0:3", "mirror_axes"),
                         ("lowres_zoom_range=0.5:2", "lowres_zoom_range"), ("label_mode=cubic", "label_mode"),
                         ("gamma_retain_stats=2", "gamma_retain_stats"), ("inplane_axis=1.5", "inplane_axis"),
                         ("scale_range=0:1", "scale_range"), ("rotation_p", "rotation_p")]:
@@ -136,7 +138,8 @@ def test_warped_rows_sample_centre_plus_rotated_scaled_offsets_in_ras_axis_order
     c = np.array([(i - o) // 2 for i, o in zip(in_size, out)]) + (np.array(out) - 1) / 2
     rng = np.random.default_rng(0)
     for row in range(4):
-        a = rotation_matrix(params.angles[row]) @ np.diag(params.scale[row]) @ np.diag(np.where(params.flip[row], -1, 1))
+        a = (rotation_matrix(params.angles[row]) @ np.diag(params.scale[row])
+             @ np.diag(np.where(params.flip[row], -1, 1)))
         for p in rng.integers(0, out, (20, 3)):
             q = c + a @ (p - (np.array(out) - 1) / 2)
             assert out_image[row, 0, p[0], p[1], p[2]].item() == pytest.approx(trilinear(image[row, 0].numpy(), q),

@@ -14,8 +14,14 @@ import torch.nn.functional as F
 
 from mulmodseg.text import WeightsError, WeightsUnavailableError, load_text_encoder, tokenize
 from mulmodseg.text.clip import CLIPTextEncoder, TextConfig
-from mulmodseg.text.weights import OPENAI_VIT_B_32_URL, download_weights, read_safetensors, read_weights, text_state_dict
 from mulmodseg.text.prompts import CLASS_SETS, make_prompts
+from mulmodseg.text.weights import (
+    OPENAI_VIT_B_32_URL,
+    download_weights,
+    read_safetensors,
+    read_weights,
+    text_state_dict,
+)
 
 SMALL = TextConfig(width=64, layers=2, heads=1, embed_dim=48)  # real vocabulary and context, small body
 

@@ -11,12 +11,33 @@ import torch
 import torch.nn.functional as F
 
 import mulmodseg.data.cache as cache_module
+from mulmodseg.data import (
+    Case,
+    CropDataset,
+    DataError,
+    VolumeCache,
+    check_cases,
+    collate_crops,
+    default_settings,
+    discover_amos,
+    discover_cases,
+    discover_modalities,
+    fold_problems,
+    has_validation_list,
+    kfold_split,
+    left_right_order,
+    load_training_volumes,
+    load_volume,
+    make_folds,
+    parse_label_map,
+    preprocess,
+    restore,
+    restore_argmax,
+    split_cases,
+    subsample,
+    validation_cases,
+)
 from mulmodseg.text.prompts import resolve_classes
-from mulmodseg.data import (Case, CropDataset, left_right_order, DataError, VolumeCache, check_cases, collate_crops,
-                            default_settings, discover_amos, discover_cases, discover_modalities, fold_problems,
-                            has_validation_list, kfold_split, make_folds, validation_cases,
-                            load_training_volumes, load_volume, parse_label_map, preprocess, restore, restore_argmax, split_cases,
-                            subsample)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 MMWHS = {205: 1, 420: 2, 500: 3, 550: 4, 600: 5, 820: 6, 850: 7}

@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from mulmodseg import device as mdevice
-from mulmodseg.device import (DeviceError, autocast_dtype, channels_last_inputs, cpu_has_native_bf16, resolve_device,
-                              set_threads, usable_cores, use_channels_last)
+from mulmodseg.device import (
+    DeviceError,
+    autocast_dtype,
+    channels_last_inputs,
+    cpu_has_native_bf16,
+    resolve_device,
+    set_threads,
+    usable_cores,
+    use_channels_last,
+)
 
 
 def test_auto_is_the_cpu_without_cuda_and_explicit_cuda_fails_clearly(monkeypatch):

@@ -138,7 +138,8 @@ def test_flip_tta_on_chosen_axes_swaps_the_paired_channels_back():
 
     inputs = torch.randn(1, 1, 8, 6, 4)
     plain = sliding_window_inference(inputs, (8, 6, 4), by_side, 1)
-    swapped = sliding_window_inference(inputs, (8, 6, 4), by_side, 1, tta_flips=(0, 2), flip_channel_order={0: [0, 2, 1]})
+    swapped = sliding_window_inference(inputs, (8, 6, 4), by_side, 1, tta_flips=(0, 2),
+                                       flip_channel_order={0: [0, 2, 1]})
     torch.testing.assert_close(swapped, plain)
     split = sliding_window_inference(inputs, (8, 6, 4), by_side, 1, tta_flips=(0,))
     torch.testing.assert_close(split[:, 1:], torch.full_like(split[:, 1:], 0.5))

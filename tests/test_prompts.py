@@ -12,7 +12,7 @@ from mulmodseg.text import CLASS_SETS, EmbeddingTable, TableError, build_embeddi
 from mulmodseg.text import __main__ as text_cli
 from mulmodseg.text.__main__ import main
 from mulmodseg.text.clip import CLIPTextEncoder, TextConfig
-from mulmodseg.text.prompts import make_prompts, model_table, modality_phrase, resolve_classes, resolve_template
+from mulmodseg.text.prompts import make_prompts, modality_phrase, model_table, resolve_classes, resolve_template
 
 SMALL = TextConfig(width=64, layers=1, heads=1, embed_dim=32)
 
@@ -176,7 +176,8 @@ def test_table_validation():
         ({"classes": ["a", "a"]}, r"classes repeat: \['a', 'a'\]"),
         ({"modalities": [], "embeddings": torch.zeros(0, 2, 4)}, "modalities must be a non-empty list"),
         ({"classes": [], "embeddings": torch.zeros(2, 0, 4)}, "classes must be a non-empty list"),
-        ({"embeddings": torch.zeros(2, 2, 0)}, r"shape \(2, 2, 0\) do not match 2 modalities x 2 classes x D \(D >= 1\)"),
+        ({"embeddings": torch.zeros(2, 2, 0)},
+         r"shape \(2, 2, 0\) do not match 2 modalities x 2 classes x D \(D >= 1\)"),
         ({"embeddings": torch.zeros(2, 2, 4, dtype=torch.long)}, "floating-point tensor, got torch.int64"),
         ({"embeddings": [[[0.0]]]}, "floating-point tensor, got list"),
         ({"embeddings": torch.tensor([[[0.0], [float("nan")]], [[float("inf")], [1.0]]])}, "2 NaN or infinite"),
@@ -304,10 +305,12 @@ def test_command_line_never_writes_over_its_inputs(encoder, tmp_path, capsys, no
         ([weights, classes, weights], "is the --clip_weights file"),
         ([weights, classes, str(tmp_path / "link.pt")], "is the --clip_weights file"),
         ([weights, classes, classes], "is the --classes file"),
-        ([str(tmp_path / "hf"), "amos", str(tmp_path / "hf" / "pytorch_model.bin")], "is inside the --clip_weights folder"),
+        ([str(tmp_path / "hf"), "amos", str(tmp_path / "hf" / "pytorch_model.bin")],
+         "is inside the --clip_weights folder"),
         ([str(tmp_path / "hf"), "amos", str(tmp_path / "hf" / "new.pt")], "is inside the --clip_weights folder"),
     ]
-    contents = {p: p.read_bytes() for p in [tmp_path / "w.pt", tmp_path / "classes.txt", tmp_path / "hf" / "pytorch_model.bin"]}
+    contents = {p: p.read_bytes()
+                for p in [tmp_path / "w.pt", tmp_path / "classes.txt", tmp_path / "hf" / "pytorch_model.bin"]}
     for (w, c, out), message in cases:
         assert main(["--clip_weights", w, "--classes", c, "--out", out, "--overwrite"]) == 2
         err = capsys.readouterr().err

@@ -8,8 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mulmodseg.cli import (CHANNELS_LAST, EXIT_CODES_HELP, EXIT_INTERRUPTED, HelpFormatter, add_cpu_speed_arguments,
-                           add_version_argument, report)
+from mulmodseg.cli import (
+    CHANNELS_LAST,
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    HelpFormatter,
+    add_cpu_speed_arguments,
+    add_version_argument,
+    report,
+)
 from mulmodseg.device import set_threads
 from mulmodseg.errors import DiskFullError, UserError
 from mulmodseg.outputs import find_inputs
@@ -40,12 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--skip_existing", action="store_true",
                        help="continue an interrupted run into the same --output: scans whose outputs all exist are not "
                        "segmented again (with --labels they are scored from those files)")
-    p.add_argument("--labels", help="folder of ground-truth label maps with the inputs' names: writes metrics.csv (Dice, NSD and HD95 per case and class), summary.md and summary.csv (mean and std per class, the paper's table layout) and summary.json")
+    p.add_argument("--labels", help="folder of ground-truth label maps with the inputs' names: writes metrics.csv "
+                   "(Dice, NSD and HD95 per case and class), summary.md and summary.csv (mean and std per class, the "
+                   "paper's table layout) and summary.json")
     p.add_argument("--labelled", nargs="+", metavar="CLASS",
                    help="with --labels: the classes the labels label (default: the labels of a dataset.json in or "
                    "above the --labels folder, else all); the others are 'not labelled' in the tables, and "
                    "predicting them is no error")
-    p.add_argument("--nsd_tolerance", type=float, default=2.0, help="with --labels: the normalised surface Dice's tolerance in mm")
+    p.add_argument("--nsd_tolerance", type=float, default=2.0,
+                   help="with --labels: the normalised surface Dice's tolerance in mm")
     p.add_argument("--keep_largest", nargs="*", metavar="CLASS",
                    help="postprocessing: keep only the largest 26-connected component of these classes (names, with "
                    "spaces or underscores, or values as the label map holds them; all classes when none is named); "
@@ -58,15 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistics", action="store_true",
                    help="also write NAME_statistics.json: each class's volume in mm^3, voxel count and mean input "
                    "intensity on the input's grid")
-    p.add_argument("--save_probabilities", action="store_true", help="also write NAME_probabilities.npz: softmax (classes, X, Y, Z) as float16 on the input's voxel grid (an ensemble's mean)")
+    p.add_argument("--save_probabilities", action="store_true",
+                   help="also write NAME_probabilities.npz: softmax (classes, X, Y, Z) as float16 on the input's voxel "
+                   "grid (an ensemble's mean)")
     p.add_argument("--num_parts", type=int, default=1, metavar="P",
                    help="share --input between P processes (GPUs, machines, a job array) writing one --output: each "
                    "segments every P-th scan by sorted file name; refused with --labels: score the folder when all "
                    "parts are done, with python -m mulmodseg.evaluate or a last run without --num_parts, with "
                    "--skip_existing --labels")
-    p.add_argument("--part_id", type=int, default=0, metavar="I", help="with --num_parts: this process's part, 0 to P-1")
-    p.add_argument("--preview", action="store_true", help="also write NAME.png: the labels over three orthogonal slices, with a legend of "
-                   "the classes present")
+    p.add_argument("--part_id", type=int, default=0, metavar="I",
+                   help="with --num_parts: this process's part, 0 to P-1")
+    p.add_argument("--preview", action="store_true",
+                   help="also write NAME.png: the labels over three orthogonal slices, with a legend of the classes "
+                   "present")
     p.add_argument("--tta", action="store_true", help="test-time mirroring: average over every combination of mirrors "
                    "along the axes the checkpoint was trained with (train.py --mirror_axes; 2^N times slower), a "
                    "left/right mirror swapping paired classes back; refused for a checkpoint trained without mirroring")

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Union
 
 from mulmodseg.errors import UserError
 
@@ -30,7 +31,7 @@ _CHANNEL = re.compile(r"_\d{4}$")
 class DataError(UserError):
     """One or more problems with the data; `problems` lists all of them, each naming its file."""
 
-    def __init__(self, problems: Union[str, Sequence[str]]):
+    def __init__(self, problems: str | Sequence[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} data problem(s):\n{lines}")
@@ -43,12 +44,12 @@ class Case:
 
     id: str
     image: Path
-    label: Optional[Path]
+    label: Path | None
     modality: str
-    labelled: Optional[Tuple[int, ...]] = None  # the foreground classes its dataset labels; None: every class
+    labelled: tuple[int, ...] | None = None  # the foreground classes its dataset labels; None: every class
 
 
-def nifti_stem(path: PathLike) -> Optional[str]:
+def nifti_stem(path: PathLike) -> str | None:
     """File name without `.nii`/`.nii.gz`, or None when the file is not NIfTI."""
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
@@ -66,7 +67,7 @@ def not_nifti_hint(folder: PathLike) -> str:
     folder = Path(folder)
     if not folder.is_dir():
         return ""
-    kinds: Dict[str, int] = {}
+    kinds: dict[str, int] = {}
     for p in folder.iterdir():
         if p.name.startswith(".") or p.name in _LAYOUT_NAMES or nifti_stem(p) or p.suffix in (".json", ".txt", ".md"):
             continue
@@ -81,7 +82,7 @@ def not_nifti_hint(folder: PathLike) -> str:
             "(e.g. with dcm2niix) and .mha/.nrrd files (e.g. with SimpleITK) to NIfTI first")
 
 
-def _nifti_files(folder: Path) -> Dict[str, Path]:
+def _nifti_files(folder: Path) -> dict[str, Path]:
     """Map stem -> path for the NIfTI files directly inside `folder` (hidden files skipped)."""
     found = {}
     for p in sorted(folder.iterdir()):
@@ -91,7 +92,7 @@ def _nifti_files(folder: Path) -> Dict[str, Path]:
     return found
 
 
-def _from_datalist(root: Path, datalist: dict, modality: str, split: str) -> List[Case]:
+def _from_datalist(root: Path, datalist: dict, modality: str, split: str) -> list[Case]:
     cases = []
     for entry in datalist.get(_SPLIT_KEYS[split]) or []:
         image = root / (entry if isinstance(entry, str) else entry["image"])
@@ -115,14 +116,14 @@ def is_extra_channel(stem: str, images: Collection[str], labels: Collection[str]
     return f"{base}_0000" in images and stem not in labels and f"{base}_0000" not in labels
 
 
-def _from_folders(images_dir: Path, labels_dir: Optional[Path], modality: str, labels_required: bool) -> List[Case]:
+def _from_folders(images_dir: Path, labels_dir: Path | None, modality: str, labels_required: bool) -> list[Case]:
     images = _nifti_files(images_dir)
     labels = _nifti_files(labels_dir) if labels_dir is not None and labels_dir.is_dir() else {}
     # "_0000" is nnU-Net's channel suffix when every image has it or when the label lacks it: AMOS ids
     # such as amos_0001 end in four digits too. X_0001 beside X_0000 is a second channel, unless the
     # labels name X_0000 in full: then the ids carry the digits, and X_0001 is a case whose label is missing.
     all_suffixed = all(s.endswith("_0000") for s in images)
-    by_id: Dict[str, Path] = {}
+    by_id: dict[str, Path] = {}
     problems = []
     for stem, path in images.items():
         base = stem[:-5] if _CHANNEL.search(stem) else None
@@ -143,7 +144,7 @@ def _from_folders(images_dir: Path, labels_dir: Optional[Path], modality: str, l
     return cases
 
 
-def _from_reference(root: Path, modality: str, labels_required: bool) -> List[Case]:
+def _from_reference(root: Path, modality: str, labels_required: bool) -> list[Case]:
     files = _nifti_files(root)
     labels = {s[:-3]: p for s, p in files.items() if s.endswith("_gt")}
     images = {s: p for s, p in files.items() if not s.endswith("_gt")}
@@ -156,7 +157,7 @@ def _from_reference(root: Path, modality: str, labels_required: bool) -> List[Ca
     return cases
 
 
-def discover_cases(root: PathLike, modality: str, split: str = "train") -> List[Case]:
+def discover_cases(root: PathLike, modality: str, split: str = "train") -> list[Case]:
     """All cases of one modality under `root`, sorted by id.
 
     split: "train" (labels required), "val" (datalist `validation` list only) or "test" (labels optional).
@@ -173,7 +174,7 @@ def discover_cases(root: PathLike, modality: str, split: str = "train") -> List[
         raise DataError(f"{root}: {what}")
     labels_required = split != "test"
     datalist_file = root / "dataset.json"
-    cases: List[Case] = []
+    cases: list[Case] = []
     datalist = _read_datalist(datalist_file)
     if datalist is not None and isinstance(datalist.get(_SPLIT_KEYS[split]), list):
         cases = _from_datalist(root, datalist, modality, split)
@@ -190,7 +191,7 @@ def discover_cases(root: PathLike, modality: str, split: str = "train") -> List[
     return sorted(cases, key=lambda c: c.id)
 
 
-def _read_datalist(path: Path) -> Optional[dict]:
+def _read_datalist(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -210,7 +211,7 @@ def has_validation_list(root: PathLike) -> bool:
     return bool(datalist and isinstance(datalist.get(_SPLIT_KEYS["val"]), list) and datalist[_SPLIT_KEYS["val"]])
 
 
-def validation_cases(root: PathLike, modality: str) -> List[Case]:
+def validation_cases(root: PathLike, modality: str) -> list[Case]:
     """The cases of the `validation` list of `root`'s `dataset.json`, sorted by id ([] without one)."""
     return discover_cases(root, modality, "val") if has_validation_list(root) else []
 
@@ -223,17 +224,17 @@ def amos_modality(case_id: str) -> str:
     return "MR" if int(match.group(1)) > 500 else "CT"
 
 
-def discover_amos(root: PathLike, split: str = "train") -> Dict[str, List[Case]]:
+def discover_amos(root: PathLike, split: str = "train") -> dict[str, list[Case]]:
     """AMOS (`dataset.json` in `root`, CT and MR in one folder) -> {"CT": [...], "MR": [...]}."""
     cases = discover_cases(root, "CT", split)
-    by_modality: Dict[str, List[Case]] = {"CT": [], "MR": []}
+    by_modality: dict[str, list[Case]] = {"CT": [], "MR": []}
     for case in cases:
         modality = amos_modality(case.id)
         by_modality[modality].append(Case(case.id, case.image, case.label, modality))
     return by_modality
 
 
-def discover_modalities(root: PathLike, split: str = "train") -> Dict[str, List[Case]]:
+def discover_modalities(root: PathLike, split: str = "train") -> dict[str, list[Case]]:
     """{modality: cases} for a root whose `dataset.json` names one folder per modality in
     "modality_dirs" (e.g. {"CT": "ct", "MR": "mr"}, as the bundled sample), each folder in any layout
     `discover_cases` reads."""
@@ -249,7 +250,7 @@ def class_key(name: str) -> str:
     return " ".join(re.sub(r"[_\-]", " ", str(name)).lower().split())
 
 
-def labels_file(folder: PathLike) -> Optional[Path]:
+def labels_file(folder: PathLike) -> Path | None:
     """The ``dataset.json`` that describes the labels in ``folder``: in it, else in its parent (the dataset root of
     an ``imagesTr``/``labelsTr`` layout), else None."""
     for candidate in (Path(folder) / "dataset.json", Path(folder).parent / "dataset.json"):
@@ -258,9 +259,9 @@ def labels_file(folder: PathLike) -> Optional[Path]:
     return None
 
 
-def labelled_classes(classes: Sequence[str], dataset_json: Optional[PathLike] = None,
-                     given: Optional[Sequence[str]] = None, label_map: Optional[Mapping[int, int]] = None,
-                     ) -> Optional[Tuple[int, ...]]:
+def labelled_classes(classes: Sequence[str], dataset_json: PathLike | None = None,
+                     given: Sequence[str] | None = None, label_map: Mapping[int, int] | None = None,
+                     ) -> tuple[int, ...] | None:
     """The foreground classes (indices into ``classes``, background first) that a dataset labels: the names
     ``given`` (``--labelled DIR=liver,spleen``), else the ``labels`` of its ``dataset.json`` (MSD's
     ``{"1": "spleen"}`` or nnU-Net v2's ``{"spleen": 1}``; each name must be one of ``classes`` and its value
@@ -268,7 +269,7 @@ def labelled_classes(classes: Sequence[str], dataset_json: Optional[PathLike] = 
     Raises DataError listing every unknown name and every value that is not its class's index."""
     index = {class_key(name): k for k, name in enumerate(classes)}
     where = "--labelled" if given is not None else str(dataset_json)
-    named: List[Tuple[Optional[int], str]] = []  # (value in the label files or None, name)
+    named: list[tuple[int | None, str]] = []  # (value in the label files or None, name)
     if given is not None:
         named = [(None, name) for name in given]
     elif dataset_json is not None:

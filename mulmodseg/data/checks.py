@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -49,7 +49,7 @@ def _voxel_bytes(img) -> float:
     return float(np.prod(img.shape, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
 
 
-def _read(path: Path, what: str, problems: List[str], scaled: bool = True):
+def _read(path: Path, what: str, problems: list[str], scaled: bool = True):
     """(nibabel image, data) or (None, None) after recording why not. Without `scaled`, the data are the
     stored values before the header's slope and intercept: a CT's int16 voxels stay 2 bytes each, not
     the 8 of the float64 that scaling makes, and they are finite whenever the stored values are."""
@@ -96,7 +96,7 @@ def _values_text(values: Sequence[int]) -> str:
     return f"{len(values)} values from {min(values)} to {max(values)} ({', '.join(map(str, values[:4]))}, ...)"
 
 
-def _value_range(img, data: np.ndarray) -> Tuple[float, float]:
+def _value_range(img, data: np.ndarray) -> tuple[float, float]:
     """(lowest, highest) voxel value after the header's scaling, in float64, from `data` as `_read`
     returns it for an image (the stored values: only the two extremes are scaled)."""
     low, high = float(np.min(data)), float(np.max(data))
@@ -106,7 +106,7 @@ def _value_range(img, data: np.ndarray) -> Tuple[float, float]:
     return low, high
 
 
-def _modality_warning(case: Case, low: float) -> Optional[str]:
+def _modality_warning(case: Case, low: float) -> str | None:
     """A warning when a CT has no air (nothing below -500 HU) or an MR has CT-like air values: the
     usual sign of swapped --ct_dir / --mr_dir, or of a wrong --modality at inference."""
     if case.modality == "CT" and low > -500:
@@ -124,7 +124,7 @@ def _label_values(data: np.ndarray) -> np.ndarray:
     return np.unique(data)
 
 
-def _percentiles(img, data: np.ndarray, percentiles: Sequence[float]) -> Tuple[float, float]:
+def _percentiles(img, data: np.ndarray, percentiles: Sequence[float]) -> tuple[float, float]:
     """The `percentiles` of the image `img` after the header's scaling, from its stored values `data`."""
     low, high = (float(v) for v in np.percentile(data, [float(p) for p in percentiles]))
     if hasattr(img.dataobj, "get_unscaled"):
@@ -133,11 +133,11 @@ def _percentiles(img, data: np.ndarray, percentiles: Sequence[float]) -> Tuple[f
     return low, high
 
 
-def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: Optional[int],
-                affine_tol: float, settings: Sequence[Mapping] = (), class_names: Optional[Sequence[str]] = None
-                ) -> Tuple[List[str], List[str]]:
-    problems: List[str] = []
-    warnings: List[str] = []
+def _check_case(case: Case, mapping: Mapping[int, int] | None, num_classes: int | None,
+                affine_tol: float, settings: Sequence[Mapping] = (), class_names: Sequence[str] | None = None
+                ) -> tuple[list[str], list[str]]:
+    problems: list[str] = []
+    warnings: list[str] = []
     img, data = _read(Path(case.image), "image", problems, scaled=False)
     unusable = None if img is None else affine_problem(img.affine)
     if unusable:
@@ -175,9 +175,9 @@ def _check_case(case: Case, mapping: Optional[Mapping[int, int]], num_classes: O
 
 
 def _check_label(path: Path, what: str, reference, reference_path, reference_what: str,
-                 mapping: Optional[Mapping[int, int]], num_classes: Optional[int], affine_tol: float,
-                 problems: List[str], warnings: List[str], labelled: Optional[Sequence[int]] = None,
-                 class_names: Optional[Sequence[str]] = None):
+                 mapping: Mapping[int, int] | None, num_classes: int | None, affine_tol: float,
+                 problems: list[str], warnings: list[str], labelled: Sequence[int] | None = None,
+                 class_names: Sequence[str] | None = None):
     """Check the label map at `path` (called `what` in messages) on the grid of the nibabel image
     `reference` (None: no grid to compare, e.g. it was unreadable) read from `reference_path`, adding to
     `problems` and `warnings`; `labelled`: the classes its dataset labels (None: all), named by `class_names` in
@@ -241,23 +241,23 @@ def _check_label(path: Path, what: str, reference, reference_path, reference_wha
     return lab
 
 
-def existing_output_problems(output: Path, scan: Path, label_map: Optional[LabelMapSpec] = None,
-                             num_classes: Optional[int] = None, affine_tol: float = 1e-3) -> List[str]:
+def existing_output_problems(output: Path, scan: Path, label_map: LabelMapSpec | None = None,
+                             num_classes: int | None = None, affine_tol: float = 1e-3) -> list[str]:
     """Why the label map `output`, which an earlier inference wrote for the scan `scan` (a readable image), cannot
     be kept (empty when it can): checked as a label is against its image (`check_cases`), and off the scan's grid
     (an affine that differs, or is unusable) is a problem too, since inference writes it on that grid."""
-    problems: List[str] = []
-    warnings: List[str] = []
+    problems: list[str] = []
+    warnings: list[str] = []
     mapping = None if label_map is None else parse_label_map(label_map)
     _check_label(Path(output), "earlier output", load_volume(scan), scan, "scan", mapping, num_classes, affine_tol,
                  problems, warnings)
     return problems + warnings
 
 
-def check_label_pairs(pairs: Sequence[Tuple[Path, Path]], label_map: Optional[LabelMapSpec] = None,
-                      num_classes: Optional[int] = None, affine_tol: float = 1e-3,
-                      num_workers: Optional[int] = None, labelled: Optional[Sequence[int]] = None,
-                      class_names: Optional[Sequence[str]] = None) -> List[str]:
+def check_label_pairs(pairs: Sequence[tuple[Path, Path]], label_map: LabelMapSpec | None = None,
+                      num_classes: int | None = None, affine_tol: float = 1e-3,
+                      num_workers: int | None = None, labelled: Sequence[int] | None = None,
+                      class_names: Sequence[str] | None = None) -> list[str]:
     """Check (prediction, reference label) pairs of label-map files before scoring, each file read once:
     both readable 3D label maps whose values are known (as labels are in `check_cases`), and the
     prediction on the label's grid: the same shape once put on the label's axes, and affines within
@@ -270,8 +270,8 @@ def check_label_pairs(pairs: Sequence[Tuple[Path, Path]], label_map: Optional[La
 
     def check(pair):
         pred, label = (Path(p) for p in pair)
-        problems: List[str] = []
-        warnings: List[str] = []
+        problems: list[str] = []
+        warnings: list[str] = []
         reference = _check_label(label, "label", None, None, "label", mapping, num_classes, affine_tol, problems,
                                  warnings, labelled, class_names)
         unusable = None if reference is None else affine_problem(reference.affine)
@@ -290,11 +290,11 @@ def check_label_pairs(pairs: Sequence[Tuple[Path, Path]], label_map: Optional[La
     return [w for _, found in results for w in found]
 
 
-def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
-                num_classes: Optional[int] = None, affine_tol: float = 1e-3,
-                modalities: Optional[Sequence[str]] = None, require_labels: bool = False,
-                num_workers: Optional[int] = None, settings: Optional[Settings] = None,
-                class_names: Optional[Sequence[str]] = None) -> List[str]:
+def check_cases(cases: Sequence[Case], label_map: LabelMapSpec | None = None,
+                num_classes: int | None = None, affine_tol: float = 1e-3,
+                modalities: Sequence[str] | None = None, require_labels: bool = False,
+                num_workers: int | None = None, settings: Settings | None = None,
+                class_names: Sequence[str] | None = None) -> list[str]:
     """Read every image and label once and check: missing file, unreadable/truncated file, 2D or 4D
     volume, voxels that are not one real number, an image affine that places no voxel, NaN/Inf voxels,
     image/label shape mismatch (after putting the label on the image's axes), non-integer labels, label values
@@ -312,7 +312,7 @@ def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
     if not cases:
         raise DataError("no cases to check")
     mapping = None if label_map is None else parse_label_map(label_map)
-    problems: List[str] = []
+    problems: list[str] = []
     counts = Counter((c.modality, c.id) for c in cases)
     problems += [f"{c.image}: duplicate case id {c.id!r} for modality {c.modality}"
                  for c in cases if counts[(c.modality, c.id)] > 1]
@@ -326,7 +326,7 @@ def check_cases(cases: Sequence[Case], label_map: Optional[LabelMapSpec] = None,
         results = list(pool.map(lambda c: _check_case(c, mapping, num_classes, affine_tol,
                                                       (settings or {}).get(c.modality, ()),
                                                       class_names), cases))
-    warnings: List[str] = []
+    warnings: list[str] = []
     for case_problems, case_warnings in results:
         problems += case_problems
         warnings += case_warnings

@@ -9,7 +9,7 @@ All functions take optional leading (channel) axes: `lead` counts them; the last
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -125,12 +125,12 @@ def linear_taps(pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return lower, np.minimum(lower + 1, n - 1), pos - lower
 
 
-def separable_grid(n_out: Sequence[int], step: Sequence[float], n_in: Sequence[int]) -> List[np.ndarray]:
+def separable_grid(n_out: Sequence[int], step: Sequence[float], n_in: Sequence[int]) -> list[np.ndarray]:
     """Input coordinates (j + 0.5) * step - 0.5 of output voxels j = 0..n_out-1 (the outer corner of voxel 0
     is shared, so nearest-neighbour upsampling is unbiased), clamped to the input grid."""
     return [np.clip((np.arange(o) + 0.5) * s - 0.5, 0, i - 1) for o, s, i in zip(n_out, step, n_in)]
 
 
-def inverse_grid(n_in: Sequence[int], step: Sequence[float]) -> List[np.ndarray]:
+def inverse_grid(n_in: Sequence[int], step: Sequence[float]) -> list[np.ndarray]:
     """Output coordinates (i + 0.5) / step - 0.5 of input voxels i: the inverse of `separable_grid`."""
     return [(np.arange(n) + 0.5) / s - 0.5 for n, s in zip(n_in, step)]

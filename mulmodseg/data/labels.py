@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Sequence, Union
+from typing import Union
 
 import numpy as np
 
 LabelMapSpec = Union[str, Path, Mapping]
 
 
-def parse_label_map(spec: LabelMapSpec) -> Dict[int, int]:
+def parse_label_map(spec: LabelMapSpec) -> dict[int, int]:
     """{source value: class index} from a dict, a JSON file, a JSON string or "src:dst,src:dst".
 
     Class indices must be in 0..255 (labels are stored as uint8).
@@ -53,7 +54,7 @@ def _as_int(value) -> int:
     return int(number)
 
 
-def label_map_problems(values: Iterable[int], mapping: Mapping[int, int]) -> List[int]:
+def label_map_problems(values: Iterable[int], mapping: Mapping[int, int]) -> list[int]:
     """Source values present in the data but absent from the map (0 is always allowed)."""
     return sorted(int(v) for v in values if int(v) != 0 and int(v) not in mapping)
 
@@ -71,7 +72,7 @@ def apply_label_map(label: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray
     return table[label]
 
 
-def left_right_order(classes: Sequence[str]) -> List[int]:
+def left_right_order(classes: Sequence[str]) -> list[int]:
     """The class order after a left/right mirror: ``order[k]`` is the class that ``k`` becomes, the
     partner of a name that differs from another only by the word "left" for "right" (or back, any
     case: "right kidney" and "left kidney"), else ``k`` itself. ``classes``: all K names, background first.

@@ -30,15 +30,25 @@ step 3 would make constant (`intensity_problem`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Union
 
 import nibabel as nib
 import numpy as np
 
 from .cases import DataError
-from .geometry import (affine_problem, from_ras, inverse_grid, onto_axes, ras_affine, ras_orientation, resample,
-                       separable_grid, to_ras)
+from .geometry import (
+    affine_problem,
+    from_ras,
+    inverse_grid,
+    onto_axes,
+    ras_affine,
+    ras_orientation,
+    resample,
+    separable_grid,
+    to_ras,
+)
 from .labels import apply_label_map, parse_label_map
 
 ImageLike = Union[str, Path, "nib.spatialimages.SpatialImage"]
@@ -47,11 +57,11 @@ META_VERSION = 1
 SETTING_KEYS = ("spacing", "window", "percentiles", "label_map", "crop_foreground", "min_size")
 
 
-def default_settings(modality: str) -> Dict[str, Any]:
+def default_settings(modality: str) -> dict[str, Any]:
     """Preprocessing defaults (method.md): 1.5 x 1.5 x 2.0 mm; CT window [-125, 275] HU -> [0, 1];
     MR and other modalities: clip to the 0.5 / 99.5 percentiles, min-max -> [0, 1]; crop to the
     foreground; pad to 96^3. A fresh JSON-friendly dict each call."""
-    settings: Dict[str, Any] = {
+    settings: dict[str, Any] = {
         "spacing": [1.5, 1.5, 2.0],
         "window": None,
         "percentiles": [0.5, 99.5],
@@ -64,7 +74,7 @@ def default_settings(modality: str) -> Dict[str, Any]:
     return settings
 
 
-def resolve_settings(modality: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+def resolve_settings(modality: str, settings: dict[str, Any]) -> dict[str, Any]:
     """`default_settings(modality)` overridden by `settings`; unknown keys raise TypeError, values that would
     destroy the data (`settings_problems`) ValueError. A `window` that is not None takes precedence over
     `percentiles`."""
@@ -83,7 +93,7 @@ def _numbers(values: Sequence[float]) -> str:
     return " ".join(f"{float(v):g}" for v in values)
 
 
-def settings_problems(settings: Mapping[str, Any], names: Optional[Mapping[str, str]] = None) -> List[str]:
+def settings_problems(settings: Mapping[str, Any], names: Mapping[str, str] | None = None) -> list[str]:
     """Why preprocessing `settings` would destroy every scan (empty when they would not), each problem naming
     its setting as `names` spells it (train.py's flags) or by its key: a `spacing` that is not three positive
     finite voxel sizes (an axis of 1 voxel, or none), a `window` whose low end is not below its high end, or
@@ -103,8 +113,8 @@ def settings_problems(settings: Mapping[str, Any], names: Optional[Mapping[str, 
     return problems
 
 
-def training_grid(shape: Sequence[int], affine: np.ndarray, spacing: Optional[Sequence[float]]
-                  ) -> Tuple[np.ndarray, Tuple[int, ...], np.ndarray, np.ndarray, List[int]]:
+def training_grid(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float] | None
+                  ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray, np.ndarray, list[int]]:
     """Where a scan of `shape` (3D) and `affine` goes at `spacing` (mm; None: kept): its RAS orientation
     (`ras_orientation`), shape in RAS order, voxel sizes in RAS order, resampling step (new / old voxel size)
     and resampled shape (round(n * old / new), at least 1)."""
@@ -118,7 +128,7 @@ def training_grid(shape: Sequence[int], affine: np.ndarray, spacing: Optional[Se
 
 
 def grid_problems(name: str, shape: Sequence[int], affine: np.ndarray, settings: Mapping[str, Any]
-                  ) -> Tuple[List[str], List[str]]:
+                  ) -> tuple[list[str], list[str]]:
     """(problems, warnings) of resampling the scan `name` of `shape` and `affine` (its header: nothing is read)
     to `settings["spacing"]`. A problem: an axis of several voxels resampled to a single one (the scan would be
     a plane; a header in metres or centimetres, say). A warning: an axis at least `min_size` long resampled to
@@ -139,7 +149,7 @@ def grid_problems(name: str, shape: Sequence[int], affine: np.ndarray, settings:
 
 
 def intensity_problem(name: str, low: float, high: float, settings: Mapping[str, Any],
-                      clip: Optional[Sequence[float]] = None) -> Optional[str]:
+                      clip: Sequence[float] | None = None) -> str | None:
     """Why the scan `name`, whose values run from `low` to `high`, would hold one value everywhere after
     `normalise_intensity` with `settings` (None when it would not): a (nearly) constant scan, values all outside
     the window, or a percentile range `clip` (low, high of the scan's percentiles) of zero width."""
@@ -155,7 +165,7 @@ def intensity_problem(name: str, low: float, high: float, settings: Mapping[str,
     return None
 
 
-def load_volume(path: Union[str, Path]) -> nib.Nifti1Image:
+def load_volume(path: str | Path) -> nib.Nifti1Image:
     """nib.load(path) with trailing axes of length 1 dropped: an (X, Y, Z, 1) file is the 3D volume
     (X, Y, Z) with the same affine, as ITK and 3D Slicer read it. Other shapes are returned as stored."""
     img = nib.load(str(path))
@@ -207,7 +217,7 @@ def read_label(label: nib.Nifti1Image, name: str, image: nib.Nifti1Image, label_
     return data.astype(np.uint8)
 
 
-def normalise_intensity(image: np.ndarray, window=None, percentiles=None) -> Tuple[np.ndarray, Dict[str, Any]]:
+def normalise_intensity(image: np.ndarray, window=None, percentiles=None) -> tuple[np.ndarray, dict[str, Any]]:
     """Clip to `window` (absolute values) or to the `percentiles` of `image`, then scale to [0, 1].
     With neither, the image passes unchanged. Returns (float32 image, {"clip": [low, high], ...})."""
     if window is None and percentiles is None:
@@ -226,7 +236,7 @@ def normalise_intensity(image: np.ndarray, window=None, percentiles=None) -> Tup
     return out, {"clip": [low, high], "window": window is not None}
 
 
-def foreground_box(*masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def foreground_box(*masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[start, end) of the smallest box holding every True voxel of the masks (whole grid if none)."""
     shape = np.array(masks[0].shape)
     start, end = shape.copy(), np.zeros(3, dtype=int)
@@ -241,8 +251,8 @@ def foreground_box(*masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return start, end
 
 
-def preprocess(image: ImageLike, label: Optional[ImageLike] = None, modality: str = "CT",
-               **settings: Any) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
+def preprocess(image: ImageLike, label: ImageLike | None = None, modality: str = "CT",
+               **settings: Any) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """NIfTI (path or nibabel image) -> training space.
 
     Returns image: float32 (X, Y, Z) in RAS array order, label: uint8 (X, Y, Z) of class indices (None
@@ -328,7 +338,7 @@ def preprocess(image: ImageLike, label: Optional[ImageLike] = None, modality: st
     return data, lab, meta
 
 
-def restore_grid(meta: Dict[str, Any]) -> Tuple[list, list]:
+def restore_grid(meta: dict[str, Any]) -> tuple[list, list]:
     """Where each original voxel lies in the training space: per RAS axis, the training-space coordinate
     of every original voxel (clipped into the crop) and whether its centre lies inside the crop box."""
     positions, valid = [], []
@@ -340,7 +350,7 @@ def restore_grid(meta: Dict[str, Any]) -> Tuple[list, list]:
     return positions, valid
 
 
-def _check_shape(array: np.ndarray, meta: Dict[str, Any], leads: Tuple[int, ...]) -> int:
+def _check_shape(array: np.ndarray, meta: dict[str, Any], leads: tuple[int, ...]) -> int:
     lead = array.ndim - 3
     if lead not in leads or list(array.shape[lead:]) != list(meta["shape"]):
         expected = " or ".join(str(("C",) * n + tuple(meta["shape"])) for n in leads)
@@ -348,7 +358,7 @@ def _check_shape(array: np.ndarray, meta: Dict[str, Any], leads: Tuple[int, ...]
     return lead
 
 
-def restore(array: np.ndarray, meta: Dict[str, Any], interpolation: str = "nearest",
+def restore(array: np.ndarray, meta: dict[str, Any], interpolation: str = "nearest",
             fill: float = 0) -> np.ndarray:
     """Training-space array (X, Y, Z) or (C, X, Y, Z) -> the original voxel grid, shape
     (*C, *meta["original_shape"]), to be written with the original affine/header.
@@ -368,7 +378,7 @@ def restore(array: np.ndarray, meta: Dict[str, Any], interpolation: str = "neare
     return np.ascontiguousarray(from_ras(out, np.asarray(meta["ornt"], dtype=int), lead=lead))
 
 
-def restore_argmax(scores: np.ndarray, meta: Dict[str, Any], planes: int = 16) -> np.ndarray:
+def restore_argmax(scores: np.ndarray, meta: dict[str, Any], planes: int = 16) -> np.ndarray:
     """Class scores (C, X, Y, Z) of the training space (probabilities or logits) -> uint8 labels on the
     original grid: every channel restored linearly (as ``restore(..., "linear")``) and the argmax taken
     there, as nnU-Net exports; voxels outside the crop box are background (class 0).

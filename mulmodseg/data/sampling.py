@@ -12,9 +12,10 @@ are seldom seen; `"class"` shows each organ equally often.
 
 Augmentation, applied per crop in this order:
 - optional spatial warp (off by default; on when `rotate_degrees` or `scale_range` > 0), with probability
-  `warp_prob` (default 1, the reference's RandAffine prob=1.0): rotation by U(-rotate_degrees, rotate_degrees) about the S/I axis (in the axial plane, as the
-  reference's RandAffine rotate_range=(0, 0, pi/30)) and per-axis sampling scale 1 + U(-scale_range,
-  scale_range) about the crop centre; linear for the image, nearest for the label, reflected borders;
+  `warp_prob` (default 1, the reference's RandAffine prob=1.0): rotation by U(-rotate_degrees,
+  rotate_degrees) about the S/I axis (in the axial plane, as the reference's RandAffine
+  rotate_range=(0, 0, pi/30)) and per-axis sampling scale 1 + U(-scale_range, scale_range) about the crop
+  centre; linear for the image, nearest for the label, reflected borders;
 - optional mirroring (off by default, as the reference): `flip=True` flips each axis with probability
   0.5, or give the axes, e.g. (0, 1, 2). Axis 0 of the RAS training space is left/right: a flip of it
   mirrors the anatomy, so the label's paired classes swap with it (`flip_label_order`, e.g.
@@ -31,7 +32,7 @@ and a resumed run replays them. Call `set_epoch` before iterating each epoch; wi
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,12 +54,12 @@ class CropDataset(Dataset):
     numbers a later random step (``mulmodseg.augment``) draws that crop's randomness from.
     """
 
-    def __init__(self, volumes: Sequence[Tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int] = (96, 96, 96),
+    def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int] = (96, 96, 96),
                  num_samples: int = 2, pos_fraction: float = 0.5, intensity_shift: float = 0.1,
                  intensity_scale: float = 0.1, aug_prob: float = 0.5, rotate_degrees: float = 0.0,
-                 scale_range: float = 0.0, warp_prob: float = 1.0, flip: Union[bool, Sequence[int]] = False, seed: int = 0,
-                 modality: Optional[str] = None, positive_centres: str = "voxel",
-                 flip_label_order: Optional[Sequence[int]] = None, labelled: Optional[Sequence[np.ndarray]] = None,
+                 scale_range: float = 0.0, warp_prob: float = 1.0, flip: bool | Sequence[int] = False, seed: int = 0,
+                 modality: str | None = None, positive_centres: str = "voxel",
+                 flip_label_order: Sequence[int] | None = None, labelled: Sequence[np.ndarray] | None = None,
                  keys: bool = False):
         if any(label is None for _, label in volumes):
             raise ValueError("CropDataset needs a label for every volume")
@@ -88,9 +89,9 @@ class CropDataset(Dataset):
             raise ValueError(f"{len(labelled)} labelled masks for {len(self.volumes)} volumes")
         self.labelled = None if labelled is None else [np.asarray(m, dtype=bool) for m in labelled]
         self.keys = keys
-        self.draw: Tuple[int, ...] = (0,)
+        self.draw: tuple[int, ...] = (0,)
 
-    def set_epoch(self, draw: Union[int, Sequence[int]]) -> None:
+    def set_epoch(self, draw: int | Sequence[int]) -> None:
         """Select the draw whose crops `__getitem__` returns: an epoch, or a tuple of numbers such as the
         trainer's (epoch, modality, pass, rank)."""
         self.draw = (int(draw),) if isinstance(draw, (int, np.integer)) else tuple(int(d) for d in draw)
@@ -102,11 +103,11 @@ class CropDataset(Dataset):
         """The random stream of item `index` in the current draw."""
         return np.random.default_rng([self.seed, *self.draw, int(index)])
 
-    def draw_centres(self, index: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    def draw_centres(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(centres (num_samples, 3) int, positive (num_samples,) bool) for volume `index`."""
         image, label = self.volumes[index]
         positive = rng.random(self.num_samples) < self.pos_fraction
-        pools: Dict[bool, np.ndarray] = {}
+        pools: dict[bool, np.ndarray] = {}
         centres = np.zeros((self.num_samples, 3), dtype=np.int64)
         for k, want_positive in enumerate(positive):
             pool = self._pool(pools, want_positive, image, label)
@@ -121,14 +122,14 @@ class CropDataset(Dataset):
         return centres, positive
 
     @staticmethod
-    def _pool(pools: Dict[object, np.ndarray], positive: bool, image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    def _pool(pools: dict[object, np.ndarray], positive: bool, image: np.ndarray, label: np.ndarray) -> np.ndarray:
         if positive not in pools:
             mask = label > 0 if positive else (image > 0) & (label == 0)
             pools[positive] = np.flatnonzero(mask)
         return pools[positive]
 
     @staticmethod
-    def _class_pool(pools: Dict[object, np.ndarray], label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _class_pool(pools: dict[object, np.ndarray], label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The labelled voxels of one class drawn uniformly among the classes present (flat indices)."""
         if "classes" not in pools:
             labelled = pools[True]
@@ -138,7 +139,7 @@ class CropDataset(Dataset):
         value = pools["classes"][rng.integers(pools["classes"].size)]
         return pools[True][pools["values"] == value]
 
-    def __getitem__(self, index: int) -> Dict[str, object]:
+    def __getitem__(self, index: int) -> dict[str, object]:
         rng = self.generator(index)
         image, label = self.volumes[index]
         centres, _ = self.draw_centres(index, rng)
@@ -148,7 +149,7 @@ class CropDataset(Dataset):
             img, lab = self._augment(np.asarray(img, dtype=np.float32), np.asarray(lab, dtype=np.int64), rng)
             images.append(img)
             labels.append(lab)
-        item: Dict[str, object] = {
+        item: dict[str, object] = {
             "image": torch.from_numpy(np.stack(images)[:, None]),
             "label": torch.from_numpy(np.stack(labels)[:, None]),
         }
@@ -170,7 +171,7 @@ class CropDataset(Dataset):
             crop = np.pad(crop, [(int(s) // 2, int(s) - int(s) // 2) for s in short])
         return crop
 
-    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if (self.rotate_degrees > 0 or self.scale_range > 0) and rng.random() < self.warp_prob:
             angle = np.deg2rad(rng.uniform(-self.rotate_degrees, self.rotate_degrees))
             scales = 1.0 + rng.uniform(-self.scale_range, self.scale_range, size=3)
@@ -187,7 +188,7 @@ class CropDataset(Dataset):
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
 
 
-def warp(image: np.ndarray, label: np.ndarray, angle: float, scales: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+def warp(image: np.ndarray, label: np.ndarray, angle: float, scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Rotate by `angle` (radians) in the plane of axes 0 and 1 and scale the sampling positions by
     `scales` about the centre. image (X, Y, Z) linear, label (X, Y, Z) nearest; reflected borders.
 
@@ -230,11 +231,11 @@ def _reflect(coord: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.where(np.floor(c / span) % 2 == 0, extra, span - extra), 0, span)
 
 
-def collate_crops(batch: List[Dict[str, object]]) -> Dict[str, object]:
+def collate_crops(batch: list[dict[str, object]]) -> dict[str, object]:
     """Items of `CropDataset` -> {"image": (B * num_samples, 1, *roi), "label": same, int64}, "labelled" and
     "key" (B * num_samples, ...) when the items carry them and, when the items carry one, "modality": a list
     with one entry per row."""
-    out: Dict[str, object] = {
+    out: dict[str, object] = {
         "image": torch.cat([item["image"] for item in batch]),
         "label": torch.cat([item["label"] for item in batch]),
     }

@@ -7,7 +7,8 @@ per modality: ``{"CT": [{"train": [ids], "val": [ids]}, ...one per fold], "MR": 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -19,7 +20,7 @@ def _case_id(case) -> str:
 
 
 def split_cases(cases: Sequence[T], val_fraction: float = 0.2, seed: int = 0,
-                val_ids: Optional[Sequence[str]] = None) -> Tuple[List[T], List[T]]:
+                val_ids: Sequence[str] | None = None) -> tuple[list[T], list[T]]:
     """Split into (train, val): the cases named in `val_ids`, or round(val_fraction * n) drawn with `seed`.
 
     A fraction > 0 keeps at least one validation and one training case when there are two or more.
@@ -40,7 +41,7 @@ def split_cases(cases: Sequence[T], val_fraction: float = 0.2, seed: int = 0,
     return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
 
 
-def kfold_split(cases: Sequence[T], k: int, fold: int, seed: int = 0) -> Tuple[List[T], List[T]]:
+def kfold_split(cases: Sequence[T], k: int, fold: int, seed: int = 0) -> tuple[list[T], list[T]]:
     """(train, val) for fold `fold` of a seeded k-fold partition; the k validation sets are disjoint
     and cover every case once (fold sizes differ by at most one)."""
     if k < 2 or not 0 <= fold < k:
@@ -52,7 +53,7 @@ def kfold_split(cases: Sequence[T], k: int, fold: int, seed: int = 0) -> Tuple[L
     return [c for i, c in enumerate(cases) if i not in chosen], [c for i, c in enumerate(cases) if i in chosen]
 
 
-Splits = Dict[str, List[Dict[str, List[str]]]]
+Splits = dict[str, list[dict[str, list[str]]]]
 
 
 def make_folds(ids: Mapping[str, Sequence[str]], k: int, seed: int = 0) -> Splits:
@@ -65,7 +66,7 @@ def make_folds(ids: Mapping[str, Sequence[str]], k: int, seed: int = 0) -> Split
             for name, names in ids.items()}
 
 
-def fold_problems(splits: object, ids: Mapping[str, Sequence[str]], where: str) -> List[str]:
+def fold_problems(splits: object, ids: Mapping[str, Sequence[str]], where: str) -> list[str]:
     """What is wrong with ``splits`` (read from ``where``) for a run over ``ids`` ({modality: case ids}):
     not the shape of ``make_folds``, a modality missing, folds counts that differ between modalities,
     unknown ids, a scan in both lists of a fold, or in the validation lists of two folds. Empty: usable."""
@@ -96,7 +97,7 @@ def fold_problems(splits: object, ids: Mapping[str, Sequence[str]], where: str) 
     return problems
 
 
-def subsample(cases: Sequence[T], n: int, seed: int = 0) -> List[T]:
+def subsample(cases: Sequence[T], n: int, seed: int = 0) -> list[T]:
     """`n` cases drawn without replacement with `seed` (all of them when there are at most `n`),
     in the input order. Used to set the CT:MR ratio (paper Table 5)."""
     if n < 0:

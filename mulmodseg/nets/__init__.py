@@ -3,7 +3,9 @@
 Both expose ``enc_channels``/``dec_channels``, ``forward_features(x) -> (enc_last, dec_last)`` and
 ``forward(x) -> logits`` (when built with ``out_channels``).
 """
-from typing import Any, Optional
+from __future__ import annotations
+
+from typing import Any
 
 import torch.nn as nn
 
@@ -13,7 +15,7 @@ from .unet3d import UNet3D
 BACKBONES = {"unet": UNet3D, "swinunetr": SwinUNETR}
 
 
-def build_backbone(name: str, in_channels: int = 1, out_channels: Optional[int] = None, **kwargs: Any) -> nn.Module:
+def build_backbone(name: str, in_channels: int = 1, out_channels: int | None = None, **kwargs: Any) -> nn.Module:
     """Build the backbone ``name`` ("unet" or "swinunetr"); ``kwargs`` go to its constructor."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")

@@ -35,9 +35,12 @@ ordered so that windows sharing a shift-mask pattern are contiguous, and each gr
 attention (SDPA on GPU, matmul-softmax-matmul on CPU) with a broadcast ``(heads, n, n)`` additive
 bias+mask, so the ``(windows, heads, n, n)`` bias+mask tensor of the straightforward form is never built.
 """
+from __future__ import annotations
+
 import math
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -172,12 +175,12 @@ class WindowPlan(NamedTuple):
     gather: torch.Tensor
     scatter: torch.Tensor
     pad_row: bool
-    groups: List[Tuple[int, int, Optional[torch.Tensor]]]
+    groups: list[tuple[int, int, torch.Tensor | None]]
     n: int
 
 
 def effective_window(size: Sequence[int], window: Sequence[int], shift: Sequence[int]
-                     ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """MONAI's rule: a dimension not larger than the window uses its size as window and no shift."""
     win = tuple(s if s <= w else w for s, w in zip(size, window))
     sh = tuple(0 if s <= w else t for s, w, t in zip(size, window, shift))
@@ -352,13 +355,13 @@ class BasicLayer(nn.Module):
             [SwinBlock(dim, num_heads, window, mlp_ratio, qkv_bias, use_checkpoint) for _ in range(depth)])
         self.downsample = PatchMerging(dim, merge_order)
         # Index maps and shift masks depend only on the input geometry; not part of the state dict.
-        self._plans: Dict[Any, WindowPlan] = {}
+        self._plans: dict[Any, WindowPlan] = {}
 
     # torch.compile: the plan is a constant of the input geometry (which the graph's shape guards pin),
     # so dynamo calls this at trace time and bakes the result in, instead of tracing the data-dependent
     # index building (34 graph breaks) and recompiling once the cache is filled.
     @torch.compiler.assume_constant_result
-    def _plan(self, size: Tuple[int, int, int], shifted: bool, batch: int, device: torch.device) -> WindowPlan:
+    def _plan(self, size: tuple[int, int, int], shifted: bool, batch: int, device: torch.device) -> WindowPlan:
         key = (size, shifted, batch, device)
         if key not in self._plans:
             if len(self._plans) >= _MAX_CACHED_PLANS:
@@ -389,7 +392,7 @@ class SwinTransformer(nn.Module):
                 embed_dim * 2**i, depths[i], num_heads[i], window, mlp_ratio, qkv_bias, use_checkpoint,
                 merge_order)]))
 
-    def forward(self, x: torch.Tensor, normalize: bool = True) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor, normalize: bool = True) -> list[torch.Tensor]:
         """``x: (B, C_in, D, H, W)`` -> five ``(B, F * 2^i, D / 2^(i+1), ...)`` maps, i = 0..4."""
         x = self.patch_embed(x).permute(0, 2, 3, 4, 1).contiguous()  # channels last for the stages
         outs = [self._out(x, normalize)]
@@ -425,7 +428,7 @@ class SwinUNETR(nn.Module):
 
     size_divisor = 32  # patch embedding (2x) and four patch mergings: sizes must be multiples of this
 
-    def __init__(self, in_channels: int = 1, out_channels: Optional[int] = None, feature_size: int = 48,
+    def __init__(self, in_channels: int = 1, out_channels: int | None = None, feature_size: int = 48,
                  depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  window_size: int = 7, use_checkpoint: bool = False, normalize: bool = True,
                  merge_order: str = "legacy", mlp_ratio: float = 4.0, qkv_bias: bool = True) -> None:
@@ -455,15 +458,15 @@ class SwinUNETR(nn.Module):
         self.decoder1 = DecoderBlock(fs, fs)
         self.out = OutBlock(fs, out_channels) if out_channels is not None else None
 
-    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x: (B, C_in, D, H, W)``, D, H, W divisible by 32.
 
         Returns ``(enc_last, dec_last)``: ``(B, 16F, D/32, H/32, W/32)`` and ``(B, F, D, H, W)``.
         """
         bad = [f"{name}={s}" for name, s in zip("DHW", x.shape[2:]) if s % self.size_divisor]
         if x.dim() != 5 or bad:
-            raise ValueError(f"SwinUNETR needs (B, C, D, H, W) with D, H, W divisible by {self.size_divisor}; got shape "
-                             f"{tuple(x.shape)} ({', '.join(bad) or 'not 5-D'})")
+            raise ValueError(f"SwinUNETR needs (B, C, D, H, W) with D, H, W divisible by {self.size_divisor}; "
+                             f"got shape {tuple(x.shape)} ({', '.join(bad) or 'not 5-D'})")
         hidden = self.swinViT(x, self.normalize)
         enc0 = self.encoder1(x)
         enc1 = self.encoder2(hidden[0])
@@ -486,8 +489,8 @@ class SwinUNETR(nn.Module):
 class LoadResult(NamedTuple):
     """Outcome of ``load_swin_weights``: model keys not filled, and checkpoint keys not used."""
 
-    missing_keys: List[str]
-    unexpected_keys: List[str]
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 # Key renames from the self-supervised Swin checkpoints (research-contributions) to MONAI's names.
@@ -502,7 +505,7 @@ def _unwrap(checkpoint_obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return checkpoint_obj
 
 
-def load_swin_weights(model: SwinUNETR, state_dict_or_path: Union[str, Mapping[str, Any]],
+def load_swin_weights(model: SwinUNETR, state_dict_or_path: str | Mapping[str, Any],
                       strict: bool = False) -> LoadResult:
     """Load MONAI-style SwinUNETR / Swin-encoder weights into ``model``.
 
@@ -517,8 +520,8 @@ def load_swin_weights(model: SwinUNETR, state_dict_or_path: Union[str, Mapping[s
         state_dict_or_path = torch.load(state_dict_or_path, map_location="cpu", weights_only=True)
     source = _unwrap(state_dict_or_path)
     own = model.state_dict()
-    mapped: Dict[str, torch.Tensor] = {}
-    unexpected: List[str] = []
+    mapped: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
     for key, value in source.items():
         new = key[len("module."):] if key.startswith("module.") else key
         if new.startswith(_ENCODER_PREFIXES):

@@ -35,17 +35,20 @@ Deliberate differences from the reference:
   top of it, which is a bug.
 * Intermediate activations are not kept as module attributes (the reference stored all of them).
 """
-from typing import List, Optional, Sequence, Tuple
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # Which samples of a batch belong to which domain: [(domain, sample indices or None for all)].
-Groups = Sequence[Tuple[int, Optional[torch.Tensor]]]
+Groups = Sequence[tuple[int, Optional[torch.Tensor]]]
 
 
-def domain_groups(domain: Optional[torch.Tensor], batch_size: int) -> List[Tuple[int, Optional[torch.Tensor]]]:
+def domain_groups(domain: torch.Tensor | None, batch_size: int) -> list[tuple[int, torch.Tensor | None]]:
     """``domain: (B,)`` integer ids (or None: all 0) -> one ``(id, indices)`` per id present; ``indices``
     is None when the whole batch has that id (no gather, no scatter)."""
     if domain is None:
@@ -82,7 +85,7 @@ class DomainBatchNorm3d(nn.BatchNorm3d):
                 state_dict[prefix + name] = value.expand(self.num_domains, -1).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def stats(self, domain: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def stats(self, domain: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The running (mean, var) of ``domain``, as views that batch_norm updates in place."""
         if self.num_domains == 1:
             return self.running_mean, self.running_var
@@ -140,7 +143,7 @@ class DownTransition(nn.Module):
         self.ops = TwoConvs(in_ch, out_ch // 2, out_ch, norm_domains)
         self.pool = pool
 
-    def forward(self, x: torch.Tensor, groups: Groups = ((0, None),)) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, groups: Groups = ((0, None),)) -> tuple[torch.Tensor, torch.Tensor]:
         skip = self.ops(x, groups)
         return (F.max_pool3d(skip, 2) if self.pool else skip), skip
 
@@ -191,7 +194,7 @@ class UNet3D(nn.Module):
 
     size_divisor = 8  # three 2x poolings: every spatial size must be a multiple of this
 
-    def __init__(self, in_channels: int = 1, out_channels: Optional[int] = None, base_channels: int = 32,
+    def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_channels: int = 32,
                  norm_domains: int = 1) -> None:
         super().__init__()
         b, n = base_channels, norm_domains
@@ -209,8 +212,8 @@ class UNet3D(nn.Module):
         self.up_tr64 = UpTransition(4 * b, 2 * b, n)
         self.out_tr = OutputTransition(2 * b, out_channels) if out_channels is not None else None
 
-    def forward_features(self, x: torch.Tensor, domain: Optional[torch.Tensor] = None
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, x: torch.Tensor, domain: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x: (B, C_in, D, H, W)``, D, H, W divisible by 8; ``domain: (B,)`` ids in ``[0, norm_domains)``
         (None: domain 0 for every sample).
 
@@ -232,7 +235,7 @@ class UNet3D(nn.Module):
         dec_last = self.up_tr64(x, skip64, groups)
         return enc_last, dec_last
 
-    def forward(self, x: torch.Tensor, domain: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None) -> torch.Tensor:
         """``x: (B, C_in, D, H, W)``, ``domain: (B,)`` or None -> logits ``(B, out_channels, D, H, W)``
         (no activation)."""
         if self.out_tr is None:

@@ -89,11 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--activation",
         choices=sorted(ACTIVATIONS),
         help="the tower's MLP activation, overriding what the weights' files say: a state dict never records it, "
-        "so without this flag it is OpenAI's quick_gelu unless a Hugging Face config.json names another. open_clip models "
-        "trained with nn.GELU (names without -quickgelu, e.g. LAION's ViT-B-32 laion2b_s34b_b79k) need gelu",
+        "so without this flag it is OpenAI's quick_gelu unless a Hugging Face config.json names another. open_clip "
+        "models trained with nn.GELU (names without -quickgelu, e.g. LAION's ViT-B-32 laion2b_s34b_b79k) need gelu",
     )
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings (the reference does not)")
-    parser.add_argument("--device", default="cpu", help="torch device for the encoder: cpu, cuda or cuda:N; gpu and gpu:N are cuda and cuda:N (default cpu)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for the encoder: cpu, cuda or cuda:N; gpu and gpu:N are cuda and cuda:N (default cpu)",
+    )
     parser.add_argument(
         "--out",
         required=True,
@@ -134,7 +138,8 @@ def output_problem(args: argparse.Namespace) -> str | None:
 
 
 def device_name(name: str) -> str:
-    """``--device`` as torch spells it: ``gpu`` and ``gpu:N`` are ``cuda`` and ``cuda:N`` (TotalSegmentator's spelling)."""
+    """``--device`` as torch spells it: ``gpu`` and ``gpu:N`` are ``cuda`` and ``cuda:N``
+    (TotalSegmentator's spelling)."""
     return re.sub(r"^gpu(?=$|:)", "cuda", name)
 
 
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             activation=args.activation,
         )
         table = build_embedding_table(
-            encoder, classes, args.modalities, args.template, phrases=phrases, device=torch.device(device_name(args.device))
+            encoder, classes, args.modalities, args.template, phrases=phrases,
+            device=torch.device(device_name(args.device)),
         )
         table.save(args.out)
     # Weights that are missing or unusable (WeightsError is a ValueError) are the arguments' problem, as in train.py.
