@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mulmodseg import data as mdata
-from mulmodseg.checkpoint import folder_problem
-from mulmodseg.data.preprocess import settings_problems
 from mulmodseg.augment import NnUNetAugment
+from mulmodseg.data.preprocess import settings_problems
 from mulmodseg.errors import UserError
+from mulmodseg.files import folder_problem
 from mulmodseg.model import NORM_STATS
 from mulmodseg.nets import BACKBONES
 from mulmodseg.text.prompts import resolve_classes
@@ -109,7 +110,7 @@ class TrainConfig:
         return self.modalities if self.mode in ("alt", "mix") else [self.mode]
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Rebuild from JSON (lists back to tuples where the field is a tuple); a field ``values`` lacks gets
         its default."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -250,7 +251,8 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
         raise TrainingError(f"{len(problems)} setting problem(s):\n  - " + "\n  - ".join(problems))
     # Folders are files given, as in infer.py and evaluate (exit code 3), checked once the settings can work. A
     # shared --cache_dir that others fill may be read-only: missing entries are reported when written.
-    unwritable = [problem for flag, folder, writable in (("--out", cfg.out, True), ("--cache_dir", cfg.cache_dir, False))
+    unwritable = [problem
+                  for flag, folder, writable in (("--out", cfg.out, True), ("--cache_dir", cfg.cache_dir, False))
                   if folder and (problem := folder_problem(folder, flag, writable))]
     if unwritable:
         raise mdata.DataError(unwritable)

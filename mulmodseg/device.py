@@ -8,13 +8,16 @@ from typing import Any, Callable
 
 import torch
 
+from mulmodseg.errors import UserError
+
 # /proc/cpuinfo flags of CPUs that multiply bf16 matrices in hardware: Intel AMX (from Sapphire Rapids) and
 # AVX512-BF16 (from Intel Cooper Lake and AMD Zen 4).
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
-class DeviceError(ValueError):
-    """A device or precision that this machine cannot provide, with what to use instead."""
+class DeviceError(UserError, ValueError):
+    """A device or precision that this machine cannot provide, with what to use instead (a ``ValueError`` too, for
+    callers that catch a bad value)."""
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -1,5 +1,5 @@
 """Evaluation: per-class Dice, NSD and HD95 (of :mod:`mulmodseg.surface`) of label maps, summaries over
-cases, CSV/Markdown/JSON tables, and model cost.
+cases, CSV/Markdown/JSON tables (a model's cost: :mod:`mulmodseg.cost`).
 
 Conventions (background, class 0, is never scored):
 
@@ -31,9 +31,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from mulmodseg.surface import surface_metrics_per_class
 
@@ -51,8 +48,6 @@ __all__ = [
     "write_summary_json",
     "write_reports",
     "REPORT_FILES",
-    "count_parameters",
-    "count_flops",
 ]
 
 ABSENT = "absent"
@@ -294,7 +289,8 @@ def write_reports(output_dir: str | os.PathLike, rows: Sequence[dict], class_nam
     parts = []
     for metric, summary in summaries.items():
         name, _, unit = METRICS[metric]
-        tolerance = f" at {settings['nsd_tolerance_mm']:g} mm" if metric == "nsd" and "nsd_tolerance_mm" in settings else ""
+        tolerance = (f" at {settings['nsd_tolerance_mm']:g} mm" if metric == "nsd" and "nsd_tolerance_mm" in settings
+                     else "")
         parts.append(f"{name}{tolerance} ({unit}), mean ± std over {summary['cases']} case(s):\n\n"
                      + markdown_table({setting: summary}, class_names, metric, std=True))
     markdown = "\n".join(parts) + (f"\n{note}\n" if note else "")
@@ -303,37 +299,6 @@ def write_reports(output_dir: str | os.PathLike, rows: Sequence[dict], class_nam
     write_summary_csv(output_dir / "summary.csv", {setting: summaries}, class_names)
     write_summary_json(output_dir / "summary.json", rows, class_names, setting, settings)
     return markdown
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter values (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def count_flops(model: nn.Module, input_shape: Sequence[int], **forward_kwargs) -> int:
-    """Floating-point operations of one forward pass on a zero input of ``input_shape``, e.g. (1, 1, 96, 96, 96).
-
-    Counted by ``torch.utils.flop_counter.FlopCounterMode``: convolutions (incl. transposed), linear
-    layers, matrix products and attention, with one multiply-accumulate counted as 2 FLOPs; element-wise
-    work (normalisation, activations, bias adds, softmax) is not counted. GFLOPs = result / 1e9. The
-    model runs once in eval mode without gradients (so BatchNorm statistics are untouched) and its
-    train/eval mode is restored afterwards.
-    """
-    reference = next(iter(model.parameters()), None)
-    x = torch.zeros(
-        tuple(input_shape),
-        device=reference.device if reference is not None else None,
-        dtype=reference.dtype if reference is not None else None,
-    )
-    was_training = model.training
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(x, **forward_kwargs)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
 
 
 def _number(value: float, scale: float, decimals: int) -> str:

@@ -5,22 +5,22 @@ scans (this process's ``input_share``), their label files, each output's name (`
 the file system), the overwrite rules, and an output folder apart from the inputs; every problem is reported at
 once in one ``DataError``. The writers put label maps on the
 scan's own grid (``write_like``), in the dataset's label values (``to_dataset_values``), beside nnU-Net's
-``dataset.json`` (``dataset_description``); each file is written whole (``checkpoint.atomic_write``).
+``dataset.json`` (``dataset_description``); each file is written whole (``files.atomic_write``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 
 from mulmodseg import __version__
 from mulmodseg import data as mdata
-from mulmodseg.checkpoint import atomic_write, folder_problem, name_max
+from mulmodseg.files import atomic_write, folder_problem, name_max
 from mulmodseg.metrics import REPORT_FILES
 from mulmodseg.viz import preview
 
@@ -109,7 +109,8 @@ def written_values(num_classes: int, inverse: dict[int, int] | None) -> dict[int
 
 
 def class_file(name: str) -> str:
-    """The ``--per_class`` file of class ``name``: spaces as underscores (``right kidney`` -> ``right_kidney.nii.gz``)."""
+    """The ``--per_class`` file of class ``name``: spaces as underscores
+    (``right kidney`` -> ``right_kidney.nii.gz``)."""
     return f"{name.replace(' ', '_')}.nii.gz"
 
 
@@ -300,7 +301,8 @@ def plan_outputs(inputs: Sequence[Path], output_dir: Path, labels_dir: Path | No
             plan.done.add(src)
     for path in outputs:
         if path.resolve() in given:
-            problems.append(f"{path}: the output would replace an input {given[path.resolve()]}; choose another --output")
+            problems.append(f"{path}: the output would replace an input {given[path.resolve()]}; "
+                            "choose another --output")
         elif path.exists() and not (overwrite or skip_existing):
             problems.append(f"{path}: exists; pass --overwrite to replace it, or --skip_existing to keep it")
     if problems:

@@ -10,7 +10,7 @@ background (0).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -64,7 +64,7 @@ def postprocess(label: np.ndarray, spacing: Sequence[float], keep_largest: Seque
     return out
 
 
-def resolve_classes(names: Sequence[str], classes: Sequence[str], values: dict[int, int]) -> list[int]:
+def keep_largest_ids(names: Sequence[str], classes: Sequence[str], values: dict[int, int]) -> list[int]:
     """``--keep_largest`` arguments -> class ids (1..K-1). Each is a class name of ``classes`` (spaces may be
     written as underscores) or a value as the label maps hold it (``values``: class id -> written value);
     none named means every class. Raises ValueError naming each unknown one, and for background."""

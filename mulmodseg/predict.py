@@ -18,24 +18,39 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from mulmodseg import data as mdata
-from mulmodseg.checkpoint import atomic_write, load_checkpoint, lock_folder, remove_dead_temporaries
+from mulmodseg.checkpoint import load_checkpoint
+from mulmodseg.cost import count_flops, count_parameters
 from mulmodseg.data.checks import existing_output_problems
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
+from mulmodseg.files import atomic_write, lock_folder, remove_dead_temporaries
 from mulmodseg.inferer import Progress, sliding_window_inference
-from mulmodseg.metrics import case_metrics, count_flops, count_parameters, mask_unlabelled, write_reports
+from mulmodseg.metrics import case_metrics, mask_unlabelled, write_reports
 from mulmodseg.model import MulModSeg
-from mulmodseg.outputs import (DATASET_JSON, Plan, class_file, class_statistics, dataset_description, input_share,
-                               invert_label_map, plan_outputs, to_dataset_values, write_like, write_preview,
-                               written_values)
-from mulmodseg.postprocess import postprocess, resolve_classes
+from mulmodseg.outputs import (
+    DATASET_JSON,
+    Plan,
+    class_file,
+    class_statistics,
+    dataset_description,
+    input_share,
+    invert_label_map,
+    plan_outputs,
+    to_dataset_values,
+    write_like,
+    write_preview,
+    written_values,
+)
+from mulmodseg.postprocess import keep_largest_ids, postprocess
+from mulmodseg.progress import quarter_reporter
 from mulmodseg.surface import check_nsd_tolerance
 
 
@@ -249,21 +264,6 @@ def softmax_(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def quarter_reporter(name: str, log: Callable[[str], None]) -> Callable[[int, int], None]:
-    """A sliding-window ``progress(done, total)`` that logs ``name``'s window count and ETA as it passes
-    25, 50 and 75% (a log file gets a few lines, not a live counter)."""
-    started, logged = time.monotonic(), [0]
-
-    def report(done: int, total: int) -> None:
-        quarter = 4 * done // total
-        if 0 < quarter < 4 and quarter > logged[0]:
-            logged[0] = quarter
-            eta = (time.monotonic() - started) / done * (total - done)
-            log(f"{name}: {done}/{total} windows, ETA {eta:.0f}s")
-
-    return report
-
-
 def segment_files(
     checkpoint: str | Path | Sequence[str | Path],
     inputs: Sequence[Path],
@@ -298,7 +298,7 @@ def segment_files(
     ``NAME_statistics.json`` (``statistics``: ``outputs.class_statistics``).
 
     Before any inference: the checkpoint loads, the modality and the ``keep_largest`` classes are ones it
-    knows, no other call writes ``output_dir`` (``checkpoint.lock_folder``; temporaries of killed writes there are
+    knows, no other call writes ``output_dir`` (``files.lock_folder``; temporaries of killed writes there are
     removed), the outputs are planned (``outputs.plan_outputs``: names, label files, overwrite rules, not into
     the inputs' folder unless ``into_input_folder``) and every scan and label passes
     ``mulmodseg.data.check_cases`` (readable, 3D, finite, label values known, not destroyed by the checkpoint's
@@ -332,7 +332,7 @@ def segment_files(
     classes = ensemble.classes
     inverse = invert_label_map(ensemble.config["preprocess"][modality])
     values = written_values(len(classes), inverse)
-    largest = None if keep_largest is None else resolve_classes(keep_largest, classes, values)
+    largest = None if keep_largest is None else keep_largest_ids(keep_largest, classes, values)
     class_files = {k: class_file(classes[k]) for k in values} if per_class else {}
     probe = lock_folder(output_dir, "infer.py", create=False, shared=num_parts > 1)  # another call: say so at once
     if probe is not None:

@@ -12,14 +12,14 @@ log and the loss curves as PNG. Under ``torchrun`` it trains with DDP.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,22 +28,39 @@ from torch import nn
 
 from mulmodseg import data as mdata
 from mulmodseg import text as mtext
-from mulmodseg.alt import (ConcatCrops, EpochLoader, GradientGuard, alt_batches, mixed_batches, train_step, validate,
-                           warmup_cosine)
-from mulmodseg.checkpoint import (FolderLock, atomic_write, load_checkpoint, lock_folder, raise_if_no_space,
-                                  remove_dead_temporaries, rng_state, save_checkpoint, set_rng_state)
+from mulmodseg.alt import (
+    ConcatCrops,
+    EpochLoader,
+    GradientGuard,
+    alt_batches,
+    mixed_batches,
+    train_step,
+    validate,
+    warmup_cosine,
+)
 from mulmodseg.augment import augment_batch, input_size
-from mulmodseg.config import (TrainConfig, TrainingError, augment_settings, check_config, preprocess_settings,
-                              resumed_config, run_dir, saved_config)
+from mulmodseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mulmodseg.config import (
+    TrainConfig,
+    TrainingError,
+    augment_settings,
+    check_config,
+    preprocess_settings,
+    resumed_config,
+    run_dir,
+    saved_config,
+)
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.errors import DiskFullError
+from mulmodseg.files import FolderLock, atomic_write, lock_folder, raise_if_no_space, remove_dead_temporaries
 from mulmodseg.losses import DiceCELoss
 from mulmodseg.metrics import mask_unlabelled, summarise, write_reports
 from mulmodseg.model import MulModSeg
+from mulmodseg.progress import format_seconds
+from mulmodseg.runlog import how_to_go_on, run_leftovers, trim_log, write_curves
 from mulmodseg.selection import SPLITS_FILE, case_ids, check_resumed_cases, dataset_records, select_cases
 from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.prompts import model_table, resolve_classes
-from mulmodseg.viz import plot_curves
 
 
 class Trainer:
@@ -92,7 +109,7 @@ class Trainer:
 
     def open_run(self, resume: bool) -> None:
         """Join the process group under torchrun; refuse a run folder that another live run writes (its lock,
-        ``checkpoint.lock_folder``, taken here when the folder exists), or that holds another run (or, to resume,
+        ``files.lock_folder``, taken here when the folder exists), or that holds another run (or, to resume,
         none); take a resumed run's saved settings with the given ones applied; check every setting."""
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() and self.config.device != "cpu" else "gloo")
@@ -446,7 +463,7 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
 
 def build_table(config: TrainConfig, modalities: list[str], classes: list[str], cache_dir: Path
                 ) -> EmbeddingTable | None:
-    """The embedding table for ``--text``: None (vision-only), one-hot, CLIP prompts (``clip_table``), or a
+    """The embedding table for ``--text``: None (vision-only), one-hot, CLIP prompts (``text.cached_clip_table``), or a
     saved file; the text package's problems with weights and tables are raised as ``TrainingError``."""
     if config.text == "none":
         return None
@@ -454,7 +471,8 @@ def build_table(config: TrainConfig, modalities: list[str], classes: list[str], 
         return EmbeddingTable.onehot(tuple(modalities), tuple(classes))
     try:
         if config.text == "clip":
-            return clip_table(config, modalities, classes, cache_dir)
+            return mtext.cached_clip_table(config.clip_weights, classes, modalities, config.template,
+                                           config.clip_activation, cache_dir)
         table = EmbeddingTable.load(config.text, classes=classes)
     except mtext.WeightsUnavailableError as error:
         raise TrainingError(f"{error}; or train with --text onehot or --text none, which need no CLIP weights"
@@ -465,79 +483,6 @@ def build_table(config: TrainConfig, modalities: list[str], classes: list[str], 
     if missing:
         raise TrainingError(f"{config.text}: the table has no rows for {missing} (it has {list(table.modalities)})")
     return table
-
-
-def clip_table(config: TrainConfig, modalities: list[str], classes: list[str], cache_dir: Path) -> EmbeddingTable:
-    """The table of CLIP prompts, cached in ``cache_dir`` under a key of the weights file (path, size, mtime),
-    the classes, modalities, template and activation, so later runs skip loading the 250 MB text tower."""
-    weights = Path(config.clip_weights).expanduser().resolve() if config.clip_weights else None
-    stat = weights.stat() if weights and weights.is_file() else None
-    key = json.dumps([str(weights), stat and stat.st_size, stat and stat.st_mtime_ns, list(classes),
-                      list(modalities), config.template, config.clip_activation])
-    cached = cache_dir / f"text_table_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    if stat is not None and cached.is_file():
-        return EmbeddingTable.load(cached)
-    encoder = mtext.load_text_encoder(weights, download=weights is None, activation=config.clip_activation)
-    table = mtext.build_embedding_table(encoder, classes, modalities, config.template)
-    if stat is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        table.save(cached)
-    return table
-
-
-# ---------------------------------------------------------------------------------------------- run folder files
-
-
-def run_leftovers(out: Path) -> list[str]:
-    """The names of the epoch files in the run folder ``out`` (log.jsonl, best.pt, epoch_N.pt): left
-    by a run that stopped before its first last.pt, they keep a new run from mixing with them."""
-    names = sorted(p.name for p in (out / "log.jsonl", out / "best.pt") if p.is_file())
-    return names + sorted(p.name for p in out.glob("epoch_*.pt"))
-
-
-def how_to_go_on(out: Path, epoch: int | None = None) -> str:
-    """How to continue the run in ``out`` after it stopped (Ctrl-C, a full disk): resume from its last.pt
-    (of ``epoch``, when known), or start again once the files of its first epochs are deleted."""
-    last, leftovers = out / "last.pt", run_leftovers(out)
-    if last.is_file():
-        of_epoch = "" if epoch is None else f" (epoch {epoch})"
-        return f"{last}{of_epoch} holds the last saved epoch: run the same command with --resume to continue"
-    if leftovers:
-        return (f"no last.pt was written yet; delete {', '.join(leftovers)} in {out} (or choose another --out) to "
-                "start again")
-    return "no checkpoint was written yet"
-
-
-def read_log(path: str | Path) -> list[dict]:
-    """The epoch records of a run's ``log.jsonl``, skipping a line torn by a kill mid-write (or one
-    being written while a plot is drawn)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def trim_log(path: Path, epoch: int) -> None:
-    """Drop the records of ``log.jsonl`` after ``epoch`` (epochs run after the checkpoint a run resumes
-    from are run again, and would otherwise be logged twice), and any torn line."""
-    if not path.is_file():
-        return
-    kept = "".join(json.dumps(record) + "\n" for record in read_log(path) if record["epoch"] <= epoch)
-    atomic_write(path, lambda tmp: tmp.write_text(kept))
-
-
-def write_curves(log_path: str | Path, png_path: str | Path) -> None:
-    """Loss curves per modality and validation Dice from a run's ``log.jsonl``, as a PNG."""
-    series: dict[str, list[tuple[float, float]]] = {}
-    for record in read_log(log_path):
-        for key, value in record.items():
-            if key.endswith(("_loss", "/val_dice")):
-                series.setdefault(key, []).append((record["epoch"], value))
-    if series:
-        atomic_write(png_path, lambda tmp: plot_curves(series, tmp))
 
 
 # ---------------------------------------------------------------------------------------------- run state
@@ -557,11 +502,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def format_seconds(seconds: float) -> str:
-    """``3h07m``, ``4m05s`` or ``12s``."""
-    seconds = int(max(seconds, 0))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -13,9 +13,10 @@ import torch
 
 from mulmodseg import cli, evaluate
 from mulmodseg import outputs as outputs_module
-from mulmodseg.checkpoint import load_checkpoint, lock_folder, mount_point
+from mulmodseg.checkpoint import load_checkpoint
 from mulmodseg.cli import predict as predict_cli
 from mulmodseg.cli import train as train_cli
+from mulmodseg.files import lock_folder, mount_point
 from mulmodseg.text import __main__ as text_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,7 +260,8 @@ def test_a_run_that_cannot_start_lets_its_folder_go(dataset, tmp_path):
     bad = write_case(tmp_path / "bad", "c.nii.gz", np.full((24, 24, 24), 5, np.int16), ct_label())
     out = tmp_path / "run"
     out.mkdir()
-    failed = Trainer(train_cli.config_from_args(train_cli.build_parser().parse_args(train_args(bad.parent.parent, out))))
+    failed = Trainer(train_cli.config_from_args(
+        train_cli.build_parser().parse_args(train_args(bad.parent.parent, out))))
     with pytest.raises(Exception, match="a blank or constant scan"):
         failed.prepare()
     assert failed.lock is None and train_cli.main(train_args(dataset, out)) == 0

@@ -16,7 +16,8 @@ from experiments import collect, prepare, run
 from experiments.recipes import AMOS_LABEL_MAP, MMWHS_LABEL_MAP
 from mulmodseg import data as mdata
 from mulmodseg.config import TrainConfig
-from mulmodseg.metrics import count_parameters, write_metrics_csv
+from mulmodseg.cost import count_parameters
+from mulmodseg.metrics import write_metrics_csv
 from mulmodseg.model import MulModSeg
 from mulmodseg.predict import load_model
 from mulmodseg.text import EmbeddingTable

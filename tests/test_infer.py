@@ -20,12 +20,18 @@ from mulmodseg import data as mdata
 from mulmodseg import device as mdevice
 from mulmodseg import outputs, predict
 from mulmodseg.cli import predict as predict_cli
+from mulmodseg.cost import count_flops
 from mulmodseg.data import DataError
-from mulmodseg.metrics import count_flops
 from mulmodseg.outputs import find_inputs, input_share, output_path, write_like
 from mulmodseg.postprocess import component_sizes, postprocess
 from mulmodseg.predict import (
-    Ensemble, InferenceSettings, Segmenter, accumulation_device, load_model, restore_probabilities, segment_files,
+    Ensemble,
+    InferenceSettings,
+    Segmenter,
+    accumulation_device,
+    load_model,
+    restore_probabilities,
+    segment_files,
     write_evaluation,
 )
 from mulmodseg.training import train
@@ -107,7 +113,8 @@ def test_refuses_to_overwrite_outputs_and_inputs(tmp_path, checkpoint):
     copy_dir.mkdir()
     copy = copy_dir / CT.name
     shutil.copy(CT, copy)
-    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", copy, "--output", copy_dir, "--overwrite")
+    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", copy, "--output", copy_dir,
+                    "--overwrite")
     assert code == 3 and "would replace an input scan" in log
     assert sha(copy) == sha(CT)
 
@@ -123,7 +130,8 @@ def test_clear_errors_for_bad_arguments(tmp_path, checkpoint):
     bad.write_bytes(b"not a checkpoint")
     code, log = run("--checkpoint", bad, "--modality", "CT", "--input", CT, "--output", tmp_path)
     assert code == 2 and "bad.pt: not a readable checkpoint" in log
-    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", tmp_path / "missing", "--output", tmp_path)
+    code, log = run("--checkpoint", checkpoint, "--modality", "CT", "--input", tmp_path / "missing",
+                    "--output", tmp_path)
     assert code == 3 and "missing: no such file or folder" in log
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -400,18 +408,6 @@ def test_label_map_values_need_two_bytes_a_voxel():
     assert outputs.to_dataset_values(label, {1: 5, 2: 6, 3: 7}).dtype == np.uint8
     assert outputs.to_dataset_values(label, {1: 70000}).ravel().tolist() == [0, 70000, 0, 0]
     assert outputs.to_dataset_values(label, None).dtype == np.uint8
-
-
-def test_a_log_file_gets_a_progress_line_per_quarter(monkeypatch):
-    now = [0.0]  # one second per window
-    monkeypatch.setattr(predict.time, "monotonic", lambda: now[0])
-    lines = []
-    report = predict.quarter_reporter("[1/2] ct.nii.gz", lines.append)
-    for done in range(1, 9):
-        now[0] = float(done)
-        report(done, 8)
-    assert lines == ["[1/2] ct.nii.gz: 2/8 windows, ETA 6s", "[1/2] ct.nii.gz: 4/8 windows, ETA 4s",
-                     "[1/2] ct.nii.gz: 6/8 windows, ETA 2s"]
 
 
 def test_skip_existing_continues_an_interrupted_call(tmp_path, checkpoint, monkeypatch):
@@ -759,11 +755,13 @@ def test_two_parts_write_exactly_what_one_call_writes(tmp_path, checkpoint, caps
     for name in names:
         one, parts = tmp_path / "one" / name, tmp_path / "parts" / name
         if name.endswith(".nii.gz"):
-            assert np.array_equal(np.asanyarray(nib.load(str(one)).dataobj), np.asanyarray(nib.load(str(parts)).dataobj))
+            assert np.array_equal(np.asanyarray(nib.load(str(one)).dataobj),
+                                  np.asanyarray(nib.load(str(parts)).dataobj))
         else:
             assert one.read_text() == parts.read_text()
     capsys.readouterr()
-    assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--num_parts", "2", "--labels", str(labels)]) == 2
+    assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--num_parts", "2",
+                           "--labels", str(labels)]) == 2
     assert "--labels with --num_parts 2: a part sees only its share" in capsys.readouterr().err
     # With every part done, a last call scores the folder without segmenting again.
     assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--skip_existing", "--labels", str(labels)]) == 0

@@ -1,5 +1,5 @@
-"""Dice on hand-made label maps, summaries, CSV/Markdown/JSON output, parameter and FLOP counts (NSD and
-HD95: tests/test_surface.py)."""
+"""Dice on hand-made label maps, summaries, CSV/Markdown/JSON output (NSD and HD95: tests/test_surface.py; parameter
+and FLOP counts: tests/test_cost.py)."""
 
 import csv
 import json
@@ -7,13 +7,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 import mulmodseg.metrics as metrics
 from mulmodseg.metrics import (
-    count_flops,
-    count_parameters,
     dice_per_class,
     markdown_table,
     summarise,
@@ -165,35 +161,3 @@ def test_reports_hold_numbers_and_the_settings(tmp_path):
     assert case["case"] == "a" and case["reference"] == "labels/a.nii.gz"
     assert case["metrics"]["spleen"] == {"dice": 0.5, "nsd": 0.25, "hd95": 5.0}
     assert case["metrics"]["pancreas"]["dice"] is None
-
-
-def test_count_parameters():
-    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Linear(5, 6))
-    model[1].weight.requires_grad_(False)
-    assert count_parameters(model) == (2 * 4 * 27 + 4) + (5 * 6 + 6)
-    assert count_parameters(model, trainable_only=True) == (2 * 4 * 27 + 4) + 6
-
-
-def test_count_flops_conv3d_formula():
-    conv = nn.Conv3d(2, 4, 3, padding=1)
-    # 2 FLOPs per multiply-accumulate: output voxels x output channels x (in channels x kernel volume).
-    assert count_flops(conv, (1, 2, 8, 8, 8)) == 2 * (4 * 8**3) * (2 * 3**3)
-
-
-def test_count_flops_forwards_kwargs_and_restores_mode():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = nn.BatchNorm3d(1)
-            self.heads = nn.ModuleDict({"CT": nn.Linear(4, 3), "MR": nn.Linear(4, 5)})
-
-        def forward(self, x, modality):
-            return self.heads[modality](self.norm(x))
-
-    net = Net().train()
-    assert count_flops(net, (1, 1, 2, 3, 4), modality="MR") == 2 * (2 * 3) * 4 * 5
-    assert net.training and int(net.norm.num_batches_tracked) == 0
-    assert count_flops(net, (1, 1, 2, 3, 4), modality="CT") == 2 * (2 * 3) * 4 * 3
-    attention = nn.MultiheadAttention(8, 2, batch_first=True)
-    flops = count_flops(attention, (1, 5, 8), key=torch.zeros(1, 5, 8), value=torch.zeros(1, 5, 8))
-    assert flops == 2 * 5 * 8 * 8 * 4 + 2 * 2 * 5 * 5 * 8  # q,k,v,out projections + QK^T and AV

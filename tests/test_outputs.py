@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mulmodseg.checkpoint import name_max
 from mulmodseg.data import DataError
+from mulmodseg.files import name_max
 from mulmodseg.outputs import find_inputs, plan_outputs
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"

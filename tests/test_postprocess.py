@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mulmodseg.postprocess import keep_largest_component, postprocess, remove_small_components, resolve_classes
+from mulmodseg.postprocess import keep_largest_component, keep_largest_ids, postprocess, remove_small_components
 
 CLASSES = ["background", "liver", "right kidney", "spleen"]
 
@@ -57,10 +57,10 @@ def test_postprocess_turns_mm3_into_voxels_with_the_spacing():
 
 def test_classes_by_name_underscore_or_value():
     values = {1: 1, 2: 2, 3: 3}
-    assert resolve_classes([], CLASSES, values) == [1, 2, 3]  # none named: every class
-    assert resolve_classes(["spleen", "right_kidney", "right kidney", "1"], CLASSES, values) == [1, 2, 3]
+    assert keep_largest_ids([], CLASSES, values) == [1, 2, 3]  # none named: every class
+    assert keep_largest_ids(["spleen", "right_kidney", "right kidney", "1"], CLASSES, values) == [1, 2, 3]
     # With a label map the values are the dataset's, as the written label maps hold them.
-    assert resolve_classes(["205", "spleen"], CLASSES, {1: 205, 3: 850}) == [1, 3]
+    assert keep_largest_ids(["205", "spleen"], CLASSES, {1: 205, 3: 850}) == [1, 3]
     with pytest.raises(ValueError, match=r"--keep_largest background 2 aorta: not a class of this checkpoint .*"
                                          r"give names or values of: 205 'liver', 850 'spleen'"):
-        resolve_classes(["background", "2", "aorta", "liver"], CLASSES, {1: 205, 3: 850})
+        keep_largest_ids(["background", "2", "aorta", "liver"], CLASSES, {1: 205, 3: 850})

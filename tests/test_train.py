@@ -17,22 +17,23 @@ import numpy as np
 import pytest
 import torch
 
-from mulmodseg.cli import train as train_cli  # what train.py runs: its main, and the names main looks up
 from mulmodseg import data as mdata
 from mulmodseg import device as mdevice
 from mulmodseg.alt import warmup_cosine
 from mulmodseg.checkpoint import load_checkpoint
+from mulmodseg.cli import train as train_cli  # what train.py runs: its main, and the names main looks up
 from mulmodseg.config import TrainConfig, TrainingError, check_config, saved_config
 from mulmodseg.model import MulModSeg
-from mulmodseg.training import Trainer, trim_log, write_curves
+from mulmodseg.runlog import trim_log, write_curves
 from mulmodseg.text.prompts import resolve_classes
+from mulmodseg.training import Trainer
 from mulmodseg.viz import read_png
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
 # A small but real run: a narrow UNet on 32^3 crops of the bundled CT and MR resampled to 6 mm.
-SMALL = ["--backbone", "unet", "--base_channels", "4", "--text", "onehot", "--roi_size", "32", "--spacing", "6", "6", "6",
-         "--num_workers", "0", "--warmup_epochs", "1", "--lr", "1e-3"]
+SMALL = ["--backbone", "unet", "--base_channels", "4", "--text", "onehot", "--roi_size", "32",
+         "--spacing", "6", "6", "6", "--num_workers", "0", "--warmup_epochs", "1", "--lr", "1e-3"]
 
 
 def small_args(out: Path, cache: Path, epochs: int) -> list[str]:
@@ -101,7 +102,8 @@ def test_ctrl_c_says_how_to_go_on(tmp_path, monkeypatch, capsys):
     (out / "log.jsonl").write_text('{"epoch": 1}\n')  # killed after an epoch, before its last.pt (--save_every 2)
     assert train_cli.main(small_args(out, tmp_path / "cache", 1)) == 130
     assert capsys.readouterr().err.endswith(
-        f"interrupted; no last.pt was written yet; delete log.jsonl in {out} (or choose another --out) to start again\n")
+        f"interrupted; no last.pt was written yet; delete log.jsonl in {out} (or choose another --out) "
+        "to start again\n")
     (out / "last.pt").write_bytes(b"")
     assert train_cli.main(small_args(out, tmp_path / "cache", 1)) == 130
     assert f"interrupted; {out / 'last.pt'} holds the last saved epoch: run the same command with --resume" in (
@@ -143,7 +145,8 @@ trainer = Trainer(cli.config_from_args(args), log=lambda m: None)
 trainer.prepare()
 before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 trainer.fit()
-torch.save({"before": before, "after": trainer.model.state_dict()}, os.path.join(args.out, f"rank{os.environ['RANK']}.pt"))
+torch.save({"before": before, "after": trainer.model.state_dict()},
+           os.path.join(args.out, f"rank{os.environ['RANK']}.pt"))
 torch.distributed.destroy_process_group()
 """
 
@@ -162,7 +165,8 @@ def test_ddp_on_gloo_keeps_both_ranks_identical(tmp_path, cache, free_port):
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     r0, r1 = (torch.load(out / f"rank{r}.pt") for r in range(2))
-    params = [name for name, _ in MulModSeg.from_config(load_checkpoint(out / "last.pt")["config"]["model"]).named_parameters()]
+    params = [name for name, _ in
+              MulModSeg.from_config(load_checkpoint(out / "last.pt")["config"]["model"]).named_parameters()]
     assert len(params) > 50
     for key in params:
         assert torch.equal(r0["after"][key], r1["after"][key]), key
@@ -419,7 +423,8 @@ def test_a_training_scan_without_a_label_is_reported_before_preprocessing(tmp_pa
     (data / "imagesTr").mkdir(parents=True)
     shutil.copy(SAMPLE / "ct" / "imagesTr" / "ts_ct_001.nii.gz", data / "imagesTr" / "a.nii.gz")
     (data / "dataset.json").write_text(json.dumps({"training": [{"image": "imagesTr/a.nii.gz"}]}))
-    code = train_cli.main(["--ct_dir", str(data), *SMALL, "--mode", "CT", "--epochs", "1", "--out", str(tmp_path / "r")])
+    code = train_cli.main(["--ct_dir", str(data), *SMALL, "--mode", "CT", "--epochs", "1",
+                           "--out", str(tmp_path / "r")])
     assert code == 3 and f"{data / 'imagesTr' / 'a.nii.gz'}: no label file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -620,7 +625,8 @@ def test_a_study_reuses_its_split_and_checks_a_given_one(tmp_path):
     assert ids(trainer.val_cases["CT"]) == ["a"]
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"CT": mine["CT"][::-1]}))
-    with pytest.raises(TrainingError, match=re.escape(f"--splits {other} differs from {tmp_path / 'cv' / 'splits.json'}")):
+    with pytest.raises(TrainingError,
+                       match=re.escape(f"--splits {other} differs from {tmp_path / 'cv' / 'splits.json'}")):
         selected(dataclasses.replace(config, splits=str(other)))
     with pytest.raises(TrainingError, match=re.escape(f"{tmp_path / 'cv' / 'splits.json'} holds 2 folds, but "
                                                       "--num_folds is 3")):
@@ -648,7 +654,8 @@ def test_a_datalists_validation_list_is_the_validation_set_unless_a_fold_is_aske
     messages = []
     trainer = selected(dataclasses.replace(config, fold=0, num_folds=2), log=messages.append)
     assert "v" not in ids(trainer.cases["CT"]) + ids(trainer.val_cases["CT"]) and len(trainer.val_cases["CT"]) == 2
-    assert "CT: fold 0 leaves 0 scan(s) of the training list and the 1 of the datalist's validation list unused" in messages
+    assert ("CT: fold 0 leaves 0 scan(s) of the training list and the 1 of the datalist's validation list unused"
+            in messages)
 
 
 def test_two_folds_train_validate_report_and_resume_on_their_split(tmp_path, cache, capsys):
@@ -716,7 +723,8 @@ def partial_copy(folder: Path, source: Path, cases: dict[str, str], keep: dict[i
     return folder
 
 
-def test_a_partially_labelled_dataset_trains_with_its_mask_validates_and_resumes_only_unchanged(tmp_path, cache, capsys):
+def test_a_partially_labelled_dataset_trains_with_its_mask_validates_and_resumes_only_unchanged(
+        tmp_path, cache, capsys):
     part = partial_copy(tmp_path / "chaos", SAMPLE / "mr", {"part_001": "training", "part_002": "validation"},
                         {1: "spleen", 6: "liver"})
     out = tmp_path / "run"

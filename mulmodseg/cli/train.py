@@ -9,15 +9,31 @@ import argparse
 import os
 import sys
 
-from mulmodseg.cli import (CHANNELS_LAST, EXIT_BAD_ARGUMENTS, EXIT_CODES_HELP, EXIT_INTERRUPTED, HelpFormatter,
-                           add_cpu_speed_arguments, add_version_argument, report)
 from mulmodseg.augment import parse_overrides
-from mulmodseg.config import (AUGMENTATIONS, BUNDLED_SAMPLE, DEFAULT_FOLDS, TrainConfig, TrainingError, absolute_paths,
-                              run_dir)
-from mulmodseg.device import DeviceError, set_threads
+from mulmodseg.cli import (
+    CHANNELS_LAST,
+    EXIT_BAD_ARGUMENTS,
+    EXIT_CODES_HELP,
+    EXIT_INTERRUPTED,
+    HelpFormatter,
+    add_cpu_speed_arguments,
+    add_version_argument,
+    report,
+)
+from mulmodseg.config import (
+    AUGMENTATIONS,
+    BUNDLED_SAMPLE,
+    DEFAULT_FOLDS,
+    TrainConfig,
+    TrainingError,
+    absolute_paths,
+    run_dir,
+)
+from mulmodseg.device import set_threads
 from mulmodseg.errors import UserError
+from mulmodseg.runlog import how_to_go_on, write_curves
 from mulmodseg.text.clip import ACTIVATIONS
-from mulmodseg.training import how_to_go_on, train, write_curves
+from mulmodseg.training import train
 
 
 def parse_pairs(pairs: list[str], flag: str, cast=str) -> dict:
@@ -55,11 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the classes a dataset folder labels, overriding its dataset.json (repeatable), e.g. "
                    "/data/chaos=liver,spleen,right_kidney,left_kidney: its 0s are then background or an unlabelled "
                    "class, and the loss counts only what it labels (marginal loss)")
-    g.add_argument("--classes", default=d.classes, help="class names: amos, amos_reference (the reference's spellings), mmwhs, "
+    g.add_argument("--classes", default=d.classes,
+                   help="class names: amos, amos_reference (the reference's spellings), mmwhs, "
                    "or a file with one name per line or a JSON list (background first)")
-    g.add_argument("--label_map", default=d.label_map, help="map label values, JSON file or 'src:dst,...' (MMWHS: 205:1,420:2,...)")
+    g.add_argument("--label_map", default=d.label_map,
+                   help="map label values, JSON file or 'src:dst,...' (MMWHS: 205:1,420:2,...)")
     g.add_argument("--max_cases", action="append", default=[], metavar="MODALITY=N",
-                   help="keep N training cases of a modality, drawn with --seed after --val_fraction holds its share out (CT:MR ratio experiments)")
+                   help="keep N training cases of a modality, drawn with --seed after --val_fraction holds its share "
+                   "out (CT:MR ratio experiments)")
     g.add_argument("--val_fraction", type=float, default=d.val_fraction,
                    help="fraction of cases held out for validation, drawn with --seed; refused where a folder's "
                    "dataset.json has a validation list (that list is the validation set) and with --fold")
@@ -78,34 +97,48 @@ def build_parser() -> argparse.ArgumentParser:
                    '"MR": [...]} (nnU-Net\'s splits_final.json per modality); checked (ids exist, no scan in two '
                    "validation folds) and copied to OUT/splits.json, which it must equal when that exists")
     g.add_argument("--spacing", type=float, nargs=3, default=d.spacing, help="target voxel spacing in mm (RAS axes)")
-    g.add_argument("--ct_window", type=float, nargs=2, default=d.ct_window, help="CT intensity window in HU, scaled to [0, 1]")
-    g.add_argument("--mr_percentiles", type=float, nargs=2, default=d.mr_percentiles, help="MR clipping percentiles, then min-max to [0, 1]")
+    g.add_argument("--ct_window", type=float, nargs=2, default=d.ct_window,
+                   help="CT intensity window in HU, scaled to [0, 1]")
+    g.add_argument("--mr_percentiles", type=float, nargs=2, default=d.mr_percentiles,
+                   help="MR clipping percentiles, then min-max to [0, 1]")
     g.add_argument("--cache_dir", default=d.cache_dir, help="preprocessed-volume cache (default: OUT/cache)")
     g.add_argument("--num_workers", type=int, default=d.num_workers, help="data loader worker processes per modality")
 
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=["unet", "swinunetr"], default=d.backbone, help="vision backbone")
     g.add_argument("--feature_size", type=int, default=d.feature_size, help="SwinUNETR feature size (multiple of 12)")
-    g.add_argument("--base_channels", type=int, default=d.base_channels, help="UNet width: channels of the first conv (the paper's 32)")
-    g.add_argument("--text", default=d.text, help="class embeddings: clip (CLIP ViT-B/32 prompts), onehot, none (vision-only), or a saved table file")
+    g.add_argument("--base_channels", type=int, default=d.base_channels,
+                   help="UNet width: channels of the first conv (the paper's 32)")
+    g.add_argument("--text", default=d.text,
+                   help="class embeddings: clip (CLIP ViT-B/32 prompts), onehot, none (vision-only), or a saved table "
+                   "file")
     g.add_argument("--clip_weights", default=d.clip_weights,
-                   help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt, open_clip or Hugging Face files); without it --text clip downloads the official file once")
+                   help="CLIP ViT-B/32 weights (OpenAI ViT-B-32.pt, open_clip or Hugging Face files); without it "
+                   "--text clip downloads the official file once")
     g.add_argument("--clip_activation", choices=sorted(ACTIVATIONS), default=d.clip_activation,
-                   help="the text tower's MLP activation, overriding what the weights' files say (default: quick_gelu, OpenAI's, "
-                   "unless a Hugging Face config.json names another); open_clip's nn.GELU models such as LAION's need gelu")
+                   help="the text tower's MLP activation, overriding what the weights' files say (default: "
+                   "quick_gelu, OpenAI's, unless a Hugging Face config.json names another); open_clip's nn.GELU "
+                   "models such as LAION's need gelu")
     g.add_argument("--template", default=d.template, help="prompt template: v1, v2, v3 or a text with {mod} and {cls}")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory: the SwinUNETR blocks and the head (the UNet's BatchNorm stages are not recomputed)")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in backward to save memory: the SwinUNETR blocks and the head (the "
+                   "UNet's BatchNorm stages are not recomputed)")
     g.add_argument("--norm_stats", choices=["per_modality", "shared"], default=d.norm_stats,
                    help="UNet BatchNorm running statistics: one set per modality (affine weights shared), or one set "
                    "pooled over all modalities, which fits neither at inference (bench/learn.py measures both); "
                    "SwinUNETR uses InstanceNorm and ignores this")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--mode", default=d.mode, help="alt (one batch per modality in turn), mix (mixed batches), or a modality name to train on it alone")
-    g.add_argument("--modality_order", nargs="+", default=d.modality_order, help="ALT order of modalities (default: CT, MR, then --data_dir order)")
+    g.add_argument("--mode", default=d.mode,
+                   help="alt (one batch per modality in turn), mix (mixed batches), or a modality name to train on it "
+                   "alone")
+    g.add_argument("--modality_order", nargs="+", default=d.modality_order,
+                   help="ALT order of modalities (default: CT, MR, then --data_dir order)")
     g.add_argument("--roi_size", type=int, nargs="+", default=list(d.roi_size), help="crop size: one number or three")
-    g.add_argument("--batch_size", type=int, default=d.batch_size, help="volumes per step; each gives --num_samples crops")
-    g.add_argument("--num_samples", type=int, default=d.num_samples, help="crops per volume (positive:negative centres 1:1)")
+    g.add_argument("--batch_size", type=int, default=d.batch_size,
+                   help="volumes per step; each gives --num_samples crops")
+    g.add_argument("--num_samples", type=int, default=d.num_samples,
+                   help="crops per volume (positive:negative centres 1:1)")
     g.add_argument("--positive_centres", choices=["class", "voxel"], default=d.positive_centres,
                    help="where positive crops centre: class (a class present in the scan drawn uniformly, then one of "
                    "its voxels, as nnU-Net oversamples) or voxel (uniform over labelled voxels, the reference's, which "
@@ -131,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "probability 0.5; a left/right mirror also swaps paired classes (right/left kidney, ...). infer.py "
                    "--tta mirrors the same axes. Default: none, as the reference")
     g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    g.add_argument("--warmup_epochs", type=int, default=d.warmup_epochs, help="linear warm-up epochs before the cosine decay")
+    g.add_argument("--warmup_epochs", type=int, default=d.warmup_epochs,
+                   help="linear warm-up epochs before the cosine decay")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     g.add_argument("--weight_decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     g.add_argument("--grad_clip", type=float, default=d.grad_clip, help="clip the gradient norm to this (0: off)")
@@ -151,14 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(with --fold K: the study's folder, holding splits.json and the run directory fold_K)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     g.add_argument("--save_every", type=int, default=d.save_every, help="write last.pt every N epochs")
-    g.add_argument("--keep_every", type=int, default=d.keep_every, help="also keep epoch_N.pt every N epochs (0: never)")
-    g.add_argument("--val_every", type=int, default=d.val_every, help="validate every N epochs (0: never, but a --fold run "
+    g.add_argument("--keep_every", type=int, default=d.keep_every,
+                   help="also keep epoch_N.pt every N epochs (0: never)")
+    g.add_argument("--val_every", type=int, default=d.val_every,
+                   help="validate every N epochs (0: never, but a --fold run "
                    "validates after its last epoch) on the validation set (--fold's, else a dataset.json's validation "
                    "list, else --val_fraction's), writing RUN/validation/MODALITY/metrics.csv and summaries (Dice on "
                    "the training grid); keeps best.pt")
     g.add_argument("--sw_batch_size", type=int, default=d.sw_batch_size, help="windows per forward in validation")
     g.add_argument("--log_every", type=int, default=d.log_every, help="progress line every N steps")
-    g.add_argument("--plot_only", action="store_true", help="only redraw OUT/curves.png from OUT/log.jsonl (e.g. during a run)")
+    g.add_argument("--plot_only", action="store_true",
+                   help="only redraw OUT/curves.png from OUT/log.jsonl (e.g. during a run)")
     return p
 
 
@@ -229,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_threads(args.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         train(config_from_args(args), resume=args.resume, given=given_fields(argv))
-    except (UserError, DeviceError, OSError) as exc:  # device.py's DeviceError is a ValueError, not a UserError
+    except (UserError, OSError) as exc:
         return report(exc)
     except KeyboardInterrupt:  # Ctrl-C: say how to go on instead of printing a traceback
         print(f"\ninterrupted; {how_to_go_on(out)}", file=sys.stderr)

@@ -4,7 +4,7 @@ An entry lives in `<cache_dir>/<key>/` with image.npy, label.npy (when labelled)
 key = sha256 of (format version, modality, settings as sorted JSON, sha256 of the image file, sha256 of
 the label file). Changing a file's contents or any setting therefore gives a new entry; stale entries
 are never read (delete the folder to reclaim space). Each file of an entry is written whole
-(``mulmodseg.checkpoint.atomic_write``), meta.json last, and meta.json records each array's byte size, shape
+(``mulmodseg.files.atomic_write``), meta.json last, and meta.json records each array's byte size, shape
 and dtype, so an entry cut short by a crash or a truncated file is detected and recomputed.
 """
 from __future__ import annotations
@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
-from mulmodseg.checkpoint import atomic_write
+from mulmodseg.files import atomic_write
 
 from .cases import Case, DataError
 from .labels import parse_label_map
@@ -42,7 +43,7 @@ class VolumeCache:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
 
-    def key(self, case: Case, settings: Dict[str, Any]) -> str:
+    def key(self, case: Case, settings: dict[str, Any]) -> str:
         """Content- and settings-derived entry name (64 hex characters)."""
         # Resolved settings, so that {} and the spelled-out defaults share an entry.
         resolved = resolve_settings(case.modality, dict(settings))
@@ -57,7 +58,7 @@ class VolumeCache:
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
-    def load(self, case: Case, settings: Dict[str, Any]) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, Any]]:
+    def load(self, case: Case, settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
         """(image float32 (X, Y, Z) memmap, label uint8 (X, Y, Z) memmap or None, meta), preprocessing
         with `preprocess(case.image, case.label, case.modality, **settings)` on a miss."""
         entry = self.cache_dir / self.key(case, settings)
@@ -92,7 +93,7 @@ class VolumeCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _write(self, entry: Path, image: np.ndarray, label: Optional[np.ndarray], meta: Dict[str, Any]) -> None:
+    def _write(self, entry: Path, image: np.ndarray, label: np.ndarray | None, meta: dict[str, Any]) -> None:
         # meta.json last: an entry without it, or with an array that does not match it (a broken entry, or one
         # that another process is rewriting with the same contents), is not read. The folder gets the umask's
         # mode, so that other accounts can read a shared --cache_dir.
@@ -108,8 +109,8 @@ class VolumeCache:
         atomic_write(entry / "meta.json", lambda tmp: tmp.write_text(record))
 
 
-def load_training_volumes(cases: Sequence[Case], settings: Optional[Dict[str, Any]] = None,
-                          cache: Optional[VolumeCache] = None) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+def load_training_volumes(cases: Sequence[Case], settings: dict[str, Any] | None = None,
+                          cache: VolumeCache | None = None) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """[(image, label)] in the training space for each case, through `cache` when given.
 
     settings: applied to every case; None uses `default_settings(case.modality)` per case.

@@ -15,7 +15,15 @@ or from the shell: ``python -m mulmodseg.text --help``.
 """
 
 from .clip import CLIPTextEncoder
-from .prompts import CLASS_SETS, MODALITY_PHRASES, TEMPLATES, EmbeddingTable, TableError, build_embedding_table
+from .prompts import (
+    CLASS_SETS,
+    MODALITY_PHRASES,
+    TEMPLATES,
+    EmbeddingTable,
+    TableError,
+    build_embedding_table,
+    cached_clip_table,
+)
 from .tokenizer import decode, tokenize
 from .weights import WeightsError, WeightsUnavailableError, load_text_encoder
 
@@ -29,6 +37,7 @@ __all__ = [
     "WeightsError",
     "WeightsUnavailableError",
     "build_embedding_table",
+    "cached_clip_table",
     "decode",
     "load_text_encoder",
     "tokenize",

@@ -14,6 +14,7 @@ in every set, and it is prompted like any other class, as in the reference.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from .tokenizer import tokenize
+from .weights import load_text_encoder
 
 CLASS_SETS: dict[str, tuple[str, ...]] = {
     "amos": (
@@ -215,7 +217,7 @@ class EmbeddingTable:
     def save(self, path: str | Path) -> None:
         """Write the table with torch.save, atomically (temporary file, then rename)."""
         path = Path(path)
-        # The text package's own atomic write, not mulmodseg.checkpoint.atomic_write: it stays copyable alone.
+        # The text package's own atomic write, not mulmodseg.files.atomic_write: it stays copyable alone.
         # A unique name opened exclusively, not mkstemp: the table gets the umask's mode, not 0o600.
         tmp_name = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
@@ -320,3 +322,24 @@ def build_embedding_table(
     return EmbeddingTable(
         tuple(modalities), classes, embeddings, template, getattr(encoder, "name", type(encoder).__name__)
     )
+
+
+
+def cached_clip_table(weights: str | Path | None, classes: Sequence[str], modalities: Sequence[str], template: str,
+                      activation: str | None, cache_dir: str | Path) -> EmbeddingTable:
+    """The table of CLIP prompts (``build_embedding_table`` with the text tower of ``weights``; None: the official
+    download), cached in ``cache_dir`` under a key of the weights file (path, size, mtime), the classes,
+    modalities, template and activation, so later runs skip loading the 250 MB text tower."""
+    weights = Path(weights).expanduser().resolve() if weights else None
+    stat = weights.stat() if weights and weights.is_file() else None
+    key = json.dumps([str(weights), stat and stat.st_size, stat and stat.st_mtime_ns, list(classes),
+                      list(modalities), template, activation])
+    cached = Path(cache_dir) / f"text_table_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if stat is not None and cached.is_file():
+        return EmbeddingTable.load(cached)
+    encoder = load_text_encoder(weights, download=weights is None, activation=activation)
+    table = build_embedding_table(encoder, classes, modalities, template)
+    if stat is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        table.save(cached)
+    return table

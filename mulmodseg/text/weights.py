@@ -348,7 +348,7 @@ def download_weights(
         return target
     cache.mkdir(parents=True, exist_ok=True)
     # A unique name opened exclusively, not mkstemp, whose 0o600 would keep the shared cache from others (the text
-    # package's own, not mulmodseg.checkpoint.atomic_write: it stays copyable alone, and checks the hash first).
+    # package's own, not mulmodseg.files.atomic_write: it stays copyable alone, and checks the hash first).
     tmp_name = cache / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
     try:
         digest = hashlib.sha256()
