@@ -6,10 +6,11 @@ modality's prompts, the Dice + CE loss, backward and an optimizer step; a loader
 pass over its scans. ``mixed_batches`` is the variant the paper compares with: one loader whose batches mix
 the modalities, one step per batch. The learning rate follows ``warmup_cosine``, stepped once per epoch.
 
+``alt_epoch`` is Algorithm 1 on one screen; ``train_step`` is one of its steps.
+
 The shuffle of a pass comes from ``numpy.random.default_rng([seed, epoch, modality, pass])`` and its crops
 from the same numbers plus the rank and the item, so a resumed run replays them exactly. Only torch, numpy
-and mulmodseg's losses, inferer and metrics are imported (and surface, which metrics imports): the module can
-be copied into another codebase with those four.
+and mulmodseg's losses are imported: the module can be copied into another codebase with that one.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mulmodseg.inferer import sliding_window_inference
 from mulmodseg.losses import DiceCELoss
-from mulmodseg.metrics import dice_per_class
 
 
 def warmup_cosine(epoch: int, warmup_epochs: int, total_epochs: int) -> float:
@@ -88,12 +87,22 @@ def cycling(loader: EpochLoader, epoch: int) -> Iterator[dict]:
         pass_no += 1
 
 
-def alt_batches(loaders: dict[str, EpochLoader], order: Sequence[str], epoch: int) -> Iterator[tuple[str, dict]]:
-    """ALT: ``max(len)`` iterations, each yielding one batch per modality in ``order``."""
-    streams = {name: cycling(loaders[name], epoch) for name in order}
-    for _ in range(max(len(loaders[name]) for name in order)):
-        for name in order:
-            yield name, next(streams[name])
+def alt_epoch(model: nn.Module, loaders: dict[str, EpochLoader], order: Sequence[str], epoch: int, *,
+              loss_fn: DiceCELoss, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+              device: torch.device, prepare: Callable[[dict], dict] = lambda batch: batch,
+              after_step: Callable[[str, float, float], None] = lambda modality, dice, ce: None,
+              **step_options) -> None:
+    """Algorithm 1, one epoch: ``max(len)`` iterations; in each, for every modality in ``order``, one batch of
+    that modality (``prepare``d: e.g. augmented on the device), the forward pass with its prompts, the loss and
+    one optimizer step (``train_step``, with ``step_options``); ``after_step(modality, dice, ce)`` follows
+    each step (logging, stopping rules). A loader that runs out starts a new pass over its scans."""
+    batches = {modality: cycling(loaders[modality], epoch) for modality in order}
+    for _ in range(max(len(loaders[modality]) for modality in order)):
+        for modality in order:
+            batch = prepare(next(batches[modality]))
+            dice, ce = train_step(model, batch, modality, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
+                                  device=device, **step_options)
+            after_step(modality, dice, ce)
 
 
 def mixed_batches(loader: EpochLoader, epoch: int) -> Iterator[tuple[list[str], dict]]:
@@ -128,6 +137,19 @@ class GradientGuard:
         return False
 
 
+def finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite; under ``torch.distributed``, raises ``FloatingPointError`` on the ranks whose
+    loss is finite when another rank's is not: every rank must stop together, since one that stopped alone would
+    leave the others waiting forever in backward's gradient all-reduce."""
+    finite = bool(torch.isfinite(loss))
+    if dist.is_initialized():
+        everywhere = torch.tensor([float(finite)], device=loss.device)
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+        if finite and not everywhere.item():
+            raise FloatingPointError("the loss of another rank is not finite (its log says which); all ranks stop")
+    return finite
+
+
 def train_step(model: nn.Module, batch: dict, modality: str | list[str], *, loss_fn: DiceCELoss,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device,
                amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0,
@@ -152,15 +174,7 @@ def train_step(model: nn.Module, batch: dict, modality: str | list[str], *, loss
     labelled = batch.get("labelled")
     dice, ce = loss_fn.terms(logits.float(), label, None if labelled is None else labelled.to(device))
     loss = loss_fn.lambda_dice * dice + loss_fn.lambda_ce * ce
-    finite = bool(torch.isfinite(loss))
-    if dist.is_initialized():
-        # Every rank learns whether all losses are finite: one that stopped alone would leave the others
-        # waiting forever in backward's gradient all-reduce.
-        everywhere = torch.tensor([float(finite)], device=loss.device)
-        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
-        if finite and not everywhere.item():
-            raise FloatingPointError("the loss of another rank is not finite (its log says which); all ranks stop")
-    if not finite:
+    if not finite_everywhere(loss):
         rank = f" on rank {dist.get_rank()}" if dist.is_initialized() else ""
         raise FloatingPointError(f"loss is {loss.item()}{rank} (dice {dice.item()}, ce {ce.item()})")
     scaler.scale(loss).backward()
@@ -178,21 +192,3 @@ def train_step(model: nn.Module, batch: dict, modality: str | list[str], *, loss
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return dice.item(), ce.item()
-
-
-@torch.no_grad()
-def validate(model: nn.Module, volumes: Sequence[tuple[np.ndarray, np.ndarray]], modality: str, num_classes: int,
-             roi_size: Sequence[int], device: torch.device, *, predictor: Callable | None = None,
-             sw_batch_size: int = 4, amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """Per-case, per-class Dice (cases, K-1) of the sliding-window argmax on each (image (X, Y, Z), label
-    (X, Y, Z)) of ``volumes``, in the training space (NaN: a class absent from both). ``predictor`` runs the
-    windows (default: ``model``; e.g. the model with its windows laid out as channels_last_3d)."""
-    model.eval()
-    rows = []
-    for image, label in volumes:
-        x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None]  # a copy: cached volumes are read-only
-        logits = sliding_window_inference(x, roi_size, predictor or model, sw_batch_size=sw_batch_size,
-                                          sw_device=device, device="cpu", autocast_dtype=amp_dtype, modality=modality)
-        rows.append(dice_per_class(logits.argmax(1)[0].numpy(), np.asarray(label), num_classes))
-    model.train()
-    return np.array(rows)

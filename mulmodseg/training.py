@@ -32,10 +32,9 @@ from mulmodseg.alt import (
     ConcatCrops,
     EpochLoader,
     GradientGuard,
-    alt_batches,
+    alt_epoch,
     mixed_batches,
     train_step,
-    validate,
     warmup_cosine,
 )
 from mulmodseg.augment import augment_batch, input_size
@@ -61,6 +60,7 @@ from mulmodseg.runlog import how_to_go_on, run_leftovers, trim_log, write_curves
 from mulmodseg.selection import SPLITS_FILE, case_ids, check_resumed_cases, dataset_records, select_cases
 from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.prompts import model_table, resolve_classes
+from mulmodseg.validation import validate
 
 
 class Trainer:
@@ -334,38 +334,29 @@ class Trainer:
         return record
 
     def train_epoch(self, epoch: int) -> dict:
-        """One epoch of ALT (or mixed) steps, then the schedule's step; its log record: the lr, the time and
-        each modality's mean Dice and CE terms. A loss that is not finite stops the run (``TrainingError``)."""
-        cfg = self.config
-        if cfg.mode == "mix":
-            n_steps, batches = len(self.mixed), mixed_batches(self.mixed, epoch)
-        else:
-            order = self.train_modalities
-            n_steps = max(len(self.loaders[n]) for n in order) * len(order)
-            batches = alt_batches(self.loaders, order, epoch)
+        """One epoch of ALT (``alt.alt_epoch``) or mixed steps, then the schedule's step; its log record: the lr,
+        the time and each modality's mean Dice and CE loss terms and skipped steps. A loss that is not finite, or
+        ``max_skipped_steps`` corrupt gradients in a row, stop the run (``TrainingError``)."""
+        cfg, order = self.config, self.train_modalities
+        n_steps = len(self.mixed) if cfg.mode == "mix" else max(len(self.loaders[n]) for n in order) * len(order)
         sums: dict[str, list[float]] = {}
         lr = self.optimizer.param_groups[0]["lr"]
-        for step, (modality, batch) in enumerate(batches, 1):
-            try:
-                skipped = self.guard.skipped
-                dice, ce = train_step(self.net, self.augmented_batch(batch), modality, loss_fn=self.loss_fn,
-                                      optimizer=self.optimizer, scaler=self.scaler, device=self.device,
-                                      amp_dtype=self.amp_dtype, grad_clip=cfg.grad_clip,
-                                      channels_last=self.channels_last, guard=self.guard)
-            except FloatingPointError as exc:
-                raise TrainingError(f"training stopped at epoch {epoch + 1}, step {step} ({modality}): {exc}. "
-                                    f"{self.kept_checkpoint()}") from exc
+        step, skipped = 0, self.guard.skipped
+
+        def stopped(modality: str, why: str) -> TrainingError:
+            return TrainingError(f"training stopped at epoch {epoch + 1}, step {step} ({modality}): {why}")
+
+        def after_step(modality: str | list[str], dice: float, ce: float) -> None:
+            nonlocal step, skipped
+            step, self.iteration, self.steps_done = step + 1, self.iteration + 1, self.steps_done + 1
+            name = modality if isinstance(modality, str) else "mix"
             if self.guard.consecutive >= cfg.max_skipped_steps:
-                raise TrainingError(
-                    f"training stopped at epoch {epoch + 1}, step {step} ({modality}): the last "
-                    f"{self.guard.consecutive} steps' gradients were not finite or above {self.guard.max_norm:g}, "
-                    f"so none was applied. {self.kept_checkpoint()} Try --amp none (bf16 on a CPU without AMX has "
-                    "given such gradients), a lower --lr, or --grad_clip 1")
-            self.iteration += 1
-            self.steps_done += 1
-            acc = sums.setdefault(modality if isinstance(modality, str) else "mix", [0.0, 0.0, 0, 0])
+                raise stopped(name, f"the last {self.guard.consecutive} steps' gradients were not finite or above "
+                              f"{self.guard.max_norm:g}, so none was applied. {self.kept_checkpoint()} Try --amp none "
+                              "(bf16 on a CPU without AMX has given such gradients), a lower --lr, or --grad_clip 1")
+            acc = sums.setdefault(name, [0.0, 0.0, 0, 0])
             acc[0], acc[1], acc[2] = acc[0] + dice, acc[1] + ce, acc[2] + 1
-            acc[3] += self.guard.skipped - skipped
+            acc[3], skipped = acc[3] + self.guard.skipped - skipped, self.guard.skipped
             if self.is_main and (step % cfg.log_every == 0 or step == n_steps):
                 rate = self.steps_done / (time.time() - self.t_start)
                 left = (cfg.epochs - epoch - 1) * n_steps + (n_steps - step)
@@ -373,6 +364,21 @@ class Trainer:
                                    + (f" skipped {a[3]}" if a[3] else "") for k, a in sums.items())
                 self.log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{n_steps} | {terms} | lr {lr:.2e} | "
                          f"{rate:.2f} steps/s | ETA {format_seconds(left / rate)}")
+
+        options = dict(loss_fn=self.loss_fn, optimizer=self.optimizer, scaler=self.scaler, device=self.device,
+                       amp_dtype=self.amp_dtype, grad_clip=cfg.grad_clip, channels_last=self.channels_last,
+                       guard=self.guard)
+        try:
+            if cfg.mode == "mix":
+                for modality, batch in mixed_batches(self.mixed, epoch):
+                    after_step(modality, *train_step(self.net, self.augmented_batch(batch), modality, **options))
+            else:
+                alt_epoch(self.net, self.loaders, order, epoch, prepare=self.augmented_batch, after_step=after_step,
+                          **options)
+        except FloatingPointError as exc:
+            step += 1  # the step that failed: ALT's steps take the modalities in turn
+            raise stopped("mix" if cfg.mode == "mix" else order[(step - 1) % len(order)],
+                          f"{exc}. {self.kept_checkpoint()}") from exc
         self.scheduler.step()
         record = {"epoch": epoch + 1, "iteration": self.iteration, "lr": lr, "time": time.time() - self.t_start}
         for k, a in sums.items():
