@@ -18,7 +18,7 @@ from typing import Any
 
 from mulmodseg import data as mdata
 from mulmodseg.augment import NnUNetAugment
-from mulmodseg.data.preprocess import settings_problems
+from mulmodseg.data.preprocess import CT_WINDOW, MR_PERCENTILES, ROI_SIZE, SPACING, settings_problems
 from mulmodseg.errors import UserError
 from mulmodseg.files import folder_problem
 from mulmodseg.model import NORM_STATS
@@ -53,7 +53,7 @@ class TrainConfig:
     classes: str = "amos"
     mode: str = "alt"  # alt | mix | a modality name
     modality_order: list[str] | None = None  # ALT order; default: the order of data_dirs
-    roi_size: tuple[int, int, int] = (96, 96, 96)
+    roi_size: tuple[int, int, int] = ROI_SIZE
     batch_size: int = 1  # volumes per step; each gives num_samples crops
     num_samples: int = 2
     augment: str = "paper"  # paper | nnunet | none (AUGMENTATIONS)
@@ -78,9 +78,9 @@ class TrainConfig:
     norm_stats: str = "per_modality"  # UNet BatchNorm running statistics: per_modality | shared (bench/learn.py)
     positive_centres: str = "class"  # crop centres: "class" (a present class, then a voxel) | "voxel" (reference)
     num_workers: int = 2
-    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
-    ct_window: tuple[float, float] = (-125.0, 275.0)
-    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    spacing: tuple[float, float, float] = SPACING
+    ct_window: tuple[float, float] = CT_WINDOW
+    mr_percentiles: tuple[float, float] = MR_PERCENTILES
     label_map: str | None = None
     max_cases: dict[str, int] = field(default_factory=dict)  # modality -> cases kept (CT:MR ratios)
     val_fraction: float = 0.0

@@ -55,6 +55,12 @@ ImageLike = Union[str, Path, "nib.spatialimages.SpatialImage"]
 
 META_VERSION = 1
 SETTING_KEYS = ("spacing", "window", "percentiles", "label_map", "crop_foreground", "min_size")
+# The method's settings (the paper's section 4), the one source of the package's defaults: training's
+# (``config.TrainConfig``) and the crops' (``sampling.CropDataset``) read them from here.
+SPACING = (1.5, 1.5, 2.0)  # mm
+CT_WINDOW = (-125.0, 275.0)  # HU -> [0, 1]
+MR_PERCENTILES = (0.5, 99.5)  # clipped, then min-max -> [0, 1]
+ROI_SIZE = (96, 96, 96)  # training crops and inference windows
 
 
 def default_settings(modality: str) -> dict[str, Any]:
@@ -62,15 +68,15 @@ def default_settings(modality: str) -> dict[str, Any]:
     MR and other modalities: clip to the 0.5 / 99.5 percentiles, min-max -> [0, 1]; crop to the
     foreground; pad to 96^3. A fresh JSON-friendly dict each call."""
     settings: dict[str, Any] = {
-        "spacing": [1.5, 1.5, 2.0],
+        "spacing": list(SPACING),
         "window": None,
-        "percentiles": [0.5, 99.5],
+        "percentiles": list(MR_PERCENTILES),
         "label_map": None,
         "crop_foreground": True,
-        "min_size": [96, 96, 96],
+        "min_size": list(ROI_SIZE),
     }
     if modality.upper() == "CT":
-        settings.update(window=[-125.0, 275.0], percentiles=None)
+        settings.update(window=list(CT_WINDOW), percentiles=None)
     return settings
 
 

@@ -5,7 +5,7 @@ probability `pos_fraction`, otherwise on an unlabelled foreground voxel (image >
 like the reference's RandCropByPosNegLabel(pos=1, neg=1, image_threshold=0); when one kind has no voxel
 the other is used, and the centre is shifted so that the crop stays inside the volume. A positive
 centre is drawn uniformly over all labelled voxels (`positive_centres="voxel"`, the reference's), or
-`"class"`: first a class uniformly among those present in the volume, then a voxel of it (nnU-Net's
+`"class"` (the default, as in training): first a class uniformly among those present, then a voxel of it (nnU-Net's
 foreground oversampling, MONAI's RandCropByLabelClasses with equal ratios). Uniform voxels put most
 crops on the largest organ (the liver is half the labelled voxels of an abdominal CT), so small organs
 are seldom seen; `"class"` shows each organ equally often.
@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .geometry import linear_taps
+from .preprocess import ROI_SIZE
 
 POSITIVE_CENTRES = ("voxel", "class")
 
@@ -54,11 +55,11 @@ class CropDataset(Dataset):
     numbers a later random step (``mulmodseg.augment``) draws that crop's randomness from.
     """
 
-    def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int] = (96, 96, 96),
+    def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], roi_size: Sequence[int] = ROI_SIZE,
                  num_samples: int = 2, pos_fraction: float = 0.5, intensity_shift: float = 0.1,
                  intensity_scale: float = 0.1, aug_prob: float = 0.5, rotate_degrees: float = 0.0,
                  scale_range: float = 0.0, warp_prob: float = 1.0, flip: bool | Sequence[int] = False, seed: int = 0,
-                 modality: str | None = None, positive_centres: str = "voxel",
+                 modality: str | None = None, positive_centres: str = "class",
                  flip_label_order: Sequence[int] | None = None, labelled: Sequence[np.ndarray] | None = None,
                  keys: bool = False):
         if any(label is None for _, label in volumes):
