@@ -110,15 +110,15 @@ def test_an_out_that_is_a_file_is_a_problem_with_the_folders_given(tmp_path):
 def test_defaults_have_one_source():
     import inspect
 
-    from mulmodseg.data import preprocess
+    from mulmodseg.data.preprocess import CT_WINDOW, MR_PERCENTILES, ROI_SIZE, SPACING, default_settings
     from mulmodseg.data.sampling import CropDataset
 
     cfg = TrainConfig()
-    assert (cfg.spacing, cfg.ct_window, cfg.mr_percentiles, cfg.roi_size) == (
-        preprocess.SPACING, preprocess.CT_WINDOW, preprocess.MR_PERCENTILES, preprocess.ROI_SIZE)
-    assert preprocess.default_settings("CT")["window"] == [-125.0, 275.0]
-    assert preprocess.default_settings("MR")["percentiles"] == [0.5, 99.5]
-    assert preprocess.default_settings("MR")["spacing"] == [1.5, 1.5, 2.0]
+    assert (cfg.spacing, cfg.ct_window, cfg.mr_percentiles, cfg.roi_size) == (SPACING, CT_WINDOW, MR_PERCENTILES,
+                                                                              ROI_SIZE)
+    assert default_settings("CT")["window"] == [-125.0, 275.0]
+    assert default_settings("MR")["percentiles"] == [0.5, 99.5]
+    assert default_settings("MR")["spacing"] == [1.5, 1.5, 2.0] and default_settings("MR")["min_size"] == [96] * 3
     crops = inspect.signature(CropDataset).parameters
     assert crops["positive_centres"].default == cfg.positive_centres == "class"
     assert tuple(crops["roi_size"].default) == cfg.roi_size == (96, 96, 96)
