@@ -6,8 +6,7 @@ The script of the installed ``mulmodseg-predict``: both run ``mulmodseg.cli.pred
 
 import sys
 
-# Re-exported for the programs and tests that ``import infer`` (experiments/run.py).
-from mulmodseg.cli.predict import build_parser, main  # noqa: F401
+from mulmodseg.cli.predict import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,8 +22,8 @@ setup(
     entry_points={"console_scripts": [
         "mulmodseg-train = mulmodseg.cli.train:main",
         "mulmodseg-predict = mulmodseg.cli.predict:main",
-        "mulmodseg-evaluate = mulmodseg.evaluate:main",
-        "mulmodseg-text = mulmodseg.text.__main__:main",
+        "mulmodseg-evaluate = mulmodseg.cli.evaluate:main",
+        "mulmodseg-text = mulmodseg.cli.text:main",
     ]},
     extras_require={
         # Oracles only (and ruff, pinned so that the style check of .ci/run does not change under us): the package

@@ -5,8 +5,7 @@ The script of the installed ``mulmodseg-train``: both run ``mulmodseg.cli.train.
 
 import sys
 
-# Re-exported for the programs and tests that ``import train`` (experiments/run.py).
-from mulmodseg.cli.train import build_parser, config_from_args, given_fields, main  # noqa: F401
+from mulmodseg.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,9 @@
-"""The robustness sweep of issue 28: bad inputs and faults against the four commands, on tiny data.
+"""The robustness sweep: bad inputs and faults against the four commands, on tiny data.
 
 train.py, infer.py, ``python -m mulmodseg.evaluate`` and ``python -m mulmodseg.text`` meet corrupt, truncated,
 2D, 4D, NaN, constant, mislabelled and mis-sized files, settings that would destroy the data, headers in the
 wrong unit, folders that are files or hold the inputs, a second run into one folder, kill -9, a full disk (a small
-tmpfs, where ``unshare -rm`` may mount one) and the long, odd or non-NIfTI names of issue 28. A case fails when it
+tmpfs, where ``unshare -rm`` may mount one) and long, odd or non-NIfTI names. A case fails when it
 
 - ends in a traceback (a bug: every problem with what was given must be one ``error:`` line);
 - exits 0 where its data or settings are destroyed, or with another code than the README's table gives it;
@@ -41,13 +41,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mulmodseg import evaluate  # noqa: E402
 from mulmodseg.checkpoint import load_checkpoint  # noqa: E402
+from mulmodseg.cli import evaluate as evaluate_cli  # noqa: E402
 from mulmodseg.cli import predict as predict_cli  # noqa: E402
+from mulmodseg.cli import text as text_cli  # noqa: E402
 from mulmodseg.cli import train as train_cli  # noqa: E402
-from mulmodseg.text import __main__ as text_cli  # noqa: E402
 
-MAINS = {"train": train_cli.main, "infer": predict_cli.main, "evaluate": evaluate.main, "text": text_cli.main}
+MAINS = {"train": train_cli.main, "infer": predict_cli.main, "evaluate": evaluate_cli.main, "text": text_cli.main}
 SCRIPTS = {"train": [str(ROOT / "train.py")], "infer": [str(ROOT / "infer.py")],
            "evaluate": ["-m", "mulmodseg.evaluate"], "text": ["-m", "mulmodseg.text"]}
 TINY = ["--text", "onehot", "--base_channels", "4", "--roi_size", "16", "--spacing", "4", "4", "4", "--num_samples",

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # train.py and infer.py live in the repository root
+if str(ROOT) not in sys.path:  # the experiments package (and mulmodseg, when not installed) live there
     sys.path.insert(0, str(ROOT))
 
 from experiments.recipes import BACKBONES, DATASETS, REFERENCE_AUGMENTATION, TABLES, USER_TABLES, Eval, Run  # noqa: E402
@@ -283,10 +283,10 @@ def random_table(path: Path, classes: str, template: str | None, dim: int) -> No
 
 def execute(step: Step) -> None:
     """Run one step in this process; a finished step is skipped, a stopped training resumed."""
-    import infer
-    import train
     from mulmodseg.checkpoint import load_checkpoint
-    from mulmodseg.text.__main__ import main as text_main
+    from mulmodseg.cli import predict as predict_cli
+    from mulmodseg.cli import text as text_cli
+    from mulmodseg.cli import train as train_cli
 
     argv = list(step.argv)
     if step.kind == "table":
@@ -295,21 +295,21 @@ def execute(step: Step) -> None:
         step.out.parent.mkdir(parents=True, exist_ok=True)  # the text CLI writes only into existing folders
         if step.random_table is not None:
             return random_table(step.out, *step.random_table)
-        rc = text_main(argv)
+        rc = text_cli.main(argv)
     elif step.kind == "train":
         last = step.out / "last.pt"
         # A run stopped after its last epoch was saved but before `done` was written is finished too.
         if (step.out / "done").is_file() or (
-                last.is_file() and load_checkpoint(last)["epoch"] >= train.build_parser().parse_args(argv).epochs):
+                last.is_file() and load_checkpoint(last)["epoch"] >= train_cli.build_parser().parse_args(argv).epochs):
             (step.out / "done").touch()
             return
-        rc = train.main(argv + (["--resume"] if last.is_file() else []))
+        rc = train_cli.main(argv + (["--resume"] if last.is_file() else []))
         if rc == 0:
             (step.out / "done").touch()
     else:
         if (step.out / "metrics.csv").is_file():
             return
-        rc = infer.main(argv + (["--overwrite"] if step.out.exists() else []))
+        rc = predict_cli.main(argv + (["--overwrite"] if step.out.exists() else []))
     if rc != 0:
         raise SystemExit(f"failed (exit status {rc}): {step.command()}")
 

@@ -1,5 +1,5 @@
-"""Score a folder of label maps against a folder of reference labels, without a model:
-``python -m mulmodseg.evaluate --pred DIR --labels DIR``; see ``--help``.
+"""Score a folder of label maps against a folder of reference labels, without a model: ``evaluate_folders``, and
+from the shell ``python -m mulmodseg.evaluate --pred DIR --labels DIR`` (``mulmodseg.cli.evaluate``; see ``--help``).
 
 Each prediction finds its label as infer.py's ``--labels`` does (``case.nii.gz`` for ``case_0000.nii.gz``,
 or the same name); every pair is checked (readable, 3D, known values, the same grid) before any is
@@ -10,7 +10,6 @@ label's own voxel grid and spacing.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Callable
 import nibabel as nib
 
 from mulmodseg import data as mdata
-from mulmodseg.cli import EXIT_CODES_HELP, EXIT_DATA_ERROR, HelpFormatter, add_version_argument, program_name
 from mulmodseg.data.checks import check_label_pairs
 from mulmodseg.metrics import case_metrics, mask_unlabelled, write_reports
 from mulmodseg.outputs import find_inputs, label_candidates, output_dir_problems, output_path
@@ -103,49 +101,8 @@ def evaluate_folders(pred_dir: str | Path, labels_dir: str | Path, classes: str 
     return rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=program_name("mulmodseg.evaluate"),
-        description="Score label maps against reference labels (no model needed): Dice, NSD and HD95 per case "
-        "and class on each label's voxel grid, written to metrics.csv, summary.md, summary.csv and summary.json.",
-        formatter_class=HelpFormatter, epilog=EXIT_CODES_HELP,
-    )
-    add_version_argument(p)
-    p.add_argument("--pred", required=True,
-                   help="folder of predicted label maps (.nii/.nii.gz), e.g. infer.py's --output")
-    p.add_argument("--labels", required=True, help="folder of reference labels: case.nii.gz for a prediction "
-                   "case.nii.gz or case_0000.nii.gz, or the prediction's own name")
-    p.add_argument("--classes", default="amos", help="class set (amos, amos_reference, mmwhs) or a file of names, "
-                   "background first, as in training")
-    p.add_argument("--label_map", help="dataset value -> class id (src:dst,... or a JSON file), applied to both "
-                   "folders, as in training")
-    p.add_argument("--labelled", nargs="+", metavar="CLASS",
-                   help="the classes the labels label (default: the labels of a dataset.json in or above the --labels "
-                   "folder, else all); the others are 'not labelled' in the tables, and predicting them is no error")
-    p.add_argument("--nsd_tolerance", type=float, default=2.0, help="normalised surface Dice tolerance in mm")
-    p.add_argument("--modality", default="", help="written in the tables' modality column (e.g. CT)")
-    p.add_argument("--output", help="folder for the reports (default: --pred); earlier reports there are replaced")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mulmodseg.evaluate`` and ``mulmodseg-evaluate``: score the folders ``argv`` names (default:
-    the command line); returns the exit status (``mulmodseg.cli``)."""
-    args = build_parser().parse_args(argv)
-    try:
-        evaluate_folders(args.pred, args.labels, args.classes, args.label_map, args.nsd_tolerance, args.output,
-                         args.modality, args.labelled)
-    except mdata.DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DATA_ERROR
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
+    # Imported here: the command (mulmodseg.cli.evaluate) imports this module.
+    from mulmodseg.cli.evaluate import main
+
     sys.exit(main())

@@ -11,8 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from mulmodseg.cli.evaluate import main
 from mulmodseg.data import DataError
-from mulmodseg.evaluate import evaluate_folders, main
+from mulmodseg.evaluate import evaluate_folders
 from mulmodseg.metrics import REPORT_FILES, case_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-import infer
-import train
 from experiments import collect, prepare, run
 from experiments.recipes import AMOS_LABEL_MAP, MMWHS_LABEL_MAP
 from mulmodseg import data as mdata
+from mulmodseg.cli import predict as predict_cli
+from mulmodseg.cli import train as train_cli
+from mulmodseg.cli.text import build_parser as text_parser
 from mulmodseg.config import TrainConfig
 from mulmodseg.cost import count_parameters
 from mulmodseg.metrics import write_metrics_csv
 from mulmodseg.model import MulModSeg
 from mulmodseg.predict import load_model
 from mulmodseg.text import EmbeddingTable
-from mulmodseg.text.__main__ import build_parser as text_parser
 from mulmodseg.text.prompts import model_table, resolve_classes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def test_every_command_parses_and_keeps_the_papers_settings(tmp_path):
         assert (a.clip_weights, a.modalities, a.template) == ("ViT-B-32.pt", ["CT", "MR"], Path(a.out).stem[-2:])
     defaults = TrainConfig()
     for step in steps(plan, "train"):
-        config = train.config_from_args(train.build_parser().parse_args(step.argv))
+        config = train_cli.config_from_args(train_cli.build_parser().parse_args(step.argv))
         # Only data, backbone, text and mode differ from the paper's settings (train.py's defaults).
         for name in ("roi_size", "epochs", "warmup_epochs", "lr", "weight_decay", "spacing", "ct_window",
                      "mr_percentiles", "num_samples", "batch_size", "base_channels", "feature_size"):
@@ -66,7 +66,7 @@ def test_every_command_parses_and_keeps_the_papers_settings(tmp_path):
         assert config.mode in ("alt", "mix", *config.data_dirs)
         assert sorted(config.data_dirs) == ["CT", "MR"]
     for step in steps(plan, "infer"):
-        a = infer.build_parser().parse_args(step.argv)
+        a = predict_cli.build_parser().parse_args(step.argv)
         assert Path(a.input).name == "imagesTs" and Path(a.labels).name == "labelsTs"
         assert len(a.checkpoint) == 1 and Path(a.checkpoint[0]).parent in {s.out for s in steps(plan, "train")}
     # 12 + 12 main runs; Table 1 adds 5 embeddings (V3 and vision-only are Table 2's), Table 4 four fold
@@ -131,7 +131,7 @@ def test_device_and_amp_reach_training_and_evaluation(tmp_path):
 def test_recipes_train_with_the_reference_ct_augmentation(tmp_path):
     plan = plan_for(["table2"], tmp_path, "--amos", str(tmp_path))
     for step in steps(plan, "train"):
-        config = train.config_from_args(train.build_parser().parse_args(step.argv))
+        config = train_cli.config_from_args(train_cli.build_parser().parse_args(step.argv))
         assert (config.rotate_degrees, config.scale_range, config.warp_prob) == (6.0, 0.1, 1.0)
         assert config.warp_modalities == ["CT"]
 
@@ -140,7 +140,7 @@ def test_smoke_plan_uses_the_sample_and_dedupes(tmp_path):
     plan = plan_for(["all"], tmp_path, "--smoke")
     sample = run.SAMPLE
     for step in steps(plan, "train"):
-        a = train.build_parser().parse_args(step.argv)
+        a = train_cli.build_parser().parse_args(step.argv)
         assert ([Path(d) for d in a.ct_dir], [Path(d) for d in a.mr_dir]) == ([sample / "ct"], [sample / "mr"])
         assert (a.epochs, a.roi_size, a.num_workers) == (1, [32], 0)
         if a.classes == "mmwhs":  # the sample's AMOS ids 1..7 stand for the 7 heart classes
@@ -283,11 +283,11 @@ def test_folds_train_every_fold_and_evaluate_their_ensemble(tmp_path):
     assert [(flag(s.argv, "--fold"), flag(s.argv, "--num_folds"), s.out) for s in trains[:2]] == [
         ("0", "2", run_dir / "fold_0"), ("1", "2", run_dir / "fold_1")]
     assert all(flag(s.argv, "--out") == str(run_dir) for s in trains[:2])  # one study: one splits.json
-    assert all(train.given_fields(s.argv) >= {"fold", "num_folds"} for s in trains)
+    assert all(train_cli.given_fields(s.argv) >= {"fold", "num_folds"} for s in trains)
     first_eval = steps(plan, "infer")[0].argv
     assert first_eval[first_eval.index("--checkpoint") + 1:first_eval.index("--modality")] == [
         str(run_dir / "fold_0" / "last.pt"), str(run_dir / "fold_1" / "last.pt")]
-    infer.build_parser().parse_args(first_eval)
+    predict_cli.build_parser().parse_args(first_eval)
     folds = plan.manifest["table2"]["folds"]
     assert folds[0]["folds"] == [str(run_dir / "fold_0"), str(run_dir / "fold_1")]
     assert {f["folds"][0] for f in folds} == {str(Path(flag(s.argv, "--out")) / "fold_0") for s in trains}

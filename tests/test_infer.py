@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-import infer as infer_cli
-import train as train_cli
 from mulmodseg import data as mdata
 from mulmodseg import device as mdevice
 from mulmodseg import outputs, predict
 from mulmodseg.cli import predict as predict_cli
+from mulmodseg.cli import train as train_cli
 from mulmodseg.cost import count_flops
 from mulmodseg.data import DataError
 from mulmodseg.outputs import find_inputs, input_share, output_path, write_like
@@ -179,10 +178,10 @@ def test_wrong_modality_prompts_change_the_output(tmp_path, checkpoint):
 def test_vision_only_checkpoint(tmp_path_factory, tmp_path, capsys):
     ckpt = trained(tmp_path_factory, "none")
     args = ["--checkpoint", str(ckpt), "--modality", "MR", "--input", str(MR), "--output", str(tmp_path)]
-    assert infer_cli.main(args) == 0
+    assert predict_cli.main(args) == 0
     assert nib.load(str(output_path(MR, tmp_path))).shape == nib.load(str(MR)).shape
     # It has no prompts to swap, so the wrong-modality test cannot run on it.
-    assert infer_cli.main([*args, "--overwrite", "--prompt_modality", "CT"]) == 2
+    assert predict_cli.main([*args, "--overwrite", "--prompt_modality", "CT"]) == 2
     assert "error: --prompt_modality CT: this checkpoint is vision-only" in capsys.readouterr().err
 
 
@@ -192,8 +191,8 @@ def test_vision_only_checkpoint(tmp_path_factory, tmp_path, capsys):
     ("--overlap", "-0.5", r"--overlap -0.5: must be in \[0, 1\)"),
 ])
 def test_bad_window_flags_fail_before_the_checkpoint_loads(tmp_path, capsys, flag, value, message):
-    code = infer_cli.main(["--checkpoint", str(tmp_path / "none.pt"), "--modality", "CT", "--input", str(CT),
-                           "--output", str(tmp_path / "out"), flag, value])
+    code = predict_cli.main(["--checkpoint", str(tmp_path / "none.pt"), "--modality", "CT", "--input", str(CT),
+                             "--output", str(tmp_path / "out"), flag, value])
     err = capsys.readouterr().err
     assert code == 2 and re.search(message, err) and "none.pt" not in err
     assert not (tmp_path / "out").exists()
@@ -258,14 +257,14 @@ def test_flops_are_counted_where_the_model_is(tmp_path, checkpoint, monkeypatch)
 
 
 def test_help_explains_every_flag():
-    text = infer_cli.build_parser().format_help()
+    text = predict_cli.build_parser().format_help()
     for flag in ("--checkpoint", "--modality", "--input", "--output", "--overwrite", "--labels", "--save_probabilities",
                  "--preview", "--tta", "--device", "--sw_batch_size", "--overlap", "--prompt_modality",
                  "--nsd_tolerance", "--amp", "--channels_last", "--threads", "--keep_largest", "--min_component_mm3",
                  "--per_class", "--statistics", "--version", "-i INPUT", "-o OUTPUT", "--into_input_folder"):
         assert flag in text
     assert "3 a problem in the data" in text and "130 interrupted" in text
-    args = infer_cli.build_parser().parse_args(["--checkpoint", "c.pt", "--modality", "CT", "-i", "a", "-o", "b"])
+    args = predict_cli.build_parser().parse_args(["--checkpoint", "c.pt", "--modality", "CT", "-i", "a", "-o", "b"])
     assert (args.input, args.output, args.keep_largest, args.min_component_mm3) == ("a", "b", None, None)
 
 
@@ -523,7 +522,7 @@ def test_threads_are_set_before_inference(tmp_path, monkeypatch):
     monkeypatch.setattr(predict_cli, "set_threads", lambda threads: calls.append(threads))
     base = ["--checkpoint", str(tmp_path / "none.pt"), "--modality", "CT", "--input", str(CT),
             "--output", str(tmp_path / "out")]
-    assert infer_cli.main(base) == 2 and infer_cli.main([*base, "--threads", "3"]) == 2  # no such checkpoint
+    assert predict_cli.main(base) == 2 and predict_cli.main([*base, "--threads", "3"]) == 2  # no such checkpoint
     assert calls == [0, 3]
 
 
@@ -616,9 +615,9 @@ def test_a_datasets_own_dataset_json_is_never_replaced(tmp_path, checkpoint):
 
 def test_bad_postprocessing_flags_exit_2_before_any_work(tmp_path, checkpoint, capsys):
     base = ["--checkpoint", str(checkpoint), "--modality", "MR", "-i", str(MR), "-o", str(tmp_path / "out")]
-    assert infer_cli.main([*base, "--keep_largest", "liver", "livr"]) == 2
+    assert predict_cli.main([*base, "--keep_largest", "liver", "livr"]) == 2
     assert "--keep_largest livr: not a class of this checkpoint" in capsys.readouterr().err
-    assert infer_cli.main([*base, "--min_component_mm3", "0"]) == 2
+    assert predict_cli.main([*base, "--min_component_mm3", "0"]) == 2
     assert "--min_component_mm3 0.0: must be a volume above 0 mm^3" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -637,14 +636,14 @@ def test_ctrl_c_names_the_complete_cases_and_how_to_continue(tmp_path, checkpoin
 
     monkeypatch.setattr(Ensemble, "segment", interrupted_at_b)
     args = ["--checkpoint", str(checkpoint), "--modality", "MR", "-i", str(scans), "-o", str(out)]
-    assert infer_cli.main(args) == 130
+    assert predict_cli.main(args) == 130
     err = capsys.readouterr().err
     assert err.endswith(f"\ninterrupted; 1 of 3 cases are complete in {out} (a.nii.gz); run the same command with "
                         "--skip_existing to segment the other 2\n") and "Traceback" not in err
-    assert infer_cli.main([*args, "--overwrite"]) == 130
+    assert predict_cli.main([*args, "--overwrite"]) == 130
     assert "run the same command with --skip_existing instead of --overwrite" in capsys.readouterr().err
     monkeypatch.undo()
-    assert infer_cli.main([*args, "--skip_existing"]) == 0
+    assert predict_cli.main([*args, "--skip_existing"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz", "dataset.json"]
 
 
@@ -719,8 +718,8 @@ def test_an_ensemble_of_other_tasks_is_refused_before_any_scan_is_read(tmp_path,
     del ckpt["config"]["preprocess"]["CT"]
     torch.save(ckpt, tmp_path / "mr_only.pt")
     for other, what in (("classes.pt", "'duodenum'] for ['CT', 'MR'], but"), ("mr_only.pt", "for ['MR']")):
-        code = infer_cli.main(["--checkpoint", str(checkpoint), str(tmp_path / other), "--modality", "MR",
-                               "--input", str(MR), "--output", str(tmp_path / "out")])
+        code = predict_cli.main(["--checkpoint", str(checkpoint), str(tmp_path / other), "--modality", "MR",
+                                 "--input", str(MR), "--output", str(tmp_path / "out")])
         err = capsys.readouterr().err
         assert code == 2 and "an ensemble's checkpoints must segment the same classes of the same modalities" in err
         assert what in err and f"{tmp_path / other} has 14 classes" in err
@@ -746,9 +745,10 @@ def test_two_parts_write_exactly_what_one_call_writes(tmp_path, checkpoint, caps
     for name in ("s1", "s2", "s3"):
         (labels / f"{name}.nii.gz").symlink_to(SAMPLE / "mr" / "labelsTr" / "ts_mr_001.nii.gz")
     base = ["--checkpoint", str(checkpoint), "--modality", "MR", "--input", str(scans), "--statistics"]
-    assert infer_cli.main([*base, "--output", str(tmp_path / "one")]) == 0
+    assert predict_cli.main([*base, "--output", str(tmp_path / "one")]) == 0
     for part in ("1", "0"):  # in either order, into one folder, without --overwrite
-        assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--num_parts", "2", "--part_id", part]) == 0
+        assert predict_cli.main([*base, "--output", str(tmp_path / "parts"), "--num_parts", "2",
+                                 "--part_id", part]) == 0
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "parts").iterdir())
     assert names == ["dataset.json", *[f"s{i}{end}" for i in (1, 2, 3) for end in (".nii.gz", "_statistics.json")]]
@@ -760,11 +760,12 @@ def test_two_parts_write_exactly_what_one_call_writes(tmp_path, checkpoint, caps
         else:
             assert one.read_text() == parts.read_text()
     capsys.readouterr()
-    assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--num_parts", "2",
-                           "--labels", str(labels)]) == 2
+    assert predict_cli.main([*base, "--output", str(tmp_path / "parts"), "--num_parts", "2",
+                             "--labels", str(labels)]) == 2
     assert "--labels with --num_parts 2: a part sees only its share" in capsys.readouterr().err
     # With every part done, a last call scores the folder without segmenting again.
-    assert infer_cli.main([*base, "--output", str(tmp_path / "parts"), "--skip_existing", "--labels", str(labels)]) == 0
+    assert predict_cli.main([*base, "--output", str(tmp_path / "parts"), "--skip_existing",
+                             "--labels", str(labels)]) == 0
     assert "skipped (--skip_existing)" in capsys.readouterr().err
     assert (tmp_path / "parts" / "metrics.csv").read_text().count("\ns") == 3
 

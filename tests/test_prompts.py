@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
+from mulmodseg.cli import text as text_cli
+from mulmodseg.cli.text import main
 from mulmodseg.text import CLASS_SETS, EmbeddingTable, TableError, build_embedding_table, tokenize
-from mulmodseg.text import __main__ as text_cli
-from mulmodseg.text.__main__ import main
 from mulmodseg.text.clip import CLIPTextEncoder, TextConfig
 from mulmodseg.text.prompts import make_prompts, modality_phrase, model_table, resolve_classes, resolve_template
 

@@ -138,7 +138,7 @@ def test_bad_input_fails_before_any_work(tmp_path):
 
 DDP_SCRIPT = """
 import os, sys, torch
-import train as cli
+from mulmodseg.cli import train as cli
 from mulmodseg.training import Trainer
 args = cli.build_parser().parse_args(sys.argv[1:])
 trainer = Trainer(cli.config_from_args(args), log=lambda m: None)
@@ -386,7 +386,7 @@ def test_bad_flag_values_are_one_line_errors_before_any_work(tmp_path, cache, ca
 def test_an_out_that_cannot_be_written_stops_before_any_work(tmp_path, monkeypatch, capsys):
     taken = tmp_path / "taken"
     taken.write_text("a file")
-    # 3, a problem with the folders given, as in infer.py and evaluate (issue 28).
+    # 3, a problem with the folders given, as in infer.py and evaluate.
     assert train_cli.main(small_args(taken / "run", tmp_path / "cache", 1)) == 3
     assert f"--out {taken / 'run'}: {taken} is a file, not a folder; choose another --out" in capsys.readouterr().err
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder, even for root

@@ -1,18 +1,19 @@
-"""The command-line programs: ``mulmodseg.cli.train`` (train.py, ``mulmodseg-train``) and
-``mulmodseg.cli.predict`` (infer.py, ``mulmodseg-predict``), and what every program shares (also
-``python -m mulmodseg.evaluate``, ``python -m mulmodseg.text`` and experiments/).
+"""The command-line programs, one module each: ``train`` (train.py, ``mulmodseg-train``), ``predict`` (infer.py,
+``mulmodseg-predict``), ``evaluate`` (``python -m mulmodseg.evaluate``, ``mulmodseg-evaluate``) and ``text``
+(``python -m mulmodseg.text``, ``mulmodseg-text``); here, what every program shares (experiments/ too).
 
 Exit codes (``exit_code``, the README's table): 0 done; ``EXIT_SYSTEM_ERROR`` (1) the system failed (an
 ``OSError``: a disk filled up, ...); ``EXIT_BAD_ARGUMENTS`` (2) bad arguments (argparse's own, and values that cannot
 work: a ``mulmodseg.errors.UserError`` or ``ValueError``); ``EXIT_DATA_ERROR`` (3) a problem in the data or the
 folders given, found by the checks before any work (``mulmodseg.data.DataError``, the one ``UserError`` with a code
 of its own); ``EXIT_INTERRUPTED`` (130, the shell's code for Ctrl-C) interrupted. Each is printed as one line
-(``report``); any other exception is a bug, with its traceback.
+(``report``; ``run`` runs a program's work with both); any other exception is a bug, with its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from mulmodseg import __version__
@@ -30,14 +31,14 @@ EXIT_CODES_HELP = (f"exit codes: 0 done, {EXIT_SYSTEM_ERROR} system error, {EXIT
 
 def exit_code(error: BaseException) -> int:
     """The exit status of a program stopped by ``error`` (the module's table)."""
-    # Imported here: the text command shares these codes without loading the data layer.
-    from mulmodseg.data import DataError
-
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(error, DataError):
-        return EXIT_DATA_ERROR
-    if isinstance(error, (UserError, ValueError)):
+    if isinstance(error, UserError):
+        # Imported here: the text command (no UserError) reports its errors without loading the data layer.
+        from mulmodseg.data import DataError
+
+        return EXIT_DATA_ERROR if isinstance(error, DataError) else EXIT_BAD_ARGUMENTS
+    if isinstance(error, ValueError):
         return EXIT_BAD_ARGUMENTS
     return EXIT_SYSTEM_ERROR
 
@@ -46,6 +47,30 @@ def report(error: Exception, hint: str = "") -> int:
     """Print ``error`` (and ``hint``, what to do) as ``error: ...`` on stderr; returns its ``exit_code``."""
     print(f"error: {error}{hint}", file=sys.stderr)
     return exit_code(error)
+
+
+# What a program reports as one line (``run``): problems with what was given, and the system's.
+ERRORS: tuple[type[Exception], ...] = (UserError, ValueError, OSError)
+
+
+def run(work: Callable[[], object], on_interrupt: Callable[[KeyboardInterrupt], str],
+        hint: Callable[[Exception], str] | None = None, *, errors: tuple[type[Exception], ...] = ERRORS,
+        codes: Mapping[type[Exception], int] | None = None) -> int:
+    """A program's ``work()`` with its exit status (the module's table): 0 when it returns; on Ctrl-C prints
+    ``interrupted; `` and ``on_interrupt(error)`` (what is left, how to go on) instead of a traceback and returns
+    ``EXIT_INTERRUPTED``; an error of a class in ``errors`` or ``codes`` is printed by ``report``, followed by
+    ``hint(error)``, and returns the code of the first class in ``codes`` it belongs to, else its ``exit_code``.
+    Any other exception propagates (a bug, with its traceback)."""
+    codes = dict(codes or {})
+    try:
+        work()
+    except KeyboardInterrupt as error:
+        print(f"\ninterrupted; {on_interrupt(error)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (*errors, *codes) as error:
+        code = report(error, hint(error) if hint else "")
+        return next((c for cls, c in codes.items() if isinstance(error, cls)), code)
+    return 0
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -6,19 +6,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mulmodseg.cli import (
     CHANNELS_LAST,
     EXIT_CODES_HELP,
-    EXIT_INTERRUPTED,
     HelpFormatter,
     add_cpu_speed_arguments,
     add_version_argument,
-    report,
+    run,
 )
 from mulmodseg.device import set_threads
-from mulmodseg.errors import DiskFullError, UserError
+from mulmodseg.errors import DiskFullError
 from mulmodseg.outputs import find_inputs
 from mulmodseg.predict import InferenceInterrupted, InferenceSettings, segment_files
 
@@ -116,11 +114,20 @@ def interrupted_hint(error: KeyboardInterrupt, args: argparse.Namespace) -> str:
             f"the other {len(error.remaining)}")
 
 
+def full_disk_hint(error: Exception, args: argparse.Namespace) -> str:
+    """After a full disk's message (``DiskFullError``): free space, then continue into ``--output``."""
+    if not isinstance(error, DiskFullError):
+        return ""
+    return (f"; free space there, then run the same command {with_skip_existing(args)}: the cases complete in "
+            f"{args.output} are kept")
+
+
 def main(argv: list[str] | None = None) -> int:
     """infer.py and ``mulmodseg-predict``: segment the scans ``argv`` names (default: the command line);
     returns the exit status (``mulmodseg.cli``)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def work() -> None:
         set_threads(args.threads)
         settings = InferenceSettings(
             sw_batch_size=args.sw_batch_size, overlap=args.overlap, mode=args.mode, tta=args.tta,
@@ -136,12 +143,6 @@ def main(argv: list[str] | None = None) -> int:
             statistics=args.statistics, num_parts=args.num_parts, part_id=args.part_id,
             into_input_folder=args.into_input_folder,
         )
-    except DiskFullError as exc:
-        return report(exc, f"; free space there, then run the same command {with_skip_existing(args)}: the cases "
-                      f"complete in {args.output} are kept")
-    except (UserError, ValueError, OSError) as exc:  # a file or value that cannot work (--overlap 1), the system
-        return report(exc)
-    except KeyboardInterrupt as exc:  # Ctrl-C: say how to go on instead of printing a traceback
-        print(f"\ninterrupted; {interrupted_hint(exc, args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+
+    # ValueError included (run's default): a value that cannot work, such as --overlap 1.
+    return run(work, lambda error: interrupted_hint(error, args), lambda error: full_disk_hint(error, args))

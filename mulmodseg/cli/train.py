@@ -14,11 +14,10 @@ from mulmodseg.cli import (
     CHANNELS_LAST,
     EXIT_BAD_ARGUMENTS,
     EXIT_CODES_HELP,
-    EXIT_INTERRUPTED,
     HelpFormatter,
     add_cpu_speed_arguments,
     add_version_argument,
-    report,
+    run,
 )
 from mulmodseg.config import (
     AUGMENTATIONS,
@@ -263,12 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         write_curves(log, out / "curves.png")
         print(out / "curves.png")
         return 0
-    try:
+
+    def work() -> None:
         set_threads(args.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         train(config_from_args(args), resume=args.resume, given=given_fields(argv))
-    except (UserError, OSError) as exc:
-        return report(exc)
-    except KeyboardInterrupt:  # Ctrl-C: say how to go on instead of printing a traceback
-        print(f"\ninterrupted; {how_to_go_on(out)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+
+    # Not ValueError: the checks raise TrainingError, so a ValueError out of training is a bug, with its traceback.
+    return run(work, lambda error: how_to_go_on(out), errors=(UserError, OSError))

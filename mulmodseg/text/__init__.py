@@ -2,7 +2,7 @@
 
 ``tokenizer`` (CLIP's BPE), ``clip`` (the text tower), ``weights`` (reading and downloading its released
 weights), ``prompts`` (class sets, templates, the table); the package imports nothing else of mulmodseg, so it
-can be copied alone.
+can be copied alone (its command line is ``mulmodseg.cli.text``, which ``__main__`` runs).
 
 Typical use::
 
