@@ -5,7 +5,7 @@ from the same seed, once per precision (fp32, and bf16 where the CPU or GPU has 
 AVX2 CPU is two orders of magnitude slower and tells nothing), and prints the largest, median and smallest total
 gradient norm, how many steps ``alt.GradientGuard`` (threshold 1e15) skipped, and the seconds per step.
 ``--repeats`` then runs one forward and backward of a tiny UNet on fixed inputs that many times per precision and
-counts the norms above the threshold: issue 28's measurement (5 of 40 tries between 1e29 and 1e35 in bf16 on an
+counts the norms above the threshold: what motivated the guard (5 of 40 tries between 1e29 and 1e35 in bf16 on an
 AVX512-BF16 CPU, none on one with AMX).
 
     python bench/gradient_guard.py                 # about 3 min on 2 CPU cores

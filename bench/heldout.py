@@ -14,7 +14,7 @@ dataset: its dataset.json names the four organs it labels), then segments, with 
 - ``b``: MR only (the paper's MR->MR row), the same MR scans, as many optimizer steps as ``a``;
 - ``c``: ALT with CHAOS's unlabelled organs read as background (``--labelled`` all classes: the library before
   partial labels);
-- ``p``: the recipe with the paper's augmentation (``--augment paper``) instead of nnU-Net's (issue 27).
+- ``p``: the recipe with the paper's augmentation (``--augment paper``) instead of nnU-Net's.
 
 ``--all`` trains the recipe on everything (bundled pair, all 10 CHAOS patients, ``ts-ct-slab`` and
 ``msd-spleen-ct`` as partially labelled CT) into ``OUT/all/last.pt``: the model a user would train from this data.

@@ -1,4 +1,4 @@
-"""The reference's per-sample dynamic head, re-implemented for benchmarking (facts file section 1.4).
+"""The reference's per-sample dynamic head, re-implemented for benchmarking.
 
 The reference MulModSeg (ChengyinLee/MulModSeg_2024) runs its head in a Python loop over the batch:
 for each sample it builds the controller input for all K classes, maps the 48/64-channel decoder
@@ -7,7 +7,7 @@ convolutions (groups=K) with the generated weights. ``ReferenceHeadModel`` does 
 the same parameter names as ``mulmodseg.model.MulModSeg`` so one state dict drives both; the
 backbone is any module with ``forward_features(x) -> (enc_last, dec_last)``. ``MonaiSwinFeatures``
 gives MONAI's ``SwinUNETR`` that interface (the reference's own backbone is MONAI's network without
-its output conv, facts file section 3.1).
+its output conv).
 """
 from __future__ import annotations
 

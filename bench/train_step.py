@@ -8,7 +8,7 @@ All contenders use ``mulmodseg.alt.train_step`` with our DiceCELoss, interleaved
 CPU default: 64^3 crops, feature_size 48. GPU default: 96^3, with ``--amp bf16`` and ``--compile`` options
 that apply to every contender, and ``--also bf16 bf16+compile bf16+channels_last``, which adds our model
 with bf16 autocast (alone, with torch.compile, or in channels_last_3d) beside peers that stay at ``--amp``:
-the issue's "2x the fp32 MONAI baseline" ratio.
+the "ours in bf16 against the fp32 MONAI baseline" ratio.
 """
 from __future__ import annotations
 

@@ -209,8 +209,8 @@ class MulModSeg(nn.Module):
         ``prompt_modality`` overrides the rows used for the prompts (the paper's wrong-modality test),
         never the normalisation statistics, which follow the image's ``modality``; the vision-only model
         has no prompts and needs ``modality`` only for per-modality statistics. ``chunk_voxels`` bounds
-        head memory at inference, and chunks of 2**14 voxels keep the head's hidden activations in the
-        CPU's cache (4 windows of 64^3, fp32: 0.11 s against 0.40 s in chunks of 2**18, bench/RESULTS.md).
+        head memory at inference; the default of 2**14 voxels is small enough for the head's hidden
+        activations (B x K x 8 x chunk_voxels) to stay in the CPU's cache, which is faster than larger chunks.
         """
         if self.vision_only:
             domain = self.domain(modality, x)
@@ -222,8 +222,9 @@ class MulModSeg(nn.Module):
         if torch.is_grad_enabled() or not torch.amp.is_autocast_available(x.device.type):  # e.g. "meta"
             return self.head(enc_last, dec_last, prompts, chunk_voxels)
         # Without gradients (inference) the head runs in fp32 even under autocast: bf16 logits flip the
-        # voxels where two classes nearly tie (label agreement with fp32 on the MR sample 99.81 % -> 99.94 %,
-        # bench/RESULTS.md), for about 4 % of the inference time; in training it would cost 1.7x per step.
+        # voxels where two classes nearly tie, and the head is a small part of inference time (bf16 against
+        # fp32 label agreement: the learn.py entries of bench/RESULTS.md). Training keeps the head in autocast,
+        # where fp32 would make every step markedly slower.
         with torch.autocast(x.device.type, enabled=False):
             return self.head(enc_last.float(), dec_last.float(), prompts, chunk_voxels)
 

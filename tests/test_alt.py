@@ -247,7 +247,7 @@ def test_a_step_with_a_corrupt_gradient_is_skipped_and_changes_nothing(corrupt):
     batch = {"image": torch.randn(2, 1, 16, 16, 16), "label": torch.randint(0, 3, (2, 1, 16, 16, 16))}
     guard = GradientGuard()
     kwargs = dict(loss_fn=DiceCELoss(), optimizer=opt, scaler=scaler, device=torch.device("cpu"), guard=guard)
-    hook = next(model.parameters()).register_hook(lambda g: g * corrupt)  # as one bf16 CPU backward gave (issue 28)
+    hook = next(model.parameters()).register_hook(lambda g: g * corrupt)  # as one bf16 CPU backward gave
     before = [p.detach().clone() for p in model.parameters()]
     dice, ce = train_step(model, batch, "CT", **kwargs)
     assert np.isfinite(dice) and np.isfinite(ce)

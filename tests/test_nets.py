@@ -20,7 +20,7 @@ def n_params(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------- UNet3D
 
 def reference_unet_state_dict(generator: torch.Generator) -> dict:
-    """Random state dict with the reference's key names and shapes (facts file, section 2.2)."""
+    """Random state dict with the key names and shapes of the reference's (ChengyinLee/MulModSeg_2024) UNet3D."""
     convs = {  # stage -> (in, out) of its two LUConvs
         "down_tr64": [(1, 32), (32, 64)], "down_tr128": [(64, 64), (64, 128)],
         "down_tr256": [(128, 128), (128, 256)], "down_tr512": [(256, 256), (256, 512)],
@@ -195,7 +195,7 @@ def test_unet_per_domain_statistics_keep_parameters_and_load_reference_weights()
 # -------------------------------------------------------------------------------------------- SwinUNETR
 
 class LegacyPatchMerging(monai_swin.PatchMergingV2):
-    """MONAI < 1.5 ``PatchMerging`` order (facts file, section 3.1), for MONAI >= 1.5 installs."""
+    """MONAI < 1.5 ``PatchMerging`` order (mulmodseg/nets/swin_unetr.py's docstring), for MONAI >= 1.5 installs."""
 
     def forward(self, x):
         x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in

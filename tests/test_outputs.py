@@ -1,5 +1,5 @@
 """mulmodseg.outputs.plan_outputs refuses, before any inference, what used to fail late or write where it should
-not (issue 28): files that are not NIfTI, an output folder that holds the inputs, a labels folder that does not
+not: files that are not NIfTI, an output folder that holds the inputs, a labels folder that does not
 exist, names the file system cannot take."""
 
 import shutil

@@ -92,7 +92,7 @@ REFERENCE_CLASS_IDS = {
 
 
 def test_reference_prompt_ids():
-    """Ids of OpenAI's SimpleTokenizer for all 28 reference V3 prompts and the V2 example (facts 8.5)."""
+    """Ids of OpenAI's SimpleTokenizer for all 28 reference V3 prompts and the V2 example."""
     assert list(REFERENCE_CLASS_IDS) == list(CLASS_SETS["amos_reference"])
     for modality, row in zip(("MR", "CT"), make_prompts(CLASS_SETS["amos_reference"], ["MR", "CT"], "v3")):
         ids = tokenize(row)

@@ -64,7 +64,7 @@ ROI_SIZE = (96, 96, 96)  # training crops and inference windows
 
 
 def default_settings(modality: str) -> dict[str, Any]:
-    """Preprocessing defaults (method.md): 1.5 x 1.5 x 2.0 mm; CT window [-125, 275] HU -> [0, 1];
+    """Preprocessing defaults (the constants above): 1.5 x 1.5 x 2.0 mm; CT window [-125, 275] HU -> [0, 1];
     MR and other modalities: clip to the 0.5 / 99.5 percentiles, min-max -> [0, 1]; crop to the
     foreground; pad to 96^3. A fresh JSON-friendly dict each call."""
     settings: dict[str, Any] = {
@@ -393,7 +393,7 @@ def restore_argmax(scores: np.ndarray, meta: dict[str, Any], planes: int = 16) -
     so beyond the labels it holds two score slabs, not C original-size arrays: a 512 x 512 x 600 CT
     needs about the memory of its uint8 label map twice. Resampling the scores, not the training-space
     labels, keeps small structures: a label resampled by nearest neighbour is blocky at the training
-    spacing (tests/test_data.py, a sphere on a 0.75 x 0.75 x 3 mm grid).
+    spacing (tests/test_preprocess.py, a sphere on a 0.75 x 0.75 x 3 mm grid).
     """
     scores = np.asarray(scores)
     _check_shape(scores, meta, (1,))

@@ -1,0 +1,195 @@
+"""mulmodseg.data.sampling: crop centres, augmentation (warp, left/right mirror, intensity), determinism, collate."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mulmodseg.data import CropDataset, collate_crops
+
+
+def _block_volume(size=40, lo=17, hi=23):
+    image = np.ones((size,) * 3, np.float32)
+    label = np.zeros((size,) * 3, np.uint8)
+    label[lo:hi, lo:hi, lo:hi] = 3
+    return image, label
+
+
+def test_crop_positive_ratio_over_many_draws():
+    ds = CropDataset([_block_volume()], roi_size=(8, 8, 8), num_samples=4, aug_prob=0.0, seed=5)
+    centre_labels, flags = [], []
+    for epoch in range(300):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        centre_labels += item["label"][:, 0, 4, 4, 4].tolist()
+        flags += ds.draw_centres(0, ds.generator(0))[1].tolist()
+    positive = np.mean(np.array(centre_labels) > 0)
+    assert abs(positive - 0.5) < 0.05
+    assert np.array_equal(np.array(centre_labels) > 0, np.array(flags))
+    only_pos = CropDataset([_block_volume()], (8, 8, 8), num_samples=16, pos_fraction=1.0, aug_prob=0.0)
+    assert np.all(only_pos[0]["label"][:, 0, 4, 4, 4].numpy() == 3)
+    image, label = _block_volume()
+    image[:, :, 30:] = 0  # not foreground: never a negative centre
+    only_neg = CropDataset([(image, label)], (8, 8, 8), num_samples=64, pos_fraction=0.0)
+    centres, positive_flags = only_neg.draw_centres(0, only_neg.generator(0))
+    assert not positive_flags.any() and centres[:, 2].max() < 30
+    assert np.all(label[tuple(centres.T)] == 0)
+
+
+def test_class_balanced_centres_show_a_small_organ_as_often_as_a_large_one():
+    """A 1000-voxel organ beside an 8-voxel one: uniform labelled voxels centre 8/1008 of the positive
+    crops on the small one; class-balanced centres half of them."""
+    image = np.ones((40, 40, 40), np.float32)
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[5:15, 5:15, 5:15] = 6
+    label[30:32, 30:32, 30:32] = 11
+    shares = {}
+    for centres in ("voxel", "class"):
+        ds = CropDataset([(image, label)], (8, 8, 8), num_samples=50, pos_fraction=1.0, positive_centres=centres)
+        hits = []
+        for epoch in range(40):
+            ds.set_epoch(epoch)
+            picked, _ = ds.draw_centres(0, ds.generator(0))
+            hits += label[tuple(picked.T)].tolist()
+        assert set(hits) <= {6, 11}  # every positive centre is a labelled voxel
+        shares[centres] = np.mean(np.array(hits) == 11)
+    assert shares["voxel"] < 0.03
+    assert abs(shares["class"] - 0.5) < 0.05
+    with pytest.raises(ValueError, match="positive_centres"):
+        CropDataset([(image, label)], positive_centres="organ")
+    empty = CropDataset([(image, np.zeros_like(label))], (8, 8, 8), num_samples=3, positive_centres="class")
+    assert not empty.draw_centres(0, empty.generator(0))[1].any()  # no labelled voxel: negatives, no error
+
+
+def test_a_left_right_mirror_swaps_the_paired_classes():
+    """Right kidney (2, image value 1) at low x, left kidney (3, value 2) at high x: in every crop,
+    mirrored or not, the organ on the low-x side is labelled 2 and the one on the high-x side 3, so
+    the label names the side the organ appears on; a front/back mirror swaps nothing."""
+    image = np.zeros((16, 8, 8), np.float32)
+    label = np.zeros((16, 8, 8), np.uint8)
+    image[2:5, 2:6, 2:6], label[2:5, 2:6, 2:6] = 1.0, 2
+    image[10:14, 2:6, 2:6], label[10:14, 2:6, 2:6] = 2.0, 3
+    order = [0, 1, 3, 2]
+    ds = CropDataset([(image, label)], (16, 8, 8), num_samples=1, aug_prob=0.0, flip=(0, 1), flip_label_order=order)
+    mirrored = set()
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        img, lab = item["image"][0, 0].numpy(), item["label"][0, 0].numpy()
+        low_x = lab[:8][lab[:8] > 0]
+        high_x = lab[8:][lab[8:] > 0]
+        assert set(low_x.tolist()) == {2} and set(high_x.tolist()) == {3}
+        mirrored.add(bool(img[:8].max() == 2.0))  # the value-2 organ moved to the low-x side
+        assert np.array_equal(np.unique(img[lab == 2]), [1.0 if img[:8].max() == 1.0 else 2.0])
+    assert mirrored == {True, False}
+    plain = CropDataset([(image, label)], (16, 8, 8), num_samples=1, aug_prob=0.0, flip=(1, 2), flip_label_order=order)
+    assert set(np.unique(plain[0]["label"][0, 0, :8]).tolist()) == {0, 2}
+
+
+def test_crop_fallback_when_no_labelled_voxel():
+    image = np.ones((12, 12, 12), np.float32)
+    ds = CropDataset([(image, np.zeros_like(image, np.uint8))], (8, 8, 8), num_samples=6, pos_fraction=1.0)
+    _, positive = ds.draw_centres(0, ds.generator(0))
+    assert not positive.any() and ds[0]["image"].shape == (6, 1, 8, 8, 8)
+
+
+def test_crop_content_determinism_and_workers():
+    rng = np.random.default_rng(0)
+    volumes = [(rng.random((20, 18, 16)).astype(np.float32), (rng.random((20, 18, 16)) > 0.8).astype(np.uint8))
+               for _ in range(4)]
+    ds = CropDataset(volumes, (8, 8, 8), num_samples=2, aug_prob=0.0, seed=11, modality="MR")
+    item = ds[2]
+    assert item["image"].dtype == torch.float32 and item["label"].dtype == torch.int64
+    assert item["image"].shape == (2, 1, 8, 8, 8) and item["modality"] == "MR"
+    # Without augmentation a crop is an exact window of the volume, centred on its drawn centre.
+    centres, _ = ds.draw_centres(2, ds.generator(2))
+    for k, centre in enumerate(centres):
+        start = np.clip(centre - 4, 0, np.array([20, 18, 16]) - 8)
+        window = tuple(slice(s, s + 8) for s in start)
+        np.testing.assert_array_equal(item["image"][k, 0].numpy(), volumes[2][0][window])
+        np.testing.assert_array_equal(item["label"][k, 0].numpy(), volumes[2][1][window])
+
+    augmented = CropDataset(volumes, (8, 8, 8), seed=11, rotate_degrees=10, scale_range=0.1, flip=(1, 2))
+    first = [augmented[i]["image"] for i in range(4)]
+    loader = torch.utils.data.DataLoader(CropDataset(volumes, (8, 8, 8), seed=11, rotate_degrees=10,
+                                                     scale_range=0.1, flip=(1, 2)),
+                                         batch_size=2, num_workers=2, collate_fn=collate_crops)
+    batches = list(loader)
+    assert [b["image"].shape for b in batches] == [(4, 1, 8, 8, 8)] * 2
+    assert torch.equal(torch.cat([b["image"] for b in batches]), torch.cat(first))
+    augmented.set_epoch(1)
+    assert not torch.equal(augmented[0]["image"], first[0])
+    augmented.set_epoch(0)
+    assert torch.equal(augmented[0]["image"], first[0])
+    other_seed = CropDataset(volumes, (8, 8, 8), seed=12, rotate_degrees=10, scale_range=0.1, flip=(1, 2))
+    assert not torch.equal(other_seed[0]["image"], first[0])
+
+
+def test_intensity_augmentation_bounds_and_collate_modality():
+    image = np.full((10, 10, 10), 0.5, np.float32)
+    label = np.ones((10, 10, 10), np.uint8)
+    ds = CropDataset([(image, label)], (10, 10, 10), num_samples=50, aug_prob=0.5, seed=3, modality="CT")
+    crops = ds[0]["image"][:, 0]
+    per_crop = crops.reshape(50, -1)
+    assert torch.all(per_crop.max(1).values == per_crop.min(1).values)  # one scale/shift per crop
+    values = per_crop[:, 0]
+    assert values.min() >= 0.5 * 0.9 - 0.1 - 1e-6 and values.max() <= 0.5 * 1.1 + 0.1 + 1e-6
+    changed = np.mean(np.abs(values.numpy() - 0.5) > 1e-7)
+    assert 0.5 < changed < 0.95  # 1 - 0.5 * 0.5 = 0.75 of the crops are altered
+    batch = collate_crops([ds[0], ds[0]])
+    assert batch["image"].shape == (100, 1, 10, 10, 10) and batch["modality"] == ["CT"] * 100
+
+
+def grid_sample_warp(image, label, angle, scales):
+    """Oracle: the 3D grid of source positions through torch's trilinear / nearest grid_sample."""
+    shape = image.shape
+    cos, sin = np.cos(angle), np.sin(angle)
+    matrix = np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]]) @ np.diag(scales)
+    centre = (np.array(shape) - 1) / 2.0
+    offsets = np.stack(np.meshgrid(*[np.arange(n) - c for n, c in zip(shape, centre)], indexing="ij"), -1)
+    source = offsets @ matrix.T + centre
+    grid = torch.from_numpy(2.0 * source / np.maximum(np.array(shape) - 1, 1) - 1.0).flip(-1).float()[None]
+    kw = dict(padding_mode="reflection", align_corners=True)
+    img = F.grid_sample(torch.from_numpy(image)[None, None], grid, mode="bilinear", **kw)[0, 0].numpy()
+    lab = F.grid_sample(torch.from_numpy(label).double()[None, None], grid.double(), mode="nearest", **kw)
+    return img, lab[0, 0].round().long().numpy()
+
+
+@pytest.mark.parametrize("shape, seed", [((33, 40, 17), 0), ((24, 24, 24), 1), ((16, 9, 5), 2), ((12, 10, 1), 3)])
+def test_warp_equals_3d_grid_sample(shape, seed):
+    from mulmodseg.data.sampling import warp
+    rng = np.random.default_rng(seed)
+    image = rng.random(shape).astype(np.float32)
+    label = rng.integers(0, 14, shape)
+    for _ in range(4):  # large angles and scales, so that reflection at the borders is exercised
+        angle, scales = rng.uniform(-1.2, 1.2), rng.uniform(0.6, 1.4, size=3)
+        img, lab = warp(image, label, angle, scales)
+        ref_img, ref_lab = grid_sample_warp(image, label, angle, scales)
+        assert img.dtype == np.float32 and img.shape == shape and lab.shape == shape
+        np.testing.assert_allclose(img, ref_img, atol=2e-5)
+        np.testing.assert_array_equal(lab, ref_lab)
+
+
+def test_warp_identity_and_quarter_turn():
+    from mulmodseg.data.sampling import warp
+    rng = np.random.default_rng(1)
+    image = rng.random((9, 9, 5)).astype(np.float32)
+    label = rng.integers(0, 4, (9, 9, 5))
+    same_image, same_label = warp(image, label, 0.0, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(same_image, image, atol=1e-5)
+    np.testing.assert_array_equal(same_label, label)
+    turned_image, turned_label = warp(image, label, np.pi / 2, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(turned_image, np.rot90(image, -1, axes=(0, 1)), atol=1e-5)
+    np.testing.assert_array_equal(turned_label, np.rot90(label, -1, axes=(0, 1)))
+
+
+@pytest.mark.parametrize("warp_prob, low, high", [(1.0, 1.0, 1.0), (0.5, 0.35, 0.65), (0.0, 0.0, 0.0)])
+def test_warp_prob_is_the_share_of_warped_crops(warp_prob, low, high):
+    # The crop is the whole volume and intensity augmentation is off, so a crop differs only when warped.
+    rng = np.random.default_rng(0)
+    image = rng.random((12, 12, 6)).astype(np.float32)
+    label = (image > 0.5).astype(np.uint8)
+    ds = CropDataset([(image, label)], (12, 12, 6), num_samples=60, aug_prob=0.0, rotate_degrees=10,
+                     scale_range=0.1, warp_prob=warp_prob, seed=4)
+    crops = ds[0]["image"][:, 0].numpy()
+    warped = np.mean([not np.allclose(c, image) for c in crops])
+    assert low <= warped <= high
