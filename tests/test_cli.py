@@ -1,5 +1,5 @@
-"""The four commands' exit codes and one-line errors (issue 28): the README's table is the programs' own, and each
-command gives each code where the table says, on tiny data (one 24^3 CT, 16^3 crops, a 4-channel UNet)."""
+"""The four commands' exit codes and one-line errors: the documented table (docs/options.md) is the programs'
+own, and each command gives each code where the table says, on tiny data (one 24^3 CT, 16^3 crops, a 4-channel UNet)."""
 
 import errno
 import os
@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from mulmodseg import cli, evaluate
+from mulmodseg import cli
 from mulmodseg import outputs as outputs_module
 from mulmodseg.checkpoint import load_checkpoint
+from mulmodseg.cli import evaluate as evaluate_cli
 from mulmodseg.cli import predict as predict_cli
+from mulmodseg.cli import text as text_cli
 from mulmodseg.cli import train as train_cli
 from mulmodseg.files import lock_folder, mount_point
-from mulmodseg.text import __main__ as text_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--text", "onehot", "--base_channels", "4", "--roi_size", "16", "--spacing", "4", "4", "4", "--num_samples",
@@ -65,8 +66,8 @@ def checkpoint(tmp_path_factory, dataset) -> Path:
 
 
 def readme_codes() -> dict[int, str]:
-    """The README's exit code table: code -> meaning."""
-    text = (ROOT / "README.md").read_text()
+    """The documented exit code table (docs/options.md, linked from the README): code -> meaning."""
+    text = (ROOT / "docs" / "options.md").read_text()
     section = text[text.index("### Exit codes and errors"):]
     section = section[:section.index("\n### ", 1)]
     return {int(code): meaning for code, meaning in re.findall(r"^\| (\d+) \| ([^|]+) \|", section, flags=re.M)}
@@ -78,7 +79,7 @@ def test_the_readme_table_is_the_programs_own():
                              cli.EXIT_INTERRUPTED] == [0, 1, 2, 3, 130]
     assert codes[1].startswith("the system failed") and codes[2].startswith("bad arguments")
     assert codes[3].startswith("a problem in the data or the folders given")
-    for parser in (train_cli.build_parser(), predict_cli.build_parser(), evaluate.build_parser(),
+    for parser in (train_cli.build_parser(), predict_cli.build_parser(), evaluate_cli.build_parser(),
                    text_cli.build_parser()):
         assert cli.EXIT_CODES_HELP in parser.epilog
     for code in codes:
@@ -203,8 +204,8 @@ def test_infer_names_a_file_that_is_not_nifti(checkpoint, tmp_path, capsys):
 def test_evaluate_exit_codes(dataset, tmp_path, capsys):
     labels = dataset / "labelsTr"
     (tmp_path / "file").write_text("not a folder")
-    assert evaluate.main(["--pred", str(labels), "--labels", str(labels), "--output", str(tmp_path / "file")]) == 3
-    assert evaluate.main(["--pred", str(labels), "--labels", str(labels), "--classes", "nope"]) == 2
+    assert evaluate_cli.main(["--pred", str(labels), "--labels", str(labels), "--output", str(tmp_path / "file")]) == 3
+    assert evaluate_cli.main(["--pred", str(labels), "--labels", str(labels), "--classes", "nope"]) == 2
     assert "unknown class set 'nope'" in capsys.readouterr().err
 
 

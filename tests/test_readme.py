@@ -1,4 +1,5 @@
-"""Every command in README.md and experiments/README.md against the real programs.
+"""Every command in README.md, docs/*.md and experiments/README.md against the real programs, and every
+link between them.
 
 Each shell command is either run (``--help``, experiments/run.py as ``--dry_run``) or parsed by the
 argument parser of the script it calls, so a renamed or removed flag fails here. The main command and
@@ -14,27 +15,27 @@ from pathlib import Path
 
 import pytest
 
-import infer
-import train
 from bench import heldout
 from experiments import collect, prepare, run
-from mulmodseg.evaluate import build_parser as evaluate_parser
-from mulmodseg.text.__main__ import build_parser as text_parser
+from mulmodseg.cli import predict as predict_cli
+from mulmodseg.cli import train as train_cli
+from mulmodseg.cli.evaluate import build_parser as evaluate_parser
+from mulmodseg.cli.text import build_parser as text_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "experiments" / "README.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "experiments" / "README.md"]
 SETUP = ['pip install torch==2.13.0 && pip install -e ".[test]"', "python -m pytest -q"]
 MAIN = ("python train.py --ct_dir data/sample/ct --mr_dir data/sample/mr --base_channels 8 --text onehot "
         "--spacing 4.5 4.5 4.5 --roi_size 48 --num_samples 4 --lr 3e-3 --warmup_epochs 5 --epochs 200 --num_workers 0 "
         "--out runs/demo")
 PARSERS = {
-    ("train.py",): train.build_parser,
-    ("infer.py",): infer.build_parser,
+    ("train.py",): train_cli.build_parser,
+    ("infer.py",): predict_cli.build_parser,
     ("-m", "mulmodseg.text"): text_parser,
     ("-m", "mulmodseg.evaluate"): evaluate_parser,
     # setup.py's console commands: the same parsers.
-    ("mulmodseg-train",): train.build_parser,
-    ("mulmodseg-predict",): infer.build_parser,
+    ("mulmodseg-train",): train_cli.build_parser,
+    ("mulmodseg-predict",): predict_cli.build_parser,
     ("mulmodseg-evaluate",): evaluate_parser,
     ("mulmodseg-text",): text_parser,
     ("experiments/prepare.py",): prepare.build_parser,
@@ -105,7 +106,7 @@ def test_command(doc, command, tmp_path, capsys):
         return
     parsed = PARSERS[program]().parse_args(args)
     if program == ("train.py",) and not parsed.plot_only:
-        config = train.config_from_args(parsed)  # values, not only names: ROI sizes, NAME=N pairs
+        config = train_cli.config_from_args(parsed)  # values, not only names: ROI sizes, NAME=N pairs
         assert config.data_dirs
 
 
@@ -133,3 +134,22 @@ def test_ci_runs_the_readme_commands_verbatim():
     assert len(ci_commands) == 6
     for command in ci_commands:
         assert command in readme_commands, command
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", [*DOCS, ROOT / "bench" / "README.md", ROOT / "bench" / "RESULTS.md"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_point_at_files_and_headings_that_exist(doc):
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, fragment = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        assert file.exists(), f"{doc.name}: link to {target}: no such file"
+        if fragment and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
+            assert fragment in {anchor(h) for h in headings}, f"{doc.name}: link to {target}: no such heading"
