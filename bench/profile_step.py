@@ -28,6 +28,9 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-base", type=int, default=32)
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="bf16")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--batch", type=int, default=2, help="crops per step")
+    parser.add_argument("--channels-last", action="store_true", help="model and crops in channels_last_3d (train.py's "
+                        "default for the UNet on the CPU)")
     args = parser.parse_args(argv)
     device = setup(args)
     if args.quick:
@@ -38,8 +41,8 @@ def main(argv=None) -> None:
         model = swin_contenders(args.feature_size, size, vision_only=False)["ours MulModSeg-Swin"]
     else:
         model = unet_contenders(args.unet_base)["ours MulModSeg-UNet"]
-    batch = random_batch(2, size)
-    step = make_step(model, batch, device, amp)
+    batch = random_batch(args.batch, size)
+    step = make_step(model, batch, device, amp, channels_last=args.channels_last)
     for _ in range(max(args.warmup, 1)):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -48,7 +51,9 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"### Profile of one training step: ours {args.backbone}, batch 2 x {size}^3, amp {args.amp}")
+    layout = ", channels_last_3d" if args.channels_last else ""
+    print(f"### Profile of one training step: ours {args.backbone}, batch {args.batch} x {size}^3, "
+          f"amp {args.amp}{layout}")
     print(f"- machine: {machine(device)}\n")
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
 
