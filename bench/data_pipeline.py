@@ -224,8 +224,6 @@ def augmentation_contenders(out: int, batch: int, crops: int, notes: list):
 
     image, label = augmentation_crops(out, batch)
     settings = NnUNetAugment()
-    flip_lut = torch.arange(14)
-    flip_lut[[2, 3]] = torch.tensor([3, 2])  # a paired class (right/left kidney), swapped on a left/right flip
     keys = [[(0, j, i) for i in range(batch)] for j in range(crops // batch)]
 
     def ours(mode: str):
@@ -233,7 +231,7 @@ def augmentation_contenders(out: int, batch: int, crops: int, notes: list):
 
         def run():
             for k in keys:
-                augment_batch(image, label, k, s, (out,) * 3, flip_lut=flip_lut)
+                augment_batch(image, label, k, s, (out,) * 3)
         return run
 
     def per_crop(chain, wrap, reseed, keywords: bool = False):
@@ -336,8 +334,7 @@ def augment_report(args, device) -> None:
               f"{args.repeats} interleaved rounds after {args.warmup} warm-up; torch threads "
               f"{torch.get_num_threads()}"),
              ("MONAI's RandAffined with spatial_size resamples every crop (an identity grid when it draws no "
-              "transform), draws scales per axis, and the chain swaps no paired classes on a mirror; ours slices "
-              "the crops that draw no spatial transform and swaps classes via flip_lut"),
+              "transform) and draws scales per axis; ours slices the crops that draw no spatial transform"),
              *dict.fromkeys(notes), machine_load()]
     report("nnU-Net augmentation, batched (mulmodseg.augment) vs per crop", device, table, notes,
            write=not args.no_write)

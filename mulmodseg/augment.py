@@ -8,8 +8,10 @@ crop is centred; `augment_batch` turns a batch of them into training crops in nn
    broadcast sum; image trilinear, label nearest or one-hot linear; outside the input: image 0, label
    `label_fill`); rows that draw none are exact centre slices;
 2. mirroring of each axis in `mirror_axes` (nnU-Net mirrors last; every later step commutes with a flip,
-   so it is folded into the sampling grid of the warped rows for free). A flip of axis 0 (left/right in
-   the RAS training space) swaps the label's paired classes through `flip_lut`;
+   so it is folded into the sampling grid of the warped rows for free). The label is mirrored with the
+   image and keeps its classes, as in nnU-Net: a network tells a right kidney from a left one by the anatomy
+   around it (the liver's side), which a mirror moves with it; renaming the paired classes of a mirrored crop
+   would contradict that cue half of the time (docs/augmentation.md);
 3. intensity: Gaussian noise, Gaussian blur, multiplicative brightness, contrast, low-resolution
    simulation, gamma of the inverted image, gamma.
 
@@ -325,32 +327,25 @@ def input_size(out_size: Sequence[int], settings: NnUNetAugment, scale: float = 
 
 
 def augment_batch(image: torch.Tensor, label: torch.Tensor, keys: Sequence[Sequence[int]], settings: NnUNetAugment,
-                  out_size: Sequence[int], flip_lut: torch.Tensor | None = None,
-                  label_fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  out_size: Sequence[int], label_fill: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """nnU-Net's augmentation of a batch of crops, on their device; returns new tensors.
 
     image: float (B, 1, *in_size); label: integer (B, 1, *in_size), in_size >= out_size per axis (see
-    `input_size`); keys: one sequence of non-negative ints per row. flip_lut: (K,) long, class -> class
-    after a left/right mirror (a flip of axis 0); labels >= K are left as they are. label_fill: the label
+    `input_size`); keys: one sequence of non-negative ints per row. label_fill: the label
     of output voxels whose source lies (mostly) outside the input, e.g. an ignore index for partial labels.
     Returns image (B, 1, *out_size) of image's dtype and label (B, 1, *out_size) of label's dtype.
     """
     out_size = tuple(int(s) for s in out_size)
-    _check_inputs(image, label, keys, out_size, flip_lut)
+    _check_inputs(image, label, keys, out_size)
     params = draw_params(keys, settings)
     images, labels = _spatial(image, label, params, settings, out_size, label_fill)
-    if flip_lut is not None and 0 in settings.mirror_axes and params.flip[:, 0].any():
-        table, low = _side_table(flip_lut, label, label_fill)
-        for row in np.flatnonzero(params.flip[:, 0]):
-            index = labels[row] if labels[row].dtype == torch.long else labels[row].long()  # take's index type
-            labels[row] = table.take(index - low if low else index)
     # one copy of every row into the batch (a per-row op costs a wait for every thread on a busy CPU)
     image, label = torch.stack(images), torch.stack(labels)
     return _intensity(image, params, settings), label
 
 
-def _check_inputs(image: torch.Tensor, label: torch.Tensor, keys: Sequence[Sequence[int]], out_size: tuple[int, ...],
-                  flip_lut: torch.Tensor | None) -> None:
+def _check_inputs(image: torch.Tensor, label: torch.Tensor, keys: Sequence[Sequence[int]], out_size: tuple[int, ...]
+                  ) -> None:
     if image.ndim != 5 or image.shape[1] != 1 or not image.is_floating_point():
         raise ValueError(f"image must be float (B, 1, X, Y, Z), got {tuple(image.shape)} {image.dtype}")
     if label.shape != image.shape or label.is_floating_point() or label.dtype == torch.bool:
@@ -362,8 +357,6 @@ def _check_inputs(image: torch.Tensor, label: torch.Tensor, keys: Sequence[Seque
         raise ValueError(f"{len(keys)} keys for {image.shape[0]} rows")
     if len(out_size) != 3 or min(out_size) < 2 or any(o > i for o, i in zip(out_size, image.shape[2:])):
         raise ValueError(f"out_size {out_size} must be 3 sizes >= 2 and <= the input's {tuple(image.shape[2:])}")
-    if flip_lut is not None and (flip_lut.ndim != 1 or flip_lut.is_floating_point()):
-        raise ValueError("flip_lut must be a 1-D integer tensor (class -> mirrored class)")
 
 
 def _spatial(image: torch.Tensor, label: torch.Tensor, params: RowParams, settings: NnUNetAugment,
@@ -455,22 +448,6 @@ def _spatial(image: torch.Tensor, label: torch.Tensor, params: RowParams, settin
     for k, row in enumerate(warped):
         images[row], labels[row] = sampled[k], lab[k]
     return images, labels
-
-
-def _side_table(flip_lut: torch.Tensor, label: torch.Tensor, label_fill: int) -> tuple[torch.Tensor, int]:
-    """(table, low): table[v - low] = flip_lut[v] for the classes 0..K-1 of flip_lut, v itself for any other
-    value in the batch (an ignore index, the fill). The table spans the dtype's range for 8- and 16-bit
-    labels, else the batch's (one reduction over the input finds it)."""
-    if label.dtype in (torch.uint8, torch.int8, torch.int16):
-        low, high = torch.iinfo(label.dtype).min, torch.iinfo(label.dtype).max
-    else:
-        low, high = (int(v) for v in torch.aminmax(label))
-        low, high = min(low, label_fill), max(high, label_fill)
-    table = torch.arange(low, high + 1, dtype=label.dtype, device=label.device)
-    first, stop = max(low, 0), min(high + 1, flip_lut.numel())  # the values present that the table maps
-    if first < stop:
-        table[first - low:stop - low] = flip_lut[first:stop].to(label.device, label.dtype)
-    return table, low
 
 
 def _intensity(x: torch.Tensor, params: RowParams, settings: NnUNetAugment) -> torch.Tensor:

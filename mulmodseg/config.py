@@ -62,7 +62,7 @@ class TrainConfig:
     scale_range: float = 0.0  # random per-axis scaling by 1 +- this (reference CT: 0.1)
     warp_modalities: list[str] | None = None  # modalities that get rotation/scaling (None: all; reference: CT)
     warp_prob: float = 1.0  # share of crops that get them (the reference's RandAffine: prob 1.0)
-    mirror_axes: tuple[int, ...] = ()  # RAS axes mirrored with p 0.5 (left/right swaps paired classes); none: reference
+    mirror_axes: tuple[int, ...] = ()  # RAS axes mirrored with p 0.5, labels unchanged (nnU-Net); none: reference
     epochs: int = 1000
     warmup_epochs: int = 10
     lr: float = 1e-3

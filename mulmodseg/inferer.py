@@ -20,7 +20,7 @@ import math
 import numbers
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import torch
@@ -76,7 +76,6 @@ def sliding_window_inference(
     progress: Progress = False,
     *,
     tta_flips: bool | Sequence[int] = False,
-    flip_channel_order: Mapping[int, Sequence[int]] | None = None,
     autocast_dtype: torch.dtype | None = None,
     **predictor_kwargs,
 ) -> torch.Tensor:
@@ -92,9 +91,7 @@ def sliding_window_inference(
     (default: the inputs' device). progress: ``True`` for a stderr line with an ETA, or a callable
     ``(windows_done, windows_total)``. tta_flips: also run every combination of flips of the spatial
     axes (``True``: all, 2**len(S) passes, 8 in 3-D, identity included; or the spatial axes to flip,
-    e.g. ``(1, 2)``), flip each output back and average them. flip_channel_order: spatial axis ->
-    output channel order for a pass that flips that axis (``out[:, order]``), for a predictor whose
-    classes swap under that flip (left/right organs under a left/right flip).
+    e.g. ``(1, 2)``), flip each output back and average them.
     autocast_dtype: ``torch.bfloat16``/``torch.float16`` to run the predictor under ``torch.autocast``.
 
     Returns (B, K, *S) float32 on ``device``: the blended predictor outputs (logits if the predictor
@@ -141,7 +138,7 @@ def sliding_window_inference(
     flip_axes = tuple(range(spatial_dims)) if tta_flips is True else tuple(tta_flips or ())
     if any(not 0 <= a < spatial_dims for a in flip_axes):
         raise ValueError(f"tta_flips {tuple(flip_axes)}: spatial axes are 0..{spatial_dims - 1}")
-    predict = _Predict(predictor, predictor_kwargs, flip_axes, flip_channel_order or {}, autocast_dtype, sw_device)
+    predict = _Predict(predictor, predictor_kwargs, flip_axes, autocast_dtype, sw_device)
     report = _progress_reporter(progress, len(jobs))
     output = None
     for first in range(0, len(jobs), sw_batch_size):
@@ -170,7 +167,6 @@ class _Predict:
         predictor: Callable[..., torch.Tensor],
         kwargs: dict,
         flip_axes: Sequence[int],
-        flip_channel_order: Mapping[int, Sequence[int]],
         autocast_dtype: torch.dtype | None,
         sw_device: torch.device,
     ) -> None:
@@ -179,7 +175,6 @@ class _Predict:
         self.autocast_dtype = autocast_dtype
         self.device_type = sw_device.type
         self.flip_axes = flip_axes
-        self.channel_order = {axis: list(order) for axis, order in flip_channel_order.items()}
 
     def _once(self, windows: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -192,11 +187,7 @@ class _Predict:
         total = self._once(windows)
         for axes in flip_sets[1:]:
             dims = [2 + a for a in axes]
-            out = self._once(windows.flip(dims)).flip(dims)
-            for axis in axes:
-                if axis in self.channel_order:
-                    out = out[:, self.channel_order[axis]]
-            total += out
+            total += self._once(windows.flip(dims)).flip(dims)
         return total / len(flip_sets)
 
 

@@ -127,10 +127,9 @@ class Segmenter:
         # Test-time mirroring averages only the mirrors the model learned to be invariant to.
         self.mirror_axes = tuple(self.config.get("train", {}).get("mirror_axes", ()))
         if self.settings.tta and not self.mirror_axes:
-            raise ValueError(f"--tta: {checkpoint} was trained without mirroring (train.py --mirror_axes), so its "
-                             "mirrored predictions would not agree with the plain one (left/right organs swap "
-                             "sides); leave out --tta, or train with e.g. --mirror_axes 0 1 2")
-        self.flip_channel_order = {0: mdata.left_right_order(self.classes)} if 0 in self.mirror_axes else {}
+            raise ValueError(f"--tta: {checkpoint} was trained without mirroring (train.py --mirror_axes), so a "
+                             "mirrored scan is anatomy it never saw and its predictions would not agree with the "
+                             "plain one; leave out --tta, or train with e.g. --mirror_axes 0 1 2")
 
     def check_modality(self, modality: str) -> None:
         """Raise a clear error for a modality this checkpoint has no preprocessing or prompts for."""
@@ -159,7 +158,7 @@ class Segmenter:
         out = sliding_window_inference(
             x, self.roi_size, self.predictor, sw_batch_size=s.sw_batch_size, overlap=s.overlap, mode=s.mode,
             sw_device=self.device, device=accumulation_device(self.device, len(self.classes), image.shape, free),
-            progress=progress, tta_flips=self.mirror_axes if s.tta else (), flip_channel_order=self.flip_channel_order,
+            progress=progress, tta_flips=self.mirror_axes if s.tta else (),
             autocast_dtype=self.amp_dtype, modality=modality, prompt_modality=s.prompt_modality,
         )
         return out[0]

@@ -207,9 +207,6 @@ class Trainer:
         # the device (augmented_batch); paper: CropDataset augments each crop; none: neither does.
         self.augment = augment_settings(cfg) if cfg.augment == "nnunet" else None
         crop = cfg.roi_size if self.augment is None else input_size(cfg.roi_size, self.augment)
-        # The class each class becomes when a crop is mirrored left/right (paired classes swap).
-        flip_order = mdata.left_right_order(self.classes)
-        self.flip_lut = torch.tensor(flip_order, device=self.device)
         paper = cfg.augment == "paper"
         for name in self.train_modalities:
             warped = paper and (cfg.warp_modalities is None or name in cfg.warp_modalities)
@@ -222,7 +219,7 @@ class Trainer:
                 volumes, crop, num_samples=cfg.num_samples, modality=name, aug_prob=0.5 if paper else 0.0,
                 rotate_degrees=cfg.rotate_degrees if warped else 0.0, scale_range=cfg.scale_range if warped else 0.0,
                 warp_prob=cfg.warp_prob, positive_centres=cfg.positive_centres,
-                flip=cfg.mirror_axes if paper else (), flip_label_order=flip_order, seed=cfg.seed,
+                flip=cfg.mirror_axes if paper else (), seed=cfg.seed,
                 labelled=[labelled_mask(c, len(self.classes)) for c in self.cases[name]] if partial else None,
                 keys=self.augment is not None,
             )
@@ -244,7 +241,7 @@ class Trainer:
             return batch
         image, label = augment_batch(batch["image"].to(self.device, non_blocking=True),
                                      batch["label"].to(self.device, non_blocking=True), batch["key"].tolist(),
-                                     self.augment, self.config.roi_size, self.flip_lut)
+                                     self.augment, self.config.roi_size)
         return {**batch, "image": image, "label": label}
 
     def setup_optimisation(self) -> None:

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from helpers import tiny, write_nifti
 
-from mulmodseg.data import DataError, left_right_order, parse_label_map, preprocess
-from mulmodseg.text.prompts import resolve_classes
+from mulmodseg.data import DataError, parse_label_map, preprocess
 
 MMWHS = {205: 1, 420: 2, 500: 3, 550: 4, 600: 5, 820: 6, 850: 7}
 
@@ -43,12 +42,3 @@ def test_label_map_mmwhs_values_through_preprocess(tmp_path):
     with pytest.raises(DataError, match=r"\[850\]") as err:
         preprocess(img, lbl, "CT", label_map={k: v for k, v in MMWHS.items() if k != 850})
     assert str(lbl) in err.value.problems[0]
-
-
-def test_left_right_order_pairs_names_that_differ_by_the_side():
-    amos = resolve_classes("amos")
-    order = left_right_order(amos)
-    assert [(amos[k], amos[order[k]]) for k in range(len(amos)) if order[k] != k] == [
-        ("right kidney", "left kidney"), ("left kidney", "right kidney"),
-        ("right adrenal gland", "left adrenal gland"), ("left adrenal gland", "right adrenal gland")]
-    assert left_right_order(["background", "Left lung", "right lung", "heart", "leftover"]) == [0, 2, 1, 3, 4]

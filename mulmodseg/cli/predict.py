@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write NAME.png: the labels over three orthogonal slices, with a legend of the classes "
                    "present")
     p.add_argument("--tta", action="store_true", help="test-time mirroring: average over every combination of mirrors "
-                   "along the axes the checkpoint was trained with (train.py --mirror_axes; 2^N times slower), a "
-                   "left/right mirror swapping paired classes back; refused for a checkpoint trained without mirroring")
+                   "along the axes the checkpoint was trained with (train.py --mirror_axes; 2^N times slower); "
+                   "refused for a checkpoint trained without mirroring")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (gpu and gpu:N: the same as cuda)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
                    help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones; on the CPU bf16 "

@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of crops that get --rotate_degrees/--scale_range (the reference's: 1)")
     g.add_argument("--mirror_axes", type=int, nargs="*", default=list(d.mirror_axes), metavar="AXIS",
                    help="mirror crops along these RAS axes (0 left/right, 1 front/back, 2 up/down), each with "
-                   "probability 0.5; a left/right mirror also swaps paired classes (right/left kidney, ...). infer.py "
-                   "--tta mirrors the same axes. Default: none, as the reference")
+                   "probability 0.5, the labels unchanged (as nnU-Net: a right kidney stays right kidney, told by "
+                   "the anatomy around it). infer.py --tta mirrors the same axes. Default: none, as the reference")
     g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     g.add_argument("--warmup_epochs", type=int, default=d.warmup_epochs,
                    help="linear warm-up epochs before the cosine decay")

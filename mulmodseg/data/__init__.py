@@ -22,7 +22,7 @@ from .cases import (
                     validation_cases,
 )
 from .checks import check_cases
-from .labels import apply_label_map, left_right_order, parse_label_map
+from .labels import apply_label_map, parse_label_map
 from .preprocess import default_settings, load_volume, preprocess, read_label, resolve_settings, restore, restore_argmax
 from .sampling import POSITIVE_CENTRES, CropDataset, collate_crops
 from .splits import Splits, fold_problems, kfold_split, make_folds, split_cases, subsample
@@ -32,7 +32,7 @@ __all__ = [
     "VolumeCache", "amos_modality", "apply_label_map", "check_cases",
     "collate_crops", "default_settings", "discover_amos", "discover_cases", "discover_modalities",
     "file_sha256", "fold_problems", "has_validation_list", "is_extra_channel", "kfold_split", "make_folds",
-    "left_right_order", "load_training_volumes", "load_volume", "nifti_stem", "not_nifti_hint", "parse_label_map",
+    "load_training_volumes", "load_volume", "nifti_stem", "not_nifti_hint", "parse_label_map",
     "preprocess", "read_label",
     "resolve_settings", "restore", "restore_argmax", "Splits", "split_cases", "subsample", "validation_cases",
 ]

@@ -8,8 +8,7 @@ so a typo in the map cannot silently erase an organ.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Union
 
@@ -71,16 +70,3 @@ def apply_label_map(label: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray
             table[src] = dst
     return table[label]
 
-
-def left_right_order(classes: Sequence[str]) -> list[int]:
-    """The class order after a left/right mirror: ``order[k]`` is the class that ``k`` becomes, the
-    partner of a name that differs from another only by the word "left" for "right" (or back, any
-    case: "right kidney" and "left kidney"), else ``k`` itself. ``classes``: all K names, background first.
-    An order with no pair is ``list(range(K))``."""
-    index = {name.strip().lower(): k for k, name in enumerate(classes)}
-    swap = {"left": "right", "right": "left"}
-    order = []
-    for k, name in enumerate(classes):
-        mirrored = re.sub(r"\b(left|right)\b", lambda m: swap[m.group(1)], name.strip().lower())
-        order.append(index.get(mirrored, k))
-    return order

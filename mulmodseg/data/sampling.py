@@ -17,10 +17,8 @@ Augmentation, applied per crop in this order:
   rotate_range=(0, 0, pi/30)) and per-axis sampling scale 1 + U(-scale_range, scale_range) about the crop
   centre; linear for the image, nearest for the label, reflected borders;
 - optional mirroring (off by default, as the reference): `flip=True` flips each axis with probability
-  0.5, or give the axes, e.g. (0, 1, 2). Axis 0 of the RAS training space is left/right: a flip of it
-  mirrors the anatomy, so the label's paired classes swap with it (`flip_label_order`, e.g.
-  `labels.left_right_order(classes)`: the organ that appears on the left is then labelled left), which
-  keeps "left kidney" / "right kidney" consistent with what the image shows;
+  0.5, or give the axes, e.g. (0, 1, 2). The label is flipped with the image and keeps its classes, as in
+  nnU-Net (see `mulmodseg.augment`: renaming left/right classes contradicts the anatomy around them);
 - intensity scale v * (1 + U(-intensity_scale, intensity_scale)) with probability `aug_prob`, then
   intensity shift v + U(-intensity_shift, intensity_shift) with probability `aug_prob`.
 
@@ -60,7 +58,7 @@ class CropDataset(Dataset):
                  intensity_scale: float = 0.1, aug_prob: float = 0.5, rotate_degrees: float = 0.0,
                  scale_range: float = 0.0, warp_prob: float = 1.0, flip: bool | Sequence[int] = False, seed: int = 0,
                  modality: str | None = None, positive_centres: str = "class",
-                 flip_label_order: Sequence[int] | None = None, labelled: Sequence[np.ndarray] | None = None,
+                 labelled: Sequence[np.ndarray] | None = None,
                  keys: bool = False):
         if any(label is None for _, label in volumes):
             raise ValueError("CropDataset needs a label for every volume")
@@ -80,10 +78,6 @@ class CropDataset(Dataset):
         self.scale_range = float(scale_range)
         self.warp_prob = float(warp_prob)
         self.flip_axes = (0, 1, 2) if flip is True else tuple(flip or ())
-        # A lookup table label -> label after a left/right flip (None: no class changes with the side).
-        self.flip_lut = None
-        if flip_label_order is not None and list(flip_label_order) != list(range(len(flip_label_order))):
-            self.flip_lut = np.asarray(flip_label_order)
         self.seed = int(seed)
         self.modality = modality
         if labelled is not None and len(labelled) != len(self.volumes):
@@ -180,8 +174,6 @@ class CropDataset(Dataset):
         for axis in self.flip_axes:
             if rng.random() < 0.5:
                 image, label = np.flip(image, axis), np.flip(label, axis)
-                if axis == 0 and self.flip_lut is not None:
-                    label = self.flip_lut[label].astype(label.dtype, copy=False)
         if rng.random() < self.aug_prob:
             image = image * np.float32(1.0 + rng.uniform(-self.intensity_scale, self.intensity_scale))
         if rng.random() < self.aug_prob:
