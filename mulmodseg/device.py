@@ -52,29 +52,44 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has bf16 matrix units: ``amx_bf16`` or ``avx512_bf16`` among the ``flags`` of Linux's
-    ``cpuinfo``. False where that file is absent (macOS, Windows) or lists neither. oneDNN's own
-    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is not the test: it is also True on plain AVX512 CPUs,
-    which only emulate bf16."""
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The ``flags`` of Linux's ``cpuinfo`` (every core lists the same: the first line says it); empty where that
+    file is absent (macOS, Windows) or has no flags line (aarch64)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return False
+        return frozenset()
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":  # every core lists the same flags: the first line says it
-            return not NATIVE_BF16_FLAGS.isdisjoint(value.split())
-    return False
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 matrix units: ``amx_bf16`` or ``avx512_bf16`` among its ``cpu_flags``.
+    oneDNN's own ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is not the test: it is also True on plain
+    AVX512 CPUs, which only emulate bf16."""
+    return not NATIVE_BF16_FLAGS.isdisjoint(cpu_flags(cpuinfo))
+
+
+def cpu_trains_in_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether ``--amp auto`` trains in bf16 on this CPU: only with AMX (``amx_bf16``). On a Zen 4 EPYC
+    (AVX512-BF16, no AMX) 5 of 40 bf16 backward passes of a tiny UNet gave a conv weight gradient of 1e29 to 1e35
+    (fp32 never above 0.04; with AMX 0 of 40; ``bench/gradient_guard.py --repeats``): the guard skips such steps,
+    but the steps it lets through come from the same kernels, so training there is fp32 unless asked
+    (``--amp bf16``). Inference has no backward pass and keeps bf16 on every CPU with bf16 units."""
+    return "amx_bf16" in cpu_flags(cpuinfo)
+
+
+def autocast_dtype(amp: str, device: torch.device, training: bool = False) -> torch.dtype | None:
     """The autocast dtype for ``--amp`` on ``device``: None (fp32) for ``none``; bf16 for ``bf16``; fp16 for
     ``fp16``. ``auto`` on CUDA is bf16 where ``device`` itself computes it natively (compute capability 8,
     Ampere, or newer), else fp16: older GPUs only emulate bf16, far slower than fp16. The chosen GPU is
     asked, not the current one, which matters on a machine that mixes GPU generations. ``auto`` on the
     CPU is bf16 where the CPU has bf16 matrix units (``cpu_has_native_bf16``), else None (fp32),
-    also on CPUs that only emulate bf16. On any other device ``auto`` is None."""
+    also on CPUs that only emulate bf16; for ``training``, only where it has AMX (``cpu_trains_in_bf16``). On any
+    other device ``auto`` is None."""
     if amp == "none":
         return None
     if amp == "fp16":
@@ -83,8 +98,11 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if amp == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if amp == "auto" and device.type == "cpu":
+        native = cpu_trains_in_bf16() if training else cpu_has_native_bf16()
+        return torch.bfloat16 if native else None
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+        return None
     raise DeviceError(f"--amp must be auto, bf16, fp16 or none, got {amp!r}")
 
 

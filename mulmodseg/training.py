@@ -140,7 +140,7 @@ class Trainer:
         self.modalities, self.train_modalities = cfg.modalities, cfg.trained_modalities
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
         self.device = resolve_device(cfg.device, self.local_rank)
-        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device, training=True)
         self.channels_last = use_channels_last(cfg.channels_last, cfg.backbone, self.device)
         self.classes = list(resolve_classes(cfg.classes))
 

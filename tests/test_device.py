@@ -10,6 +10,7 @@ from mulmodseg.device import (
     autocast_dtype,
     channels_last_inputs,
     cpu_has_native_bf16,
+    cpu_trains_in_bf16,
     resolve_device,
     set_threads,
     usable_cores,
@@ -116,6 +117,28 @@ def test_native_bf16_is_read_from_the_cpuinfo_flags(tmp_path, cpuinfo, expected)
 
 def test_no_cpuinfo_means_no_native_bf16(tmp_path):
     assert cpu_has_native_bf16(tmp_path / "absent") is False  # macOS, Windows
+    assert cpu_trains_in_bf16(tmp_path / "absent") is False
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    (SAPPHIRE_RAPIDS, True),
+    ("flags\t\t: fpu avx2 avx512f avx512_bf16\n", False),  # Cooper Lake, Zen 4: inference in bf16, training fp32
+    ("flags\t\t: fpu avx2\n", False),
+])
+def test_training_in_bf16_needs_amx(tmp_path, cpuinfo, expected):
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    assert cpu_trains_in_bf16(path) is expected
+
+
+@pytest.mark.parametrize("native, amx, expected", [(True, True, torch.bfloat16), (True, False, None),
+                                                   (False, False, None)])
+def test_auto_amp_for_training_on_the_cpu_is_bf16_only_with_amx(monkeypatch, native, amx, expected):
+    monkeypatch.setattr(mdevice, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(mdevice, "cpu_trains_in_bf16", lambda: amx)
+    assert autocast_dtype("auto", torch.device("cpu"), training=True) is expected
+    assert autocast_dtype("auto", torch.device("cpu")) is (torch.bfloat16 if native else None)  # inference
+    assert autocast_dtype("bf16", torch.device("cpu"), training=True) is torch.bfloat16  # asked for
 
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])

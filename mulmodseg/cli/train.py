@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "in the log); this many in a row stop the run, its last checkpoint kept")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default=d.amp,
                    help="mixed precision (auto: bf16 on Ampere or newer GPUs, fp16 on older ones; on the CPU bf16 "
-                   "where it has bf16 matrix units, AMX or AVX512-BF16, else off)")
+                   "only with AMX: AVX512-BF16 without AMX has given corrupt bf16 gradients, so fp32 there)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for weights, splits and crops")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (gpu and gpu:N: the same as cuda)")
