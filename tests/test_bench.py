@@ -180,11 +180,12 @@ def test_heldout_stages_folds_counts_steps_and_tabulates_without_the_shared_data
     args = heldout.parse_args(["--runs", "a_fold0"])
     dirs = {"CT": [str(source)], "MR": [str(source), str(staged)]}  # 1 + ... scans: 4 + 2 MR, 4 CT
     alt, mr_only, background = (heldout.run_config(v, dirs, tmp_path / v, 120, args) for v in "abc")
-    assert (alt.epochs, alt.mode, alt.augment, alt.mirror_axes) == (10, "alt", "nnunet", (0, 1, 2))  # 2 x 6 steps
+    assert (alt.epochs, alt.mode, alt.augment, alt.mirror_axes) == (10, "alt", "paper", ())  # 2 x 6 steps
     assert (mr_only.epochs, mr_only.mode) == (20, "MR")  # 6 steps an epoch: the same 120 steps
     # c: every class of a CHAOS folder labelled, its 0s read as background (the library before partial labels).
     assert background.labelled == {str(source): list(heldout.CLASSES[1:])} and alt.labelled == {}
-    assert heldout.run_config("p", dirs, tmp_path / "p", 120, args).augment == "paper"
+    nnunet = heldout.run_config("n", dirs, tmp_path / "n", 120, args)
+    assert (nnunet.augment, nnunet.mirror_axes, nnunet.epochs) == ("nnunet", (0, 1, 2), 10)
     nan = float("nan")
     records = [{"dice": np.array([0.5, nan, nan, nan, nan, 0.9] + [nan] * 7)},
                {"dice": np.array([0.7, nan, nan, nan, nan, nan] + [nan] * 7)}]
