@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/heldout", help="runs, staging folders and splits.json go here")
     p.add_argument("--runs", nargs="*", default=["a_fold0", "a_fold1", "b_fold0", "c_fold0", "n_fold0"],
                    help="VARIANT_foldK of each run (a: the recipe; b: MR only; c: ALT with unlabelled organs read as "
-                   "background; n: the recipe with --augment nnunet --mirror_axes 0 1 2; folds 0 and 1); a trained run is only "
-                   "scored")
+                   "background; n: the recipe with --augment nnunet --mirror_axes 0 1 2; folds 0 and 1); a trained "
+                   "run is only scored")
     p.add_argument("--all", action="store_true", help="instead: train the recipe on all the data into OUT/all")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of each training (the same for every "
                    "variant): about 20 min on 2 CPU cores")
