@@ -516,9 +516,13 @@ def test_fp16_autocast_uses_a_grad_scaler_that_is_checkpointed(tmp_path, cache):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("native, amp_dtype", [(False, None), (True, torch.bfloat16)])
-def test_a_cpu_run_picks_bf16_by_the_cpu_and_channels_last_for_the_unet(tmp_path, monkeypatch, native, amp_dtype):
+@pytest.mark.parametrize("native, amx, amp_dtype", [(False, False, None), (True, False, None),
+                                                   (True, True, torch.bfloat16)])
+def test_a_cpu_run_picks_bf16_by_the_cpu_and_channels_last_for_the_unet(tmp_path, monkeypatch, native, amx,
+                                                                        amp_dtype):
+    # Training in bf16 needs AMX (device.cpu_trains_in_bf16); AVX512-BF16 alone trains in fp32.
     monkeypatch.setattr(mdevice, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(mdevice, "cpu_trains_in_bf16", lambda: amx)
     args = small_args(tmp_path / "r", tmp_path / "cache", 1) + ["--device", "cpu"]
     for flags, setting, channels_last in (([], None, True), (["--channels_last", "off"], False, False),
                                           (["--channels_last"], True, True)):
