@@ -107,6 +107,23 @@ class InferenceInterrupted(KeyboardInterrupt):
         self.complete, self.remaining = complete, remaining
 
 
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+    """What ``segment_files`` writes beside each label map, and how it postprocesses the map first (on the scan's
+    grid, ``mulmodseg.postprocess.postprocess``; the probabilities are not postprocessed)."""
+
+    probabilities: bool = False  # NAME_probabilities.npz: the softmax (K, X, Y, Z) as float16
+    preview: bool = False  # NAME.png
+    per_class: bool = False  # NAME/<class>.nii.gz, one binary map per class
+    statistics: bool = False  # NAME_statistics.json (outputs.class_statistics)
+    keep_largest: Sequence[str] | None = None  # classes that keep only their largest component; [] all of them
+    min_component_mm3: float | None = None  # components under this volume removed
+
+    def __post_init__(self) -> None:
+        if self.min_component_mm3 is not None and not self.min_component_mm3 > 0:
+            raise ValueError(f"--min_component_mm3 {self.min_component_mm3}: must be a volume above 0 mm^3")
+
+
 class Segmenter:
     """A loaded checkpoint that segments scans of the modalities it was trained on."""
 
@@ -269,32 +286,25 @@ def segment_files(
     output_dir: str | Path,
     modality: str,
     settings: InferenceSettings | None = None,
+    outputs: OutputOptions | None = None,
+    *,
     overwrite: bool = False,
-    save_probabilities: bool = False,
-    previews: bool = False,
-    labels_dir: str | Path | None = None,
-    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
     skip_existing: bool = False,
+    labels_dir: str | Path | None = None,
+    labelled: Sequence[str] | None = None,
     nsd_tolerance: float = 2.0,
-    keep_largest: Sequence[str] | None = None,
-    min_component_mm3: float | None = None,
-    per_class: bool = False,
-    statistics: bool = False,
     num_parts: int = 1,
     part_id: int = 0,
-    labelled: Sequence[str] | None = None,
     into_input_folder: bool = False,
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
 ) -> list[dict]:
     """Segment ``inputs`` into ``output_dir`` with the ``Ensemble`` of ``checkpoint`` (one path or several);
     returns one record per case (with Dice, NSD at ``nsd_tolerance`` mm and HD95,
     ``mulmodseg.metrics.case_metrics``, when labels are given).
 
-    Each label map is postprocessed on the scan's grid when asked (``mulmodseg.postprocess.postprocess``:
-    ``keep_largest`` names the classes that keep only their largest component, an empty list all of them;
-    ``min_component_mm3`` removes smaller components), then written, and scored as written. Beside the
-    label maps goes ``dataset.json`` (``outputs.dataset_description``); per case, optionally, the probabilities
-    (not postprocessed), a preview, one binary map per class (``per_class``: ``NAME/<class>.nii.gz``) and
-    ``NAME_statistics.json`` (``statistics``: ``outputs.class_statistics``).
+    Each label map is postprocessed on the scan's grid as ``outputs`` asks (``OutputOptions``: default, no
+    postprocessing and nothing but the label maps), then written, and scored as written. Beside the label maps goes
+    ``dataset.json`` (``outputs.dataset_description``); per case, the extra files ``outputs`` names.
 
     Before any inference: the checkpoint loads, the modality and the ``keep_largest`` classes are ones it
     knows, no other call writes ``output_dir`` (``files.lock_folder``; temporaries of killed writes there are
@@ -316,11 +326,9 @@ def segment_files(
     ``labels`` of the dataset.json in or above ``labels_dir`` (``mdata.labelled_classes``), else every class; the
     others are "not labelled" in the tables (a prediction of an unlabelled organ is no false positive).
     """
-    output_dir = Path(output_dir)
+    output_dir, outputs = Path(output_dir), outputs or OutputOptions()
     input_share(inputs, num_parts, part_id)  # a part that does not exist is a bad flag: before the checkpoint loads
     check_nsd_tolerance(nsd_tolerance)
-    if min_component_mm3 is not None and not min_component_mm3 > 0:
-        raise ValueError(f"--min_component_mm3 {min_component_mm3}: must be a volume above 0 mm^3")
     if labels_dir is not None and num_parts > 1:
         raise ValueError(f"--labels with --num_parts {num_parts}: a part sees only its share of the scans; when every "
                          f"part is done, score the folder with python -m mulmodseg.evaluate --pred {output_dir} "
@@ -331,13 +339,13 @@ def segment_files(
     classes = ensemble.classes
     inverse = invert_label_map(ensemble.config["preprocess"][modality])
     values = written_values(len(classes), inverse)
-    largest = None if keep_largest is None else keep_largest_ids(keep_largest, classes, values)
-    class_files = {k: class_file(classes[k]) for k in values} if per_class else {}
+    largest = None if outputs.keep_largest is None else keep_largest_ids(outputs.keep_largest, classes, values)
+    class_files = {k: class_file(classes[k]) for k in values} if outputs.per_class else {}
     probe = lock_folder(output_dir, "infer.py", create=False, shared=num_parts > 1)  # another call: say so at once
     if probe is not None:
         probe.release()
-    plan = plan_outputs(inputs, output_dir, labels_dir, probabilities=save_probabilities, preview=previews,
-                        statistics=statistics, class_files=class_files, overwrite=overwrite,
+    plan = plan_outputs(inputs, output_dir, labels_dir, probabilities=outputs.probabilities, preview=outputs.preview,
+                        statistics=outputs.statistics, class_files=class_files, overwrite=overwrite,
                         skip_existing=skip_existing, num_parts=num_parts, part_id=part_id,
                         into_input_folder=into_input_folder)
     label_map = ensemble.config["preprocess"][modality].get("label_map")
@@ -358,8 +366,8 @@ def segment_files(
     # Written before the first case: every label map in output_dir has its classes beside it.
     run_settings = {"modality": modality, "sliding_window": dataclasses.asdict(ensemble.settings),
                     "keep_largest": None if largest is None else [classes[k] for k in largest],
-                    "min_component_mm3": min_component_mm3, "per_class": per_class, "statistics": statistics,
-                    "save_probabilities": save_probabilities}
+                    "min_component_mm3": outputs.min_component_mm3, "per_class": outputs.per_class,
+                    "statistics": outputs.statistics, "save_probabilities": outputs.probabilities}
     description = dataset_description(classes, values, modality, checkpoints, run_settings)
     records, complete, locks = [], [], []
     try:
@@ -391,7 +399,7 @@ def segment_files(
                 name = f"[{i}/{len(plan.inputs)}] {src.name}"
                 progress = True if sys.stderr.isatty() else quarter_reporter(name, log)
                 written = segment_case(ensemble, plan, src, modality, reference, inverse=inverse, largest=largest,
-                                       min_component_mm3=min_component_mm3, progress=progress)
+                                       min_component_mm3=outputs.min_component_mm3, progress=progress)
                 # Scored as written: a class that the label map gives no dataset value is background in the file.
                 label = written if label_map is None else mdata.apply_label_map(written,
                                                                                  mdata.parse_label_map(label_map))
@@ -401,10 +409,8 @@ def segment_files(
                 log(f"{name} -> {target} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
             complete.append(target)
             if truth is not None:
-                # On the scan's grid, with its voxel sizes (the label was read onto that grid).
-                spacing = nib.affines.voxel_sizes(reference.affine)
-                record.update(mask_unlabelled(case_metrics(label, truth, len(classes), spacing, nsd_tolerance), scored))
-                record["reference"] = str(plan.labels[src])
+                record.update(score_case(label, truth, reference, len(classes), nsd_tolerance, scored),
+                              reference=str(plan.labels[src]))
             records.append(record)
         if labels_dir is not None:
             write_evaluation(records, ensemble, output_dir, modality, log, nsd_tolerance)
@@ -414,6 +420,15 @@ def segment_files(
         for lock in locks:
             lock.release()
     return records
+
+
+def score_case(label: np.ndarray, truth: np.ndarray, reference: nib.Nifti1Image, num_classes: int,
+               nsd_tolerance: float, scored: Sequence[int] | None) -> dict[str, np.ndarray]:
+    """Dice, NSD and HD95 per class of ``label`` against ``truth`` (both (X, Y, Z) class ids on the grid of the scan
+    ``reference``, with its voxel sizes); classes outside ``scored`` (those the labels' dataset labels; None: all)
+    are "not labelled"."""
+    spacing = nib.affines.voxel_sizes(reference.affine)
+    return mask_unlabelled(case_metrics(label, truth, num_classes, spacing, nsd_tolerance), scored)
 
 
 def segment_case(ensemble: Ensemble, plan: Plan, src: Path, modality: str, reference: nib.Nifti1Image, *,

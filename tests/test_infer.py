@@ -26,6 +26,7 @@ from mulmodseg.postprocess import component_sizes, postprocess
 from mulmodseg.predict import (
     Ensemble,
     InferenceSettings,
+    OutputOptions,
     Segmenter,
     accumulation_device,
     load_model,
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample"
 CT = SAMPLE / "ct" / "imagesTr" / "ts_ct_001.nii.gz"
 MR = SAMPLE / "mr" / "imagesTr" / "ts_mr_001.nii.gz"
+PREVIEW = OutputOptions(preview=True)
 
 
 def trained(tmp_path_factory, text: str) -> Path:
@@ -205,7 +207,8 @@ def test_existing_probabilities_and_previews_are_not_replaced(tmp_path, checkpoi
     for path in extras:
         path.write_bytes(b"earlier result")
     with pytest.raises(DataError) as error:
-        segment_files(checkpoint, [CT], out, "CT", save_probabilities=True, previews=True, log=lambda m: None)
+        segment_files(checkpoint, [CT], out, "CT", outputs=OutputOptions(probabilities=True, preview=True),
+                      log=lambda m: None)
     for path in extras:
         assert f"{path}: exists; pass --overwrite" in str(error.value) and path.read_bytes() == b"earlier result"
     assert not output_path(CT, out).exists()
@@ -418,13 +421,13 @@ def test_skip_existing_continues_an_interrupted_call(tmp_path, checkpoint, monke
         shutil.copy(SAMPLE / "ct" / "labelsTr" / CT.name, labels / name)
     full = segment_files(checkpoint, find_inputs(scans), tmp_path / "full", "CT", labels_dir=labels, log=lambda m: None)
     # An interrupted call: a's outputs are there, b's are not.
-    segment_files(checkpoint, [scans / "a.nii.gz"], tmp_path / "out", "CT", previews=True, log=lambda m: None)
+    segment_files(checkpoint, [scans / "a.nii.gz"], tmp_path / "out", "CT", outputs=PREVIEW, log=lambda m: None)
     stamp = (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns
     segmented, original = [], Ensemble.segment
     monkeypatch.setattr(Ensemble, "segment", lambda self, src, *a, **k: segmented.append(src.name) or original(
         self, src, *a, **k))
     lines = []
-    records = segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", previews=True, labels_dir=labels,
+    records = segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", outputs=PREVIEW, labels_dir=labels,
                             skip_existing=True, log=lines.append)
     assert segmented == ["b.nii.gz"] and (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns == stamp
     assert f"[1/2] a.nii.gz: {tmp_path / 'out' / 'a.nii.gz'} exists, skipped (--skip_existing)" in lines
@@ -433,7 +436,7 @@ def test_skip_existing_continues_an_interrupted_call(tmp_path, checkpoint, monke
         assert np.array_equal(got["dice"], want["dice"], equal_nan=True)
     assert (tmp_path / "out" / "metrics.csv").is_file() and (tmp_path / "out" / "b.png").is_file()
     # Nothing left to do: a second continuation segments nothing and says so in the cost line.
-    segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", previews=True, labels_dir=labels,
+    segment_files(checkpoint, find_inputs(scans), tmp_path / "out", "CT", outputs=PREVIEW, labels_dir=labels,
                   skip_existing=True, log=lambda m: None)
     assert segmented == ["b.nii.gz"]
     assert "no case segmented in this call" in (tmp_path / "out" / "summary.md").read_text()
@@ -481,11 +484,12 @@ def test_a_case_killed_while_writing_leaves_nothing_that_looks_done(tmp_path, ch
         raise KeyboardInterrupt
     monkeypatch.setattr(predict.np, "savez_compressed", killed)
     with pytest.raises(KeyboardInterrupt):
-        segment_files(checkpoint, [CT], tmp_path, "CT", save_probabilities=True, previews=True, log=lambda m: None)
+        segment_files(checkpoint, [CT], tmp_path, "CT", outputs=OutputOptions(probabilities=True, preview=True),
+                      log=lambda m: None)
     # dataset.json comes first, the label map last; no temporary file left.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json"]
     monkeypatch.undo()
-    records = segment_files(checkpoint, [CT], tmp_path, "CT", save_probabilities=True, previews=True,
+    records = segment_files(checkpoint, [CT], tmp_path, "CT", outputs=OutputOptions(probabilities=True, preview=True),
                             skip_existing=True, log=lambda m: None)
     assert records[0]["seconds"] is not None
     with np.load(output_path(CT, tmp_path, "_probabilities.npz")) as saved:
@@ -532,8 +536,8 @@ def test_postprocessing_and_the_outputs_that_know_their_classes(tmp_path, checkp
     scan = nib.load(str(MR))
     spacing = nib.affines.voxel_sizes(scan.affine)
     out = tmp_path / "out"
-    records = segment_files(checkpoint, [MR], out, "MR", keep_largest=[], min_component_mm3=50.0, per_class=True,
-                            statistics=True, log=lambda m: None)
+    records = segment_files(checkpoint, [MR], out, "MR", log=lambda m: None, outputs=OutputOptions(
+        keep_largest=[], min_component_mm3=50.0, per_class=True, statistics=True))
     label = np.asanyarray(nib.load(records[0]["output"]).dataobj)
     # The network's label map postprocessed on the scan's grid: each class one component of at least 50 mm^3.
     assert np.array_equal(label, postprocess(raw, spacing, list(range(1, 14)), 50.0))
@@ -587,7 +591,7 @@ def test_class_statistics_by_hand():
 
 
 def test_skip_existing_counts_the_new_outputs_and_does_not_postprocess_again(tmp_path, checkpoint, monkeypatch):
-    options = dict(keep_largest=["liver"], per_class=True, statistics=True, log=lambda m: None)
+    options = dict(outputs=OutputOptions(keep_largest=["liver"], per_class=True, statistics=True), log=lambda m: None)
     segment_files(checkpoint, [MR], tmp_path, "MR", **options)
     (tmp_path / "ts_mr_001" / "liver.nii.gz").unlink()
     with pytest.raises(DataError) as error:  # every output that exists is named
@@ -671,7 +675,7 @@ def saved_probabilities(out: Path, scan: Path) -> np.ndarray:
 
 def test_an_ensemble_averages_the_softmax_of_its_models(tmp_path, checkpoint):
     other = variant(checkpoint, tmp_path / "b.pt", seed=1)
-    quiet = {"save_probabilities": True, "log": lambda m: None}
+    quiet = {"outputs": OutputOptions(probabilities=True), "log": lambda m: None}
     segment_files([checkpoint, other], [MR], tmp_path / "both", "MR", **quiet)
     ensemble = saved_probabilities(tmp_path / "both", MR)
     # By hand: the two models' softmax on the training grid, averaged, restored as for one model.
@@ -696,7 +700,8 @@ def test_an_ensemble_averages_the_softmax_of_its_models(tmp_path, checkpoint):
 
 def test_an_ensemble_of_other_grids_averages_on_the_scans_grid(tmp_path, checkpoint):
     coarse = variant(checkpoint, tmp_path / "coarse.pt", seed=2, spacing=[8.0, 8.0, 8.0])
-    segment_files([checkpoint, coarse], [MR], tmp_path / "both", "MR", save_probabilities=True, log=lambda m: None)
+    segment_files([checkpoint, coarse], [MR], tmp_path / "both", "MR", outputs=OutputOptions(probabilities=True),
+                  log=lambda m: None)
     probs = saved_probabilities(tmp_path / "both", MR).astype(np.float32)
     restored = []
     for ckpt in (checkpoint, coarse):

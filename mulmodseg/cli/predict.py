@@ -18,7 +18,7 @@ from mulmodseg.cli import (
 from mulmodseg.device import set_threads
 from mulmodseg.errors import DiskFullError
 from mulmodseg.outputs import find_inputs
-from mulmodseg.predict import InferenceInterrupted, InferenceSettings, segment_files
+from mulmodseg.predict import InferenceInterrupted, InferenceSettings, OutputOptions, segment_files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,14 +134,15 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device, amp=args.amp, channels_last=CHANNELS_LAST[args.channels_last],
             prompt_modality=args.prompt_modality,
         )
+        outputs = OutputOptions(
+            probabilities=args.save_probabilities, preview=args.preview, per_class=args.per_class,
+            statistics=args.statistics, keep_largest=args.keep_largest, min_component_mm3=args.min_component_mm3,
+        )
         segment_files(
-            args.checkpoint, find_inputs(args.input), args.output, args.modality, settings,
-            overwrite=args.overwrite, save_probabilities=args.save_probabilities, previews=args.preview,
-            labels_dir=args.labels, labelled=args.labelled, skip_existing=args.skip_existing,
-            nsd_tolerance=args.nsd_tolerance,
-            keep_largest=args.keep_largest, min_component_mm3=args.min_component_mm3, per_class=args.per_class,
-            statistics=args.statistics, num_parts=args.num_parts, part_id=args.part_id,
-            into_input_folder=args.into_input_folder,
+            args.checkpoint, find_inputs(args.input), args.output, args.modality, settings, outputs,
+            overwrite=args.overwrite, skip_existing=args.skip_existing, labels_dir=args.labels,
+            labelled=args.labelled, nsd_tolerance=args.nsd_tolerance, num_parts=args.num_parts,
+            part_id=args.part_id, into_input_folder=args.into_input_folder,
         )
 
     # ValueError included (run's default): a value that cannot work, such as --overlap 1.
