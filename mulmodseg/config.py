@@ -4,7 +4,8 @@
 (``fold_config_problems``); a resumed run takes its saved settings (``saved_config``) with the resumable ones
 the user gave applied (``resumed_config``). Paths are made absolute (``absolute_paths``), so that a saved run
 resumes from any folder. ``preprocess_settings`` turns the config into ``mulmodseg.data.preprocess``'s
-settings.
+settings, ``crop_settings`` into ``mulmodseg.data.CropDataset``'s, ``augment_settings`` into ``mulmodseg.augment``'s,
+``build_table`` into the embedding table of ``--text``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from mulmodseg import data as mdata
+from mulmodseg import text as mtext
 from mulmodseg.augment import NnUNetAugment
 from mulmodseg.data.preprocess import CT_WINDOW, MR_PERCENTILES, ROI_SIZE, SPACING, settings_problems
 from mulmodseg.errors import UserError
 from mulmodseg.files import folder_problem
 from mulmodseg.model import NORM_STATS
 from mulmodseg.nets import BACKBONES
+from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.prompts import resolve_classes
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -262,6 +265,18 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
     return []
 
 
+def crop_settings(cfg: TrainConfig, modality: str) -> dict[str, Any]:
+    """``mulmodseg.data.CropDataset``'s settings for one modality: with ``--augment paper`` its intensity
+    augmentation, mirroring and (for ``--warp_modalities``) warp; none of them otherwise (``--augment nnunet``
+    augments on the device, ``augment_settings``)."""
+    paper = cfg.augment == "paper"
+    warped = paper and (cfg.warp_modalities is None or modality in cfg.warp_modalities)
+    return {"num_samples": cfg.num_samples, "aug_prob": 0.5 if paper else 0.0,
+            "rotate_degrees": cfg.rotate_degrees if warped else 0.0, "scale_range": cfg.scale_range if warped else 0.0,
+            "warp_prob": cfg.warp_prob, "positive_centres": cfg.positive_centres,
+            "flip": cfg.mirror_axes if paper else (), "seed": cfg.seed}
+
+
 def augment_settings(cfg: TrainConfig) -> NnUNetAugment:
     """``--augment nnunet``'s settings: nnU-Net's defaults with ``augment_options`` applied, mirroring the axes of
     ``--mirror_axes`` (the one mirroring flag, which infer.py's ``--tta`` follows too)."""
@@ -333,3 +348,27 @@ def preprocess_settings(config: TrainConfig, modality: str) -> dict[str, Any]:
         settings["label_map"] = {str(k): v for k, v in mdata.parse_label_map(config.label_map).items()}
     settings["min_size"] = list(config.roi_size)
     return settings
+
+
+def build_table(config: TrainConfig, modalities: list[str], classes: list[str], cache_dir: Path
+                ) -> EmbeddingTable | None:
+    """The embedding table for ``--text``: None (vision-only), one-hot, CLIP prompts (``text.cached_clip_table``), or a
+    saved file; the text package's problems with weights and tables are raised as ``TrainingError``."""
+    if config.text == "none":
+        return None
+    if config.text == "onehot":
+        return EmbeddingTable.onehot(tuple(modalities), tuple(classes))
+    try:
+        if config.text == "clip":
+            return mtext.cached_clip_table(config.clip_weights, classes, modalities, config.template,
+                                           config.clip_activation, cache_dir)
+        table = EmbeddingTable.load(config.text, classes=classes)
+    except mtext.WeightsUnavailableError as error:
+        raise TrainingError(f"{error}; or train with --text onehot or --text none, which need no CLIP weights"
+                            ) from error
+    except (mtext.WeightsError, mtext.TableError) as error:
+        raise TrainingError(str(error)) from error
+    missing = sorted(set(modalities) - set(table.modalities))
+    if missing:
+        raise TrainingError(f"{config.text}: the table has no rows for {missing} (it has {list(table.modalities)})")
+    return table

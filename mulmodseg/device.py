@@ -1,8 +1,10 @@
 """Where, in which precision and how to run: ``--device``, ``--amp``, ``--channels_last`` and ``--threads``."""
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -140,3 +142,15 @@ def set_threads(threads: int, processes: int = 1) -> int:
     count = threads or max(1, usable_cores() // processes)
     torch.set_num_threads(count)
     return count
+
+
+def accumulation_device(device: torch.device, num_classes: int, shape: Sequence[int], free_bytes: int
+                        ) -> torch.device:
+    """Where the sliding window blends a scan of ``shape`` (X, Y, Z): on the GPU when its float32 logits
+    and weight map take at most a quarter of the ``free_bytes`` there (the rest is headroom for the
+    windows' activations), else on the CPU. Blending on the GPU avoids copying every window's
+    (K, *roi) output to the host, which would take longer than the network on a fast GPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    need = (num_classes + 1) * 4 * math.prod(shape)
+    return device if 4 * need <= free_bytes else torch.device("cpu")

@@ -59,9 +59,10 @@ _CHUNK = 1 << 24  # voxels per bincount pass: bounds the int64 temporaries for 5
 
 
 def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int, spacing: Sequence[float],
-                 nsd_tolerance: float = 2.0) -> dict[str, np.ndarray]:
+                 nsd_tolerance: float = 2.0, labelled: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Dice, NSD at ``nsd_tolerance`` mm and HD95 in mm of classes 1..num_classes-1 of one case, with the
-    surfels of DeepMind's ``surface-distance`` (see :mod:`mulmodseg.surface`).
+    surfels of DeepMind's ``surface-distance`` (see :mod:`mulmodseg.surface`); the classes outside ``labelled``
+    (those the label's dataset labels; None: all) are "not labelled" (:func:`mask_unlabelled`).
 
     pred, label: integer (X, Y, Z) on the same grid, values in [0, num_classes); spacing: mm per axis.
     Returns ``{"dice", "nsd", "hd95"}``, each float64 (num_classes - 1,). Each class is measured inside
@@ -73,7 +74,7 @@ def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int, spacing:
         raise ValueError(f"prediction shape {pred.shape} differs from label shape {label.shape}")
     dice = dice_per_class(pred, label, num_classes)  # also checks the values
     nsd, hd95 = surface_metrics_per_class(pred, label, num_classes, spacing, nsd_tolerance)
-    return {"dice": dice, "nsd": nsd, "hd95": hd95}
+    return mask_unlabelled({"dice": dice, "nsd": nsd, "hd95": hd95}, labelled)
 
 
 def mask_unlabelled(scores: dict[str, np.ndarray], labelled: Sequence[int] | None) -> dict[str, np.ndarray]:

@@ -5,7 +5,8 @@ scans (this process's ``input_share``), their label files, each output's name (`
 the file system), the overwrite rules, and an output folder apart from the inputs; every problem is reported at
 once in one ``DataError``. The writers put label maps on the
 scan's own grid (``write_like``), in the dataset's label values (``to_dataset_values``), beside nnU-Net's
-``dataset.json`` (``dataset_description``); each file is written whole (``files.atomic_write``).
+``dataset.json`` (``dataset_description``); each file is written whole (``files.atomic_write``). ``OutputOptions``
+holds the flags that ask for files beside the label maps.
 """
 
 from __future__ import annotations
@@ -202,6 +203,23 @@ def input_share(inputs: Sequence[Path], num_parts: int = 1, part_id: int = 0) ->
         raise ValueError(f"--num_parts {num_parts} --part_id {part_id}: need --num_parts >= 1 and "
                          f"0 <= --part_id < --num_parts")
     return sorted(inputs, key=lambda p: (p.name, str(p)))[part_id::num_parts]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+    """What ``predict.segment_files`` writes beside each label map, and how it postprocesses the map first (on the
+    scan's grid, ``mulmodseg.postprocess.postprocess``; the probabilities are not postprocessed)."""
+
+    probabilities: bool = False  # NAME_probabilities.npz: the softmax (K, X, Y, Z) as float16
+    preview: bool = False  # NAME.png
+    per_class: bool = False  # NAME/<class>.nii.gz, one binary map per class
+    statistics: bool = False  # NAME_statistics.json (outputs.class_statistics)
+    keep_largest: Sequence[str] | None = None  # classes that keep only their largest component; [] all of them
+    min_component_mm3: float | None = None  # components under this volume removed
+
+    def __post_init__(self) -> None:
+        if self.min_component_mm3 is not None and not self.min_component_mm3 > 0:
+            raise ValueError(f"--min_component_mm3 {self.min_component_mm3}: must be a volume above 0 mm^3")
 
 
 @dataclasses.dataclass

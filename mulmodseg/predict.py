@@ -30,13 +30,20 @@ from mulmodseg import data as mdata
 from mulmodseg.checkpoint import load_checkpoint
 from mulmodseg.cost import count_flops, count_parameters
 from mulmodseg.data.checks import existing_output_problems
-from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
+from mulmodseg.device import (
+    accumulation_device,
+    autocast_dtype,
+    channels_last_inputs,
+    resolve_device,
+    use_channels_last,
+)
 from mulmodseg.files import atomic_write, lock_folder, remove_dead_temporaries
 from mulmodseg.inferer import Progress, sliding_window_inference
-from mulmodseg.metrics import case_metrics, mask_unlabelled, write_reports
+from mulmodseg.metrics import case_metrics, write_reports
 from mulmodseg.model import MulModSeg
 from mulmodseg.outputs import (
     DATASET_JSON,
+    OutputOptions,
     Plan,
     class_file,
     class_statistics,
@@ -78,24 +85,15 @@ class InferenceSettings:
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[MulModSeg, dict]:
-    """The trained network (eval mode, on ``device``) and the checkpoint's config."""
+    """The trained network (eval mode, on ``device``) and the checkpoint's config, each modality's preprocessing
+    settings whole: with ``min_size``, the run's ``roi_size`` (a scan is padded to at least one window)."""
     ckpt = load_checkpoint(checkpoint)
     config = ckpt["config"]
+    for settings in config["preprocess"].values():
+        settings.setdefault("min_size", list(config["train"]["roi_size"]))
     model = MulModSeg.from_config(config["model"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), config
-
-
-def accumulation_device(device: torch.device, num_classes: int, shape: Sequence[int], free_bytes: int
-                        ) -> torch.device:
-    """Where the sliding window blends a scan of ``shape`` (X, Y, Z): on the GPU when its float32 logits
-    and weight map take at most a quarter of the ``free_bytes`` there (the rest is headroom for the
-    windows' activations), else on the CPU. Blending on the GPU avoids copying every window's
-    (K, *roi) output to the host, which would take longer than the network on a fast GPU."""
-    if device.type != "cuda":
-        return torch.device("cpu")
-    need = (num_classes + 1) * 4 * int(np.prod(shape))
-    return device if 4 * need <= free_bytes else torch.device("cpu")
 
 
 class InferenceInterrupted(KeyboardInterrupt):
@@ -105,23 +103,6 @@ class InferenceInterrupted(KeyboardInterrupt):
     def __init__(self, complete: list[Path], remaining: list[Path]):
         super().__init__()
         self.complete, self.remaining = complete, remaining
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputOptions:
-    """What ``segment_files`` writes beside each label map, and how it postprocesses the map first (on the scan's
-    grid, ``mulmodseg.postprocess.postprocess``; the probabilities are not postprocessed)."""
-
-    probabilities: bool = False  # NAME_probabilities.npz: the softmax (K, X, Y, Z) as float16
-    preview: bool = False  # NAME.png
-    per_class: bool = False  # NAME/<class>.nii.gz, one binary map per class
-    statistics: bool = False  # NAME_statistics.json (outputs.class_statistics)
-    keep_largest: Sequence[str] | None = None  # classes that keep only their largest component; [] all of them
-    min_component_mm3: float | None = None  # components under this volume removed
-
-    def __post_init__(self) -> None:
-        if self.min_component_mm3 is not None and not self.min_component_mm3 > 0:
-            raise ValueError(f"--min_component_mm3 {self.min_component_mm3}: must be a volume above 0 mm^3")
 
 
 class Segmenter:
@@ -138,7 +119,7 @@ class Segmenter:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
             self.predictor = channels_last_inputs(self.model)
-        self.roi_size = tuple(self.config["roi_size"])
+        self.roi_size = tuple(self.config["train"]["roi_size"])
         self.classes = self.config["classes"]
         self.modalities = list(self.config["preprocess"])
         # Test-time mirroring averages only the mirrors the model learned to be invariant to.
@@ -250,8 +231,8 @@ class Ensemble:
             means.append((total, meta, len(members)))
         if len(means) == 1:
             mean, meta, _ = means[0]
-            return mdata.restore_argmax(mean, meta), restore_probabilities(mean, meta) if probabilities else None
-        restored = sum(restore_probabilities(mean, meta, np.float32) * count for mean, meta, count in means)
+            return mdata.restore_argmax(mean, meta), mdata.restore_probabilities(mean, meta) if probabilities else None
+        restored = sum(mdata.restore_probabilities(mean, meta, np.float32) * count for mean, meta, count in means)
         restored /= len(self.members)
         return restored.argmax(0).astype(np.uint8), restored.astype(np.float16) if probabilities else None
 
@@ -259,16 +240,6 @@ class Ensemble:
 def preprocessing(ensemble: Ensemble, modality: str) -> dict[str, list[dict]]:
     """``modality`` -> the preprocessing settings of the ensemble's members for it, as ``check_cases`` takes them."""
     return {modality: [member.config["preprocess"][modality] for member in ensemble.members]}
-
-
-def restore_probabilities(probs: np.ndarray, meta: dict, dtype: type = np.float16) -> np.ndarray:
-    """Softmax (K, X, Y, Z) on the training grid -> (K, *original shape) of ``dtype`` on the scan's grid,
-    linearly, channel by channel (one float32 copy of a channel at a time); outside the foreground crop
-    background, probability 1 for class 0 and 0 for the others."""
-    restored = np.empty((len(probs), *meta["original_shape"]), dtype=dtype)
-    for k, channel in enumerate(probs):
-        restored[k] = mdata.restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
-    return restored
 
 
 def softmax_(logits: torch.Tensor) -> torch.Tensor:
@@ -409,7 +380,8 @@ def segment_files(
                 log(f"{name} -> {target} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
             complete.append(target)
             if truth is not None:
-                record.update(score_case(label, truth, reference, len(classes), nsd_tolerance, scored),
+                spacing = nib.affines.voxel_sizes(reference.affine)
+                record.update(case_metrics(label, truth, len(classes), spacing, nsd_tolerance, labelled=scored),
                               reference=str(plan.labels[src]))
             records.append(record)
         if labels_dir is not None:
@@ -420,15 +392,6 @@ def segment_files(
         for lock in locks:
             lock.release()
     return records
-
-
-def score_case(label: np.ndarray, truth: np.ndarray, reference: nib.Nifti1Image, num_classes: int,
-               nsd_tolerance: float, scored: Sequence[int] | None) -> dict[str, np.ndarray]:
-    """Dice, NSD and HD95 per class of ``label`` against ``truth`` (both (X, Y, Z) class ids on the grid of the scan
-    ``reference``, with its voxel sizes); classes outside ``scored`` (those the labels' dataset labels; None: all)
-    are "not labelled"."""
-    spacing = nib.affines.voxel_sizes(reference.affine)
-    return mask_unlabelled(case_metrics(label, truth, num_classes, spacing, nsd_tolerance), scored)
 
 
 def segment_case(ensemble: Ensemble, plan: Plan, src: Path, modality: str, reference: nib.Nifti1Image, *,

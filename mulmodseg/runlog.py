@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mulmodseg.files import atomic_write
+from mulmodseg.files import atomic_write, raise_if_no_space
 from mulmodseg.viz import plot_curves
 
 
@@ -40,6 +40,17 @@ def read_log(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One epoch's record as a line of ``log.jsonl`` (a line cut short by a full disk is dropped on resume,
+    ``trim_log``)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as error:
+        raise_if_no_space(error, path)
+        raise
 
 
 def trim_log(path: Path, epoch: int) -> None:

@@ -176,3 +176,15 @@ def check_resumed_cases(saved: dict | None, now: dict[str, dict[str, list[str]]]
                     f"--resume: the {name} {'training' if part == 'train' else 'validation'} scans differ from the "
                     f"saved run's ({'; '.join(changes)}): were files added to or removed from "
                     f"{', '.join(cfg.data_dirs[name])}? Restore them, or start a new run")
+
+
+def check_resumed_datasets(saved: dict | None, now: dict[str, list[dict]]) -> None:
+    """Raise ``TrainingError`` when a dataset labels other classes ``now`` (``dataset_records``) than when the
+    checkpoint was ``saved`` (None: a checkpoint from before datasets were recorded)."""
+    if saved is None or saved == now:
+        return
+    was = {d["dir"]: d["labelled"] for name in saved for d in saved[name]}
+    changes = [f"{d['dir']} labelled {was.get(d['dir'])}, now {d['labelled']}"
+               for name in now for d in now[name] if was.get(d["dir"]) != d["labelled"]]
+    raise TrainingError(f"--resume: the classes a dataset labels changed since the run started "
+                        f"({'; '.join(changes)}): restore its dataset.json or --labelled, or start a new run")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import sys
 import time
 from collections.abc import Iterable
@@ -27,7 +26,6 @@ import torch.distributed as dist
 from torch import nn
 
 from mulmodseg import data as mdata
-from mulmodseg import text as mtext
 from mulmodseg.alt import (
     ConcatCrops,
     EpochLoader,
@@ -38,12 +36,14 @@ from mulmodseg.alt import (
     warmup_cosine,
 )
 from mulmodseg.augment import augment_batch, input_size
-from mulmodseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mulmodseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state
 from mulmodseg.config import (
     TrainConfig,
     TrainingError,
     augment_settings,
+    build_table,
     check_config,
+    crop_settings,
     preprocess_settings,
     resumed_config,
     run_dir,
@@ -51,16 +51,23 @@ from mulmodseg.config import (
 )
 from mulmodseg.device import autocast_dtype, channels_last_inputs, resolve_device, use_channels_last
 from mulmodseg.errors import DiskFullError
-from mulmodseg.files import FolderLock, atomic_write, lock_folder, raise_if_no_space, remove_dead_temporaries
+from mulmodseg.files import FolderLock, atomic_write, lock_folder, remove_dead_temporaries
 from mulmodseg.losses import DiceCELoss
-from mulmodseg.metrics import mask_unlabelled, summarise, write_reports
+from mulmodseg.metrics import mask_unlabelled, summarise
 from mulmodseg.model import MulModSeg
 from mulmodseg.progress import format_seconds
-from mulmodseg.runlog import how_to_go_on, run_leftovers, trim_log, write_curves
-from mulmodseg.selection import SPLITS_FILE, case_ids, check_resumed_cases, dataset_records, select_cases
+from mulmodseg.runlog import append_record, how_to_go_on, run_leftovers, trim_log, write_curves
+from mulmodseg.selection import (
+    SPLITS_FILE,
+    case_ids,
+    check_resumed_cases,
+    check_resumed_datasets,
+    dataset_records,
+    select_cases,
+)
 from mulmodseg.text import EmbeddingTable
 from mulmodseg.text.prompts import model_table, resolve_classes
-from mulmodseg.validation import validate
+from mulmodseg.validation import validate, write_validation
 
 
 class Trainer:
@@ -162,14 +169,7 @@ class Trainer:
         self.datasets = dataset_records(cfg)
         if self.resume_state is not None:
             check_resumed_cases(self.resume_state.get("cases"), case_ids(self.cases, self.val_cases), cfg)
-            saved = self.resume_state["config"].get("datasets")
-            if saved is not None and saved != self.datasets:
-                was = {d["dir"]: d["labelled"] for name in saved for d in saved[name]}
-                changes = [f"{d['dir']} labelled {was.get(d['dir'])}, now {d['labelled']}"
-                           for name in self.datasets for d in self.datasets[name] if was.get(d["dir"]) != d["labelled"]]
-                raise TrainingError(f"--resume: the classes a dataset labels changed since the run started "
-                                    f"({'; '.join(changes)}): restore its dataset.json or --labelled, or start a "
-                                    "new run")
+            check_resumed_datasets(self.resume_state["config"].get("datasets"), self.datasets)
         every = [c for name in self.train_modalities for c in self.cases[name] + self.val_cases[name]]
         label_map = mdata.parse_label_map(cfg.label_map) if cfg.label_map else None
         # With the run's preprocessing: a scan it would collapse, flatten or empty of a class is refused here.
@@ -207,22 +207,15 @@ class Trainer:
         # the device (augmented_batch); paper: CropDataset augments each crop; none: neither does.
         self.augment = augment_settings(cfg) if cfg.augment == "nnunet" else None
         crop = cfg.roi_size if self.augment is None else input_size(cfg.roi_size, self.augment)
-        paper = cfg.augment == "paper"
         for name in self.train_modalities:
-            warped = paper and (cfg.warp_modalities is None or name in cfg.warp_modalities)
             t0 = time.time()
             volumes = mdata.load_training_volumes(self.cases[name], self.settings[name], cache)
             self.val_volumes[name] = mdata.load_training_volumes(self.val_cases[name], self.settings[name], cache)
             self.log(f"{name}: {len(volumes)} training and {len(self.val_volumes[name])} validation volumes "
                      f"ready in {time.time() - t0:.1f}s")
-            datasets[name] = mdata.CropDataset(
-                volumes, crop, num_samples=cfg.num_samples, modality=name, aug_prob=0.5 if paper else 0.0,
-                rotate_degrees=cfg.rotate_degrees if warped else 0.0, scale_range=cfg.scale_range if warped else 0.0,
-                warp_prob=cfg.warp_prob, positive_centres=cfg.positive_centres,
-                flip=cfg.mirror_axes if paper else (), seed=cfg.seed,
-                labelled=[labelled_mask(c, len(self.classes)) for c in self.cases[name]] if partial else None,
-                keys=self.augment is not None,
-            )
+            masks = [mdata.labelled_mask(c.labelled, len(self.classes)) for c in self.cases[name]]
+            datasets[name] = mdata.CropDataset(volumes, crop, modality=name, labelled=masks if partial else None,
+                                               keys=self.augment is not None, **crop_settings(cfg, name))
 
         def loader(dataset, modality: int) -> EpochLoader:
             return EpochLoader(dataset, cfg.batch_size, cfg.seed, modality, mdata.collate_crops, cfg.num_workers,
@@ -269,10 +262,10 @@ class Trainer:
         return {
             "train": dataclasses.asdict(self.config),
             "model": self.model.config(),
-            "preprocess": self.settings,
+            # min_size, the padding to one window, is the run's roi_size: stored once, in "train".
+            "preprocess": {name: {k: v for k, v in s.items() if k != "min_size"} for name, s in self.settings.items()},
             "classes": list(self.classes),
             "modalities": list(self.modalities),
-            "roi_size": list(self.config.roi_size),
             "datasets": self.datasets,
         }
 
@@ -403,12 +396,7 @@ class Trainer:
                     for case, row in zip(self.val_cases[name], dice)]
             summary = summarise(rows)
             if self.is_main:
-                folder = self.out / "validation" / name
-                folder.mkdir(parents=True, exist_ok=True)
-                fold = "" if cfg.fold is None else f"fold {cfg.fold} "
-                write_reports(folder, rows, self.classes[1:], f"{fold}{name}",
-                              {"epoch": epoch, "fold": cfg.fold, "modality": name, "classes": self.classes},
-                              f"Dice of the argmax on the training grid (the preprocessed scans), epoch {epoch}.")
+                write_validation(self.out / "validation" / name, rows, self.classes, name, epoch, cfg.fold)
             scores[f"{name}/val_dice"] = summary["mean"]
             scores[f"{name}/val_dice_per_class"] = [None if np.isnan(v) else float(v) for v in summary["per_class"]]
             self.log(f"validation {name}: mean Dice {summary['mean']:.4f}")
@@ -419,12 +407,7 @@ class Trainer:
         cfg = self.config
         if not self.is_main:
             return
-        try:
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as error:  # a line cut short is dropped on --resume (trim_log)
-            raise_if_no_space(error, self.out / "log.jsonl")
-            raise
+        append_record(self.out / "log.jsonl", record)
         val = [v for k, v in record.items() if k.endswith("/val_dice")]
         if val and float(np.mean(val)) > self.best:
             self.best = float(np.mean(val))
@@ -462,46 +445,3 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
         trainer.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def build_table(config: TrainConfig, modalities: list[str], classes: list[str], cache_dir: Path
-                ) -> EmbeddingTable | None:
-    """The embedding table for ``--text``: None (vision-only), one-hot, CLIP prompts (``text.cached_clip_table``), or a
-    saved file; the text package's problems with weights and tables are raised as ``TrainingError``."""
-    if config.text == "none":
-        return None
-    if config.text == "onehot":
-        return EmbeddingTable.onehot(tuple(modalities), tuple(classes))
-    try:
-        if config.text == "clip":
-            return mtext.cached_clip_table(config.clip_weights, classes, modalities, config.template,
-                                           config.clip_activation, cache_dir)
-        table = EmbeddingTable.load(config.text, classes=classes)
-    except mtext.WeightsUnavailableError as error:
-        raise TrainingError(f"{error}; or train with --text onehot or --text none, which need no CLIP weights"
-                            ) from error
-    except (mtext.WeightsError, mtext.TableError) as error:
-        raise TrainingError(str(error)) from error
-    missing = sorted(set(modalities) - set(table.modalities))
-    if missing:
-        raise TrainingError(f"{config.text}: the table has no rows for {missing} (it has {list(table.modalities)})")
-    return table
-
-
-# ---------------------------------------------------------------------------------------------- run state
-
-
-def labelled_mask(case: mdata.Case, num_classes: int) -> np.ndarray:
-    """(num_classes,) bool: background and the classes the case's dataset labels (all when it labels all)."""
-    if case.labelled is None:
-        return np.ones(num_classes, dtype=bool)
-    mask = np.zeros(num_classes, dtype=bool)
-    mask[[0, *case.labelled]] = True
-    return mask
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global generators (the initial weights)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

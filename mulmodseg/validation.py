@@ -1,8 +1,9 @@
-"""Validation during training: the Dice of a model's sliding-window argmax on preprocessed volumes."""
+"""Validation during training: the Dice of a model's sliding-window argmax on preprocessed volumes, and its reports."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from mulmodseg.inferer import sliding_window_inference
-from mulmodseg.metrics import dice_per_class
+from mulmodseg.metrics import dice_per_class, write_reports
 
 
 @torch.no_grad()
@@ -29,3 +30,14 @@ def validate(model: nn.Module, volumes: Sequence[tuple[np.ndarray, np.ndarray]],
         rows.append(dice_per_class(logits.argmax(1)[0].numpy(), np.asarray(label), num_classes))
     model.train()
     return np.array(rows)
+
+
+def write_validation(folder: Path, rows: list[dict], classes: Sequence[str], modality: str, epoch: int,
+                     fold: int | None) -> None:
+    """One modality's validation ``rows`` (``metrics.write_reports``' records) as its reports in ``folder``,
+    replacing the previous epoch's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    title = modality if fold is None else f"fold {fold} {modality}"
+    write_reports(folder, rows, classes[1:], title, {"epoch": epoch, "fold": fold, "modality": modality,
+                                                     "classes": list(classes)},
+                  f"Dice of the argmax on the training grid (the preprocessed scans), epoch {epoch}.")

@@ -9,16 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mulmodseg.augment import (
-    NnUNetAugment,
-    augment_batch,
-    draw_params,
-    gaussian_blur,
-    input_size,
-    low_resolution_matrix,
-    rotation_matrix,
-    simulate_low_resolution,
-)
+from mulmodseg.augment import NnUNetAugment, augment_batch, draw_params, input_size, rotation_matrix
+from mulmodseg.intensity import gaussian_blur, low_resolution_matrix, simulate_low_resolution
 
 OFF = NnUNetAugment.off()
 

@@ -7,6 +7,7 @@ import torch
 from mulmodseg import device as mdevice
 from mulmodseg.device import (
     DeviceError,
+    accumulation_device,
     autocast_dtype,
     channels_last_inputs,
     cpu_has_native_bf16,
@@ -183,3 +184,12 @@ def test_threads_default_to_the_cores_this_process_may_use(monkeypatch):
     with pytest.raises(DeviceError, match="--threads -1: give a number of threads, or 0"):
         set_threads(-1)
     assert set_to == [6, 3, 1, 5, 16]
+
+
+def test_accumulation_device_prefers_the_gpu_when_the_logits_fit():
+    gpu, cpu = torch.device("cuda:1"), torch.device("cpu")
+    shape = (256, 256, 160)
+    need = 15 * 4 * 256 * 256 * 160  # 14 classes + the weight map, float32: 629 MB
+    assert accumulation_device(gpu, 14, shape, free_bytes=4 * need) == gpu
+    assert accumulation_device(gpu, 14, shape, free_bytes=4 * need - 1) == cpu
+    assert accumulation_device(cpu, 14, shape, free_bytes=10**15) == cpu

@@ -13,8 +13,8 @@ import pytest
 
 from mulmodseg.cli.evaluate import main
 from mulmodseg.data import DataError
-from mulmodseg.evaluate import evaluate_folders
 from mulmodseg.metrics import REPORT_FILES, case_metrics
+from mulmodseg.scoring import evaluate_folders
 
 ROOT = Path(__file__).resolve().parent.parent
 AFFINE = np.diag([0.8, 1.2, 2.5, 1.0])  # anisotropic voxels, in mm

@@ -21,16 +21,13 @@ from mulmodseg.cli import predict as predict_cli
 from mulmodseg.cli import train as train_cli
 from mulmodseg.cost import count_flops
 from mulmodseg.data import DataError
-from mulmodseg.outputs import find_inputs, input_share, output_path, write_like
+from mulmodseg.outputs import OutputOptions, find_inputs, input_share, output_path, write_like
 from mulmodseg.postprocess import component_sizes, postprocess
 from mulmodseg.predict import (
     Ensemble,
     InferenceSettings,
-    OutputOptions,
     Segmenter,
-    accumulation_device,
     load_model,
-    restore_probabilities,
     segment_files,
     write_evaluation,
 )
@@ -302,13 +299,18 @@ def test_label_map_runs_write_the_dataset_values(tmp_path):
     assert f"{records[0]['dice'][0]:.6f}" == row.split(",")[2]
 
 
-def test_accumulation_device_prefers_the_gpu_when_the_logits_fit():
-    gpu, cpu = torch.device("cuda:1"), torch.device("cpu")
-    shape = (256, 256, 160)
-    need = 15 * 4 * 256 * 256 * 160  # 14 classes + the weight map, float32: 629 MB
-    assert accumulation_device(gpu, 14, shape, free_bytes=4 * need) == gpu
-    assert accumulation_device(gpu, 14, shape, free_bytes=4 * need - 1) == cpu
-    assert accumulation_device(cpu, 14, shape, free_bytes=10**15) == cpu
+def test_the_window_size_is_stored_once_and_older_checkpoints_load_alike(tmp_path, checkpoint):
+    saved = torch.load(checkpoint, weights_only=False)
+    assert "roi_size" not in saved["config"] and "min_size" not in saved["config"]["preprocess"]["CT"]
+    config = load_model(checkpoint)[1]
+    assert config["preprocess"]["CT"]["min_size"] == config["preprocess"]["MR"]["min_size"] == [32, 32, 32]
+    # A checkpoint written before (the window also at the top and in each modality's preprocessing) reads the same.
+    saved["config"]["roi_size"] = [32, 32, 32]
+    for settings in saved["config"]["preprocess"].values():
+        settings["min_size"] = [32, 32, 32]
+    torch.save(saved, tmp_path / "before.pt")
+    assert load_model(tmp_path / "before.pt")[1]["preprocess"] == config["preprocess"]
+    assert Segmenter(tmp_path / "before.pt").roi_size == Segmenter(checkpoint).roi_size == (32, 32, 32)
 
 
 def test_labels_with_the_image_name_and_colliding_outputs(tmp_path, checkpoint):
@@ -683,7 +685,7 @@ def test_an_ensemble_averages_the_softmax_of_its_models(tmp_path, checkpoint):
     image, _, meta = mdata.preprocess(MR, None, "MR", **a.config["preprocess"]["MR"])
     pa, pb = a.softmax(image, "MR"), b.softmax(image, "MR")
     assert np.abs(pa - pb).max() > 5e-3  # two different models (after one epoch, both near uniform)
-    assert np.array_equal(ensemble, restore_probabilities((pa + pb) / 2, meta))
+    assert np.array_equal(ensemble, mdata.restore_probabilities((pa + pb) / 2, meta))
     assert np.array_equal(np.asanyarray(nib.load(str(output_path(MR, tmp_path / "both"))).dataobj),
                           mdata.restore_argmax((pa + pb) / 2, meta))
     # Restoring is linear, so this is also the mean of what each model alone saves.
@@ -693,7 +695,7 @@ def test_an_ensemble_averages_the_softmax_of_its_models(tmp_path, checkpoint):
     assert np.abs(ensemble.astype(np.float32) - (alone[0] + alone[1]) / 2).max() <= 1e-3  # float16 rounding
     assert min(np.abs(ensemble.astype(np.float32) - one).max() for one in alone) > 2e-3  # neither model alone
     # An ensemble of one is the model itself.
-    assert np.array_equal(alone[0], restore_probabilities(pa, meta).astype(np.float32))
+    assert np.array_equal(alone[0], mdata.restore_probabilities(pa, meta).astype(np.float32))
     description = json.loads((tmp_path / "both" / "dataset.json").read_text())
     assert description["checkpoint"] == [str(checkpoint.resolve()), str(other.resolve())]
 
@@ -707,7 +709,7 @@ def test_an_ensemble_of_other_grids_averages_on_the_scans_grid(tmp_path, checkpo
     for ckpt in (checkpoint, coarse):
         segmenter = Segmenter(ckpt)
         image, _, meta = mdata.preprocess(MR, None, "MR", **segmenter.config["preprocess"]["MR"])
-        restored.append(restore_probabilities(segmenter.softmax(image, "MR"), meta, np.float32))
+        restored.append(mdata.restore_probabilities(segmenter.softmax(image, "MR"), meta, np.float32))
     assert restored[0].shape == restored[1].shape == probs.shape == (14, *nib.load(str(MR)).shape)
     mean = (restored[0] + restored[1]) / 2
     assert np.abs(probs - mean).max() <= 1e-3  # float16

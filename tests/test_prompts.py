@@ -235,9 +235,8 @@ def test_load_checks_class_names_and_order(tmp_path):
 
 
 def test_train_reports_a_table_for_other_classes_as_a_user_error(tmp_path):
-    from mulmodseg.config import TrainConfig
+    from mulmodseg.config import TrainConfig, build_table
     from mulmodseg.errors import UserError  # what train.py reports as one line, without a traceback
-    from mulmodseg.training import build_table
 
     EmbeddingTable(("CT", "MR"), ("background", "liver"), torch.zeros(2, 2, 4)).save(tmp_path / "t.pt")
     with pytest.raises(UserError, match=r"expected \['background', 'spleen'\]"):

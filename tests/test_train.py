@@ -89,6 +89,8 @@ def test_resume_after_sigkill_gives_the_same_weights_as_a_straight_run(tmp_path,
     assert read_png(killed_dir / "curves.png").shape == (360, 640, 3)
     config = json.loads((killed_dir / "config.json").read_text())
     assert config["modalities"] == ["CT", "MR"] and config["train"]["roi_size"] == [32, 32, 32]
+    # The window size is stored once: inference pads to it from "train" (predict.load_model).
+    assert "roi_size" not in config and not any("min_size" in s for s in config["preprocess"].values())
 
 
 def test_ctrl_c_says_how_to_go_on(tmp_path, monkeypatch, capsys):

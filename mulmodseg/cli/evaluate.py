@@ -1,5 +1,5 @@
 """Score label maps against reference labels, without a model: ``python -m mulmodseg.evaluate --pred DIR --labels
-DIR`` or ``mulmodseg-evaluate ...`` (the same ``main``). A command line over ``mulmodseg.evaluate.evaluate_folders``;
+DIR`` or ``mulmodseg-evaluate ...`` (the same ``main``). A command line over ``mulmodseg.scoring.evaluate_folders``;
 see ``--help``.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from mulmodseg.cli import EXIT_CODES_HELP, HelpFormatter, add_version_argument, program_name, run
-from mulmodseg.evaluate import evaluate_folders
+from mulmodseg.scoring import evaluate_folders
 
 
 def build_parser() -> argparse.ArgumentParser:

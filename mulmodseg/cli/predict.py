@@ -17,8 +17,8 @@ from mulmodseg.cli import (
 )
 from mulmodseg.device import set_threads
 from mulmodseg.errors import DiskFullError
-from mulmodseg.outputs import find_inputs
-from mulmodseg.predict import InferenceInterrupted, InferenceSettings, OutputOptions, segment_files
+from mulmodseg.outputs import OutputOptions, find_inputs
+from mulmodseg.predict import InferenceInterrupted, InferenceSettings, segment_files
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Data layer: NIfTI files on disk -> checked case lists -> training-space volumes (cached) -> crops,
 and back from the training space to the original scan with `restore`.
 
-Of the rest of mulmodseg it imports only ``errors`` (``DataError`` is a ``UserError``) and ``checkpoint``'s
+Of the rest of mulmodseg it imports only ``errors`` (``DataError`` is a ``UserError``) and ``files``'
 ``atomic_write`` (the cache's files).
 """
 from .cache import VolumeCache, file_sha256, load_training_volumes
@@ -23,8 +23,17 @@ from .cases import (
 )
 from .checks import check_cases
 from .labels import apply_label_map, parse_label_map
-from .preprocess import default_settings, load_volume, preprocess, read_label, resolve_settings, restore, restore_argmax
-from .sampling import POSITIVE_CENTRES, CropDataset, collate_crops
+from .preprocess import (
+    default_settings,
+    load_volume,
+    preprocess,
+    read_label,
+    resolve_settings,
+    restore,
+    restore_argmax,
+    restore_probabilities,
+)
+from .sampling import POSITIVE_CENTRES, CropDataset, collate_crops, labelled_mask
 from .splits import Splits, fold_problems, kfold_split, make_folds, split_cases, subsample
 
 __all__ = [
@@ -32,7 +41,7 @@ __all__ = [
     "VolumeCache", "amos_modality", "apply_label_map", "check_cases",
     "collate_crops", "default_settings", "discover_amos", "discover_cases", "discover_modalities",
     "file_sha256", "fold_problems", "has_validation_list", "is_extra_channel", "kfold_split", "make_folds",
-    "load_training_volumes", "load_volume", "nifti_stem", "not_nifti_hint", "parse_label_map",
-    "preprocess", "read_label",
-    "resolve_settings", "restore", "restore_argmax", "Splits", "split_cases", "subsample", "validation_cases",
+    "labelled_mask", "load_training_volumes", "load_volume", "nifti_stem", "not_nifti_hint", "parse_label_map",
+    "preprocess", "read_label", "resolve_settings", "restore", "restore_argmax", "restore_probabilities", "Splits",
+    "split_cases", "subsample", "validation_cases",
 ]

@@ -384,6 +384,16 @@ def restore(array: np.ndarray, meta: dict[str, Any], interpolation: str = "neare
     return np.ascontiguousarray(from_ras(out, np.asarray(meta["ornt"], dtype=int), lead=lead))
 
 
+def restore_probabilities(probs: np.ndarray, meta: dict, dtype: type = np.float16) -> np.ndarray:
+    """Softmax (K, X, Y, Z) on the training grid -> (K, *original shape) of ``dtype`` on the scan's grid,
+    linearly, channel by channel (one float32 copy of a channel at a time); outside the foreground crop
+    background, probability 1 for class 0 and 0 for the others."""
+    restored = np.empty((len(probs), *meta["original_shape"]), dtype=dtype)
+    for k, channel in enumerate(probs):
+        restored[k] = restore(channel, meta, "linear", fill=1.0 if k == 0 else 0.0)
+    return restored
+
+
 def restore_argmax(scores: np.ndarray, meta: dict[str, Any], planes: int = 16) -> np.ndarray:
     """Class scores (C, X, Y, Z) of the training space (probabilities or logits) -> uint8 labels on the
     original grid: every channel restored linearly (as ``restore(..., "linear")``) and the argmax taken

@@ -238,3 +238,13 @@ def collate_crops(batch: list[dict[str, object]]) -> dict[str, object]:
     if all("modality" in item for item in batch) and batch:
         out["modality"] = [item["modality"] for item in batch for _ in range(item["image"].shape[0])]
     return out
+
+
+def labelled_mask(labelled: Sequence[int] | None, num_classes: int) -> np.ndarray:
+    """(num_classes,) bool, one of `CropDataset`'s `labelled` masks: background and the foreground classes
+    `labelled` (a case's ``Case.labelled``, the classes its dataset labels; None: every class)."""
+    if labelled is None:
+        return np.ones(num_classes, dtype=bool)
+    mask = np.zeros(num_classes, dtype=bool)
+    mask[[0, *labelled]] = True
+    return mask
