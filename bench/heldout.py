@@ -24,9 +24,10 @@ Each run's folder (``OUT/<variant>_fold<K>``) keeps its checkpoint and predictio
 again, not retrained. The table (Dice and NSD per organ, mean +- std over the held-out cases, training time,
 the machine) is printed and appended to ``bench/RESULTS.md``.
 
-    python bench/heldout.py                                    # a on both folds, b, c and p on fold 0
+    python bench/heldout.py                                    # a on both folds, b, c and n on fold 0
     python bench/heldout.py --runs a_fold0 a_fold1             # the recipe alone
     python bench/heldout.py --all --out runs/heldout           # the model of all the data
+    python bench/heldout.py --runs a_fold0 a_fold1 --overlap 0.25  # the trained recipe scored with fewer windows
 """
 from __future__ import annotations
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="instead: train the recipe on all the data into OUT/all")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of each training (the same for every "
                    "variant): about 20 min on 2 CPU cores")
+    p.add_argument("--overlap", type=float, default=InferenceSettings.overlap,
+                   help="the sliding window's overlap when segmenting the held-out scans (infer.py's --overlap); "
+                   "another than the default writes its predictions to heldout_overlap<X> in the run's folder")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one fold and variant: a smoke test, not a "
@@ -162,15 +166,15 @@ def trained(config: TrainConfig) -> float:
     return time.time() - t0
 
 
-def held_out_scores(checkpoint: Path, held_out: dict[str, tuple[str, Path]], out: Path) -> dict[str, list[dict]]:
+def held_out_scores(checkpoint: Path, held_out: dict[str, tuple[str, Path]], out: Path,
+                    settings: InferenceSettings) -> dict[str, list[dict]]:
     """{set name: infer.py's records} of each held-out set (modality, dataset folder), segmented into
-    ``out/<set>`` with the default inference settings and scored against its labels."""
+    ``out/<set>`` with ``settings`` and scored against its labels."""
     scores = {}
     for name, (modality, folder) in held_out.items():
         inputs = find_inputs(folder / "imagesTr")
-        scores[name] = segment_files(checkpoint, inputs, out / name.replace(" ", "_"), modality,
-                                     InferenceSettings(), overwrite=True, labels_dir=folder / "labelsTr",
-                                     log=lambda m: None)
+        scores[name] = segment_files(checkpoint, inputs, out / name.replace(" ", "_"), modality, settings,
+                                     overwrite=True, labels_dir=folder / "labelsTr", log=lambda m: None)
     return scores
 
 
@@ -195,11 +199,18 @@ def table(rows: dict[str, dict], metric: str) -> str:
     runs = list(rows)
     lines = ["| held-out scans | organ | " + " | ".join(runs) + " |", "|---|---|" + "---:|" * len(runs)]
     lines.append("| | training minutes | " + " | ".join(f"{rows[r]['seconds'] / 60:.1f}" for r in runs) + " |")
+    lines.append("| | inference s per scan | " + " | ".join(f"{inference_seconds(rows[r]['scores']):.2f}" for r in runs)
+                 + " |")
     for name, _, _, organs in HELD_OUT:
         columns = [organ_cells(rows[r]["scores"].get(name, []), organs, metric) for r in runs]
         for i, organ in enumerate([*organs, "mean"]):
             lines.append(f"| {name} | {organ} | " + " | ".join(c[i] for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def inference_seconds(scores: dict[str, list[dict]]) -> float:
+    """Mean seconds per held-out scan of infer.py's path (read, preprocess, sliding window, restore, write)."""
+    return float(np.mean([r["seconds"] for records in scores.values() for r in records]))
 
 
 def pooled(rows: dict[str, dict], variant: str) -> dict | None:
@@ -245,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run}: {config.epochs} epochs ({config.mode}, --augment {config.augment}), held out: "
               f"{', '.join(test_ids)}", file=sys.stderr, flush=True)
         seconds = trained(config)
-        scores = held_out_scores(out / run / "last.pt", held_out, out / run / "heldout")
+        predictions = out / run / ("heldout" if args.overlap == InferenceSettings.overlap
+                                   else f"heldout_overlap{args.overlap:g}")
+        scores = held_out_scores(out / run / "last.pt", held_out, predictions, InferenceSettings(overlap=args.overlap))
         rows[run] = {"scores": scores, "seconds": seconds}
     for variant in sorted({run[0] for run in args.runs}):
         both = pooled(rows, variant)
@@ -255,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             "other patients' scans. Each cell: mean ± std over the held-out cases.\n\n"
             f"Dice:\n\n{table(rows, 'dice')}\nNSD at 2 mm:\n\n{table(rows, 'nsd')}")
     settings = ", ".join(f"{k}={v}" for k, v in {**RECIPE, "steps": steps}.items())
-    report("Held-out accuracy (bench/heldout.py)", torch.device("cpu"), text, [f"recipe: {settings}"],
+    report("Held-out accuracy (bench/heldout.py)", torch.device("cpu"), text,
+           [f"recipe: {settings}", f"inference: infer.py's defaults, sliding-window overlap {args.overlap:g}"],
            write=not args.no_write)
     return 0
 

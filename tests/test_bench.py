@@ -190,5 +190,8 @@ def test_heldout_stages_folds_counts_steps_and_tabulates_without_the_shared_data
     records = [{"dice": np.array([0.5, nan, nan, nan, nan, 0.9] + [nan] * 7)},
                {"dice": np.array([0.7, nan, nan, nan, nan, nan] + [nan] * 7)}]
     assert heldout.organ_cells(records, ("liver", "spleen"), "dice") == ["0.900", "0.600 ± 0.100", "0.750"]
+    # Seconds per scan over every held-out set; the overlap defaults to infer.py's.
+    assert heldout.inference_seconds({"MR": [{"seconds": 2.0}, {"seconds": 4.0}], "CT": [{"seconds": 6.0}]}) == 4.0
+    assert args.overlap == 0.5 and heldout.parse_args(["--overlap", "0.25"]).overlap == 0.25
     with pytest.raises(SystemExit):
         heldout.parse_args(["--runs", "a_fold2"])
