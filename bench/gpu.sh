@@ -38,6 +38,8 @@ step() {  # step LIMIT_SECONDS SCRIPT ARGS...: run it if LIMIT still fits in the
 
 step 100 bench/inference.py --amp bf16 --warmup 2
 step 100 bench/train_step.py --also bf16 --warmup 2
+step 90 bench/profile_inference.py --real_size --peer
+step 90 bench/profile_inference.py --real_size --peer --backbone swinunetr
 step 60 bench/inference.py --amp bf16 --only unet --also channels_last sw16 --warmup 2
 step 90 bench/memory.py --skip-host
 step 200 bench/train_step.py --only swin --also bf16+compile --warmup 2

@@ -15,7 +15,8 @@ dataset: its dataset.json names the four organs it labels), then segments, with 
 - ``c``: ALT with CHAOS's unlabelled organs read as background (``--labelled`` all classes: the library before
   partial labels);
 - ``n``: the recipe with nnU-Net's augmentation (``--augment nnunet --mirror_axes 0 1 2``) instead of the paper's.
-  At this budget it fitted less than the paper's (bench/RESULTS.md), which made the paper's the recipe.
+  At this budget it fitted less than the paper's (bench/RESULTS.md), which made the paper's the recipe;
+- ``m``: ``n`` without mirroring (``--augment nnunet``, no ``--mirror_axes``): nnU-Net's other transforms alone.
 
 ``--all`` trains the recipe on everything (bundled pair, all 10 CHAOS patients, ``ts-ct-slab`` and
 ``msd-spleen-ct`` as partially labelled CT) into ``OUT/all/last.pt``: the model a user would train from this data.
@@ -60,12 +61,12 @@ HELD_OUT = [
     ("ts-ct-slab", "CT", "ts-ct-slab", ("liver", "spleen", "stomach", "aorta", "inferior vena cava", "pancreas")),
     ("msd-spleen-ct", "CT", "msd-spleen-ct", ("spleen",)),
 ]
-# The recipe's settings (chosen by the runs written in bench/RESULTS.md, "Held-out accuracy"); the variant n
-# trains with NNUNET_AUGMENT instead of the paper's augmentation.
+# The recipe's settings (chosen by the runs written in bench/RESULTS.md, "Held-out accuracy"); the variants n and m
+# train with their AUGMENT settings instead of the paper's augmentation.
 RECIPE = dict(backbone="unet", base_channels=8, text="onehot", spacing=(4.5, 4.5, 4.5), roi_size=(48, 48, 48),
               num_samples=4, lr=3e-3, warmup_epochs=2, num_workers=0, positive_centres="class", amp="auto",
               augment="paper", mirror_axes=())
-NNUNET_AUGMENT = dict(augment="nnunet", mirror_axes=(0, 1, 2))
+AUGMENT = {"n": dict(augment="nnunet", mirror_axes=(0, 1, 2)), "m": dict(augment="nnunet", mirror_axes=())}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/heldout", help="runs, staging folders and splits.json go here")
     p.add_argument("--runs", nargs="*", default=["a_fold0", "a_fold1", "b_fold0", "c_fold0", "n_fold0"],
                    help="VARIANT_foldK of each run (a: the recipe; b: MR only; c: ALT with unlabelled organs read as "
-                   "background; n: the recipe with --augment nnunet --mirror_axes 0 1 2; folds 0 and 1); a trained "
+                   "background; n: the recipe with --augment nnunet --mirror_axes 0 1 2; m: n without mirroring; "
+                   "folds 0 and 1); a trained "
                    "run is only scored")
     p.add_argument("--all", action="store_true", help="instead: train the recipe on all the data into OUT/all")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps of each training (the same for every "
@@ -97,9 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags of ``argv``, checked (each run VARIANT_foldK; ``--quick`` runs the first one, writing nothing)."""
     p = build_parser()
     args = p.parse_args(argv)
-    bad = [r for r in args.runs if not re.fullmatch(r"[abcn]_fold[01]", r)]
+    bad = [r for r in args.runs if not re.fullmatch(r"[abcnm]_fold[01]", r)]
     if bad:
-        p.error(f"--runs {' '.join(bad)}: each run is a, b, c or n, then _fold0 or _fold1")
+        p.error(f"--runs {' '.join(bad)}: each run is a, b, c, n or m, then _fold0 or _fold1")
     if args.quick:
         args.no_write, args.runs = True, args.runs[:1]
     return args
@@ -144,8 +146,7 @@ def run_config(variant: str, data_dirs: dict[str, list[str]], out: Path, steps: 
     labelled = {}
     if variant == "c":  # every class labelled: CHAOS's 0s read as background
         labelled = {d: list(CLASSES[1:]) for dirs in data_dirs.values() for d in dirs if "chaos" in Path(d).name}
-    settings = dict(RECIPE, warmup_epochs=min(RECIPE["warmup_epochs"], epochs), **(NNUNET_AUGMENT if variant == "n"
-                                                                                  else {}))
+    settings = dict(RECIPE, warmup_epochs=min(RECIPE["warmup_epochs"], epochs), **AUGMENT.get(variant, {}))
     if args.quick:
         settings.update(base_channels=4, spacing=(9.0, 9.0, 9.0), roi_size=(32, 32, 32), num_samples=1)
     return TrainConfig(data_dirs=data_dirs, labelled=labelled, out=str(out), mode=mode, epochs=epochs,

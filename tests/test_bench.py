@@ -149,6 +149,21 @@ def test_profile_inference_quick_times_every_stage(capsys):
     assert "function calls" in out  # cProfile's table follows
 
 
+def test_profile_inference_real_size_quick_times_a_resampled_ct_against_monai(capsys):
+    """--real_size's CT (here a small grid: --quick) through infer.py's path, with MONAI's sliding window beside."""
+    import profile_inference
+
+    profile_inference.main(["--quick", "--real_size", "--peer", "--amp", "none", "--backbone", "swinunetr"])
+    out = capsys.readouterr().out
+    rows = {r[0]: r for r in table_rows(out, "") if r[0] != "stage"}
+    assert float(rows["MONAI sliding window, fp32, same network"][1]) > 0
+    assert float(rows["total"][3]) >= float(rows["preprocess"][3]) > 0  # peak memory only grows
+    whole = float(rows["whole scan with MONAI's sliding window"][1])
+    assert whole == pytest.approx(float(rows["total"][1]) - float(rows["sliding window (network + blending)"][1])
+                                  + float(rows["MONAI sliding window, fp32, same network"][1]), rel=0.01)
+    assert "a 96 x 96 x 60 CT at 0.8 x 0.8 x 1.5 mm" in out and "(swinunetr)" in out and "x on the whole scan" in out
+
+
 def test_gradient_guard_quick_reports_healthy_norms(capsys):
     import gradient_guard
 
@@ -186,6 +201,8 @@ def test_heldout_stages_folds_counts_steps_and_tabulates_without_the_shared_data
     assert background.labelled == {str(source): list(heldout.CLASSES[1:])} and alt.labelled == {}
     nnunet = heldout.run_config("n", dirs, tmp_path / "n", 120, args)
     assert (nnunet.augment, nnunet.mirror_axes, nnunet.epochs) == ("nnunet", (0, 1, 2), 10)
+    unmirrored = heldout.run_config("m", dirs, tmp_path / "m", 120, args)
+    assert (unmirrored.augment, unmirrored.mirror_axes, unmirrored.epochs) == ("nnunet", (), 10)
     nan = float("nan")
     records = [{"dice": np.array([0.5, nan, nan, nan, nan, 0.9] + [nan] * 7)},
                {"dice": np.array([0.7, nan, nan, nan, nan, nan] + [nan] * 7)}]
