@@ -49,17 +49,20 @@ def make_step(model: torch.nn.Module, batch: dict, device: torch.device, amp, ch
                               amp_dtype=amp)
 
 
-def ours_variants(build, label: str, variants, batch: dict, device: torch.device, notes: list) -> dict:
-    """Extra contenders: our model ``build()[label]`` (same seed, same weights) with bf16 autocast, alone
-    (``bf16``), with torch.compile (``bf16+compile``) or in channels_last_3d (``bf16+channels_last``),
-    for each name in ``variants``. Each is tried once first: one that fails (e.g. a compiler missing on
-    the machine) is left out with a note in ``notes``, and the other rows are still measured."""
+def ours_variants(build, label: str, variants, batch: dict, device: torch.device, notes: list, amp=None) -> dict:
+    """Extra contenders: our model ``build()[label]`` (same seed, same weights) in each setting of ``variants``,
+    names joined by "+": ``bf16`` autocast (else ``amp``), ``compile`` (torch.compile, inductor) and
+    ``channels_last`` (channels_last_3d weights and crops), e.g. ``bf16+compile`` or ``channels_last+compile``.
+    Each is tried once first: one that fails (e.g. a compiler missing on the machine) is left out with a note in
+    ``notes``, and the other rows are still measured."""
     fns = {}
     for variant in variants:
+        parts = variant.split("+")
         model = build()[label]
-        if variant == "bf16+compile":
+        if "compile" in parts:
             model = torch.compile(model)
-        fn = make_step(model, batch, device, torch.bfloat16, channels_last=variant == "bf16+channels_last")
+        fn = make_step(model, batch, device, torch.bfloat16 if "bf16" in parts else amp,
+                       channels_last="channels_last" in parts)
         try:
             fn()
             sync(device)
@@ -81,8 +84,10 @@ def main(argv=None) -> None:
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
     parser.add_argument("--only", choices=["all", "swin", "unet"], default="all")
-    parser.add_argument("--also", nargs="*", choices=["bf16", "bf16+compile", "bf16+channels_last"], default=[],
-                        help="also time our model in these settings while the peers keep --amp")
+    parser.add_argument("--also", nargs="*", default=[],
+                        choices=["bf16", "bf16+compile", "bf16+channels_last", "compile", "channels_last+compile"],
+                        help="also time our model in these settings while the peers keep --amp (compile: "
+                        "torch.compile; channels_last: channels_last_3d, train.py's layout for the UNet on the CPU)")
     parser.add_argument("--before", action="store_true",
                         help="also time our SwinUNETR with SDPA window attention (the code before the fix)")
     args = parser.parse_args(argv)
@@ -113,7 +118,7 @@ def main(argv=None) -> None:
         if name == "UNet" and device.type == "cpu" and not args.quick:
             cl = unet_contenders(args.unet_base)["ours MulModSeg-UNet"]
             fns["ours MulModSeg-UNet channels_last_3d"] = make_step(cl, batch, device, amp, channels_last=True)
-        fns.update(ours_variants(build, ours_label, args.also, batch, device, notes))
+        fns.update(ours_variants(build, ours_label, args.also, batch, device, notes, amp))
         times = interleaved(fns, args.repeats, args.warmup, device)
         base = median(times[baseline])
         rows = [[name, label, median(t), min(t), max(t), base / median(t), args.batch / median(t)]
@@ -121,8 +126,8 @@ def main(argv=None) -> None:
         table = format_table(["backbone", "contender", "median s/step", "min", "max", "speed-up vs ref-head peer",
                               "crops/s"], rows)
         notes.insert(0, f"batch {args.batch} crops of {size}^3, SwinUNETR feature_size {args.feature_size}, UNet base "
-                        f"{args.unet_base}, amp {args.amp}, compile {args.compile} (a row whose name ends in ', bf16', "
-                        f"', bf16+compile' or ', bf16+channels_last' runs ours in that setting instead); "
+                        f"{args.unet_base}, amp {args.amp}, compile {args.compile} (a row whose name ends in a setting "
+                        f"of --also, e.g. ', bf16+compile', runs ours in that setting instead); "
                         f"{args.repeats} interleaved rounds after {args.warmup} warm-up; speed-up = peer median / "
                         "contender median (same group)")
         # One entry per backbone, written as soon as it is measured: a time limit later keeps it.
