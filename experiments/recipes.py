@@ -64,7 +64,7 @@ class Run:
     """One training run and its evaluations, as one row (or, with ``row`` shared, part of a row) of a table.
 
     folders: modality -> training folder inside the prepared dataset (default: DATASETS' folders).
-    paper: column -> the paper's average for this row, where method.md quotes one.
+    paper: column -> the paper's average for this row, where the paper's table gives one.
     """
 
     row: str
