@@ -97,7 +97,7 @@ def test_gpu_script_is_valid_bash_and_runs_every_gpu_measurement():
     subprocess.run(["bash", "-n", str(script)], check=True)
     lines = [line.split() for line in script.read_text().splitlines() if line.startswith("step ")]
     assert {line[2] for line in lines} == {"bench/inference.py", "bench/train_step.py", "bench/memory.py",
-                                           "bench/profile_step.py"}
+                                           "bench/profile_step.py", "bench/profile_inference.py"}
     # The most important measurements come first: the memory peak before the compile steps.
     first_compile = next(i for i, line in enumerate(lines) if "bf16+compile" in line)
     assert next(i for i, line in enumerate(lines) if line[2] == "bench/memory.py") < first_compile
