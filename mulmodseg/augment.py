@@ -340,8 +340,7 @@ def augment_batch(image: torch.Tensor, label: torch.Tensor, keys: Sequence[Seque
     images, labels = _spatial(image, label, params, settings, out_size, label_fill)
     # one copy of every row into the batch (a per-row op costs a wait for every thread on a busy CPU)
     image, label = torch.stack(images), torch.stack(labels)
-    blur_radius = max(1, math.ceil(3.0 * settings.blur_sigma_range[1]))  # nnU-Net's 3 sigma
-    return apply_intensity(image, params, blur_radius, settings.gamma_retain_stats), label
+    return apply_intensity(image, params, settings.blur_sigma_range[1], settings.gamma_retain_stats), label
 
 
 def _check_inputs(image: torch.Tensor, label: torch.Tensor, keys: Sequence[Sequence[int]], out_size: tuple[int, ...]
@@ -365,8 +364,8 @@ def _spatial(image: torch.Tensor, label: torch.Tensor, params: RowParams, settin
     centre slices for the others. Returns each row's image and label, (1, *out_size)."""
     in_size = tuple(image.shape[2:])
     start = [(i - o) // 2 for i, o in zip(in_size, out_size)]
-    images: list = [None] * image.shape[0]  # every row gets its tensor below, as does every row of labels
-    labels: list = list(images)
+    images: list = [None] * image.shape[0]  # every row gets its tensor below
+    labels: list = [None] * label.shape[0]
     warped = np.flatnonzero(params.spatial)
     for row in np.flatnonzero(~params.spatial):
         window = (row, slice(None), *(slice(s, s + o) for s, o in zip(start, out_size)))

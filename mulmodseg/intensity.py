@@ -7,6 +7,7 @@ Imports only torch and numpy: it can be copied out with ``augment.py``.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,13 +15,14 @@ import numpy as np
 import torch
 
 
-def apply_intensity(x: torch.Tensor, params: Any, blur_radius: int, retain_stats: bool) -> torch.Tensor:
+def apply_intensity(x: torch.Tensor, params: Any, max_blur_sigma: float, retain_stats: bool) -> torch.Tensor:
     """x (B, 1, X, Y, Z) with the intensity transforms each row drew (``params``: ``augment.RowParams``, per-row
-    numpy arrays) in nnU-Net's order: noise, blur (taps -blur_radius..blur_radius), brightness, contrast, low
-    resolution, inverted gamma, gamma (``retain_stats``: mean and std restored). Row by row, each written in place
-    by its last operation: the statistics these transforms take (mean, std, range) are then each row's own sums,
-    whatever the batch."""
+    numpy arrays) in nnU-Net's order: noise, blur, brightness, contrast, low resolution, inverted gamma, gamma
+    (``retain_stats``: mean and std restored). Every blur has the taps of the largest sigma it can draw,
+    ``max_blur_sigma``. Row by row, each written in place by its last operation: the statistics these transforms
+    take (mean, std, range) are then each row's own sums, whatever the batch."""
     shape = x.shape[1:]
+    blur_radius = max(1, math.ceil(3.0 * max_blur_sigma))  # nnU-Net's 3 sigma
     for row in np.flatnonzero(params.noise):
         generator = torch.Generator().manual_seed(int(params.noise_seed[row]))
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)

@@ -123,7 +123,7 @@ class Segmenter:
         self.classes = self.config["classes"]
         self.modalities = list(self.config["preprocess"])
         # Test-time mirroring averages only the mirrors the model learned to be invariant to.
-        self.mirror_axes = tuple(self.config.get("train", {}).get("mirror_axes", ()))
+        self.mirror_axes = tuple(self.config["train"].get("mirror_axes", ()))
         if self.settings.tta and not self.mirror_axes:
             raise ValueError(f"--tta: {checkpoint} was trained without mirroring (train.py --mirror_axes), so a "
                              "mirrored scan is anatomy it never saw and its predictions would not agree with the "
@@ -380,6 +380,7 @@ def segment_files(
                 log(f"{name} -> {target} in {record['seconds']:.1f}s, ETA {eta:.0f}s")
             complete.append(target)
             if truth is not None:
+                # On the scan's grid, with its voxel sizes (the label was read onto that grid).
                 spacing = nib.affines.voxel_sizes(reference.affine)
                 record.update(case_metrics(label, truth, len(classes), spacing, nsd_tolerance, labelled=scored),
                               reference=str(plan.labels[src]))

@@ -213,8 +213,8 @@ class Trainer:
             self.val_volumes[name] = mdata.load_training_volumes(self.val_cases[name], self.settings[name], cache)
             self.log(f"{name}: {len(volumes)} training and {len(self.val_volumes[name])} validation volumes "
                      f"ready in {time.time() - t0:.1f}s")
-            masks = [mdata.labelled_mask(c.labelled, len(self.classes)) for c in self.cases[name]]
-            datasets[name] = mdata.CropDataset(volumes, crop, modality=name, labelled=masks if partial else None,
+            masks = [mdata.labelled_mask(c.labelled, len(self.classes)) for c in self.cases[name]] if partial else None
+            datasets[name] = mdata.CropDataset(volumes, crop, modality=name, labelled=masks,
                                                keys=self.augment is not None, **crop_settings(cfg, name))
 
         def loader(dataset, modality: int) -> EpochLoader:
