@@ -97,9 +97,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def stages(segmenter: Segmenter, scan: Path, modality: str, output: Path
-           ) -> tuple[dict[str, tuple[float, float]], tuple[int, ...]]:
-    """(seconds, peak memory MB so far) of each stage of one inference of ``scan``, in order, and the shape of
-    the preprocessed image."""
+           ) -> tuple[dict[str, tuple[float, float]], np.ndarray]:
+    """(seconds, peak memory MB so far) of each stage of one inference of ``scan``, in order, and the preprocessed
+    image."""
     times = {}
 
     def done(name: str, start: float) -> None:
@@ -121,16 +121,15 @@ def stages(segmenter: Segmenter, scan: Path, modality: str, output: Path
     t = time.perf_counter()
     write_like(label, mdata.load_volume(scan), output)
     done("write label map", t)
-    return times, image.shape
+    return times, image
 
 
-def monai_seconds(segmenter: Segmenter, scan: Path, modality: str) -> float:
-    """Seconds of MONAI's sliding window over ``scan``'s preprocessed image with the segmenter's network (its
+def monai_seconds(segmenter: Segmenter, image: np.ndarray, modality: str) -> float:
+    """Seconds of MONAI's sliding window over the preprocessed ``image`` with the segmenter's network (its
     weights, fp32, contiguous), overlap and windows per call, Gaussian blending, the output on the network's
     device as MONAI does by default."""
     from monai.inferers import sliding_window_inference as monai_swi
 
-    image, _, _ = mdata.preprocess(scan, None, modality, **segmenter.config["preprocess"][modality])
     model = copy.deepcopy(segmenter.model).to(memory_format=torch.contiguous_format).float()
     x = torch.as_tensor(image, dtype=torch.float32)[None, None].to(segmenter.device)
     s = segmenter.settings
@@ -192,8 +191,10 @@ def main(argv: list[str] | None = None) -> None:
         output = tmp / "label.nii.gz"
         for _ in range(args.warmup):
             stages(segmenter, scan, args.modality, output)
-        runs, grids = zip(*(stages(segmenter, scan, args.modality, output) for _ in range(args.repeats)))
-        peer = monai_seconds(segmenter, scan, args.modality) if args.peer else None
+        runs, images = zip(*(stages(segmenter, scan, args.modality, output) for _ in range(args.repeats)))
+        peer = monai_seconds(segmenter, images[-1], args.modality) if args.peer else None
+        grid = images[-1].shape
+        del images  # a whole scan each: not held through cProfile's run
         profiler = None
         if args.rows:
             profiler = cProfile.Profile()
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{size}, {' x '.join(f'{s:g}' for s in spacing)} mm, {args.roi}^3 windows")
     what = f"a {' x '.join(map(str, shape))} CT at {' x '.join(map(str, REAL_SPACING))} mm (the bundled CT resampled)" \
         if args.real_size else f"scan {scan.name} {tuple(shape)} ({args.modality})"
-    notes = [f"{what}, {' x '.join(map(str, grids[0]))} voxels after preprocessing; checkpoint "
+    notes = [f"{what}, {' x '.join(map(str, grid))} voxels after preprocessing; checkpoint "
              f"{args.checkpoint or built} ({model['backbone']}); device {segmenter.device}, amp {args.amp} -> "
              f"{segmenter.amp_dtype or 'fp32'}, channels_last {segmenter.channels_last}, overlap {args.overlap:g}, "
              f"{segmenter.settings.sw_batch_size} windows per call; median of {args.repeats} after {args.warmup} "
