@@ -203,6 +203,8 @@ def test_heldout_stages_folds_counts_steps_and_tabulates_without_the_shared_data
     assert (nnunet.augment, nnunet.mirror_axes, nnunet.epochs) == ("nnunet", (0, 1, 2), 10)
     unmirrored = heldout.run_config("m", dirs, tmp_path / "m", 120, args)
     assert (unmirrored.augment, unmirrored.mirror_axes, unmirrored.epochs) == ("nnunet", (), 10)
+    limited = heldout.run_config("f", dirs, tmp_path / "f", 120, args)
+    assert (limited.augment, limited.fov_prob, limited.fov_min, alt.fov_prob) == ("paper", 0.3, 0.15, 0.0)
     nan = float("nan")
     records = [{"dice": np.array([0.5, nan, nan, nan, nan, 0.9] + [nan] * 7)},
                {"dice": np.array([0.7, nan, nan, nan, nan, nan] + [nan] * 7)}]
@@ -212,3 +214,42 @@ def test_heldout_stages_folds_counts_steps_and_tabulates_without_the_shared_data
     assert args.overlap == 0.5 and heldout.parse_args(["--overlap", "0.25"]).overlap == 0.25
     with pytest.raises(SystemExit):
         heldout.parse_args(["--runs", "a_fold2"])
+
+
+def test_ct_limits_derives_its_scans_from_the_sets_without_the_shared_data(tmp_path):
+    # The sets are not in a fresh clone: a labelled "training CT" (LPS, 3 mm slices) and two held-out ones.
+    import json
+
+    import ct_limits
+    import nibabel as nib
+
+    image = np.full((6, 6, 30), -100.0, np.float32)
+    label = np.zeros((6, 6, 30), np.uint8)
+    image[:3, :, 10:20], label[:3, :, 10:20] = 40.0, 1  # spleen, slices 10..19
+    image[3:, :, 5:25], label[3:, :, 5:25] = 60.0, 6  # liver
+    lps = np.diag([-1.0, -1.0, 3.0, 1.0])
+    data = tmp_path / "data"
+    for sub in ("sample/ct", "ts-ct-slab", "msd-spleen-ct"):
+        for folder, array in (("imagesTr", image), ("labelsTr", label)):
+            (data / sub / folder).mkdir(parents=True)
+            nib.save(nib.Nifti1Image(array, lps), data / sub / folder / "case.nii.gz")
+    (data / "sample" / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}}))
+    for sub in ("ts-ct-slab", "msd-spleen-ct"):
+        (data / sub / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "6": "liver"}}))
+    hu = ct_limits.organ_hu(*ct_limits.pair(data / "sample" / "ct"))
+    assert hu == {"spleen": (40.0, 40.0, 40.0), "liver": (60.0, 60.0, 60.0)}
+    rows = ct_limits.conditions(data, tmp_path / "out", shift=50.0, slab_mm=12.0)
+    assert list(rows) == ["bundled CT (trained on)", "bundled CT (trained on), +50 HU",
+                          "bundled CT (trained on), 12 mm slab on the spleen", "ts-ct-slab", "ts-ct-slab, -50 HU",
+                          "msd-spleen-ct", "msd-spleen-ct, -50 HU"]
+    brighter, _ = ct_limits.pair(rows["bundled CT (trained on), +50 HU"])
+    darker, _ = ct_limits.pair(rows["ts-ct-slab, -50 HU"])
+    assert np.asarray(brighter.dataobj).max() == 110.0 and np.asarray(darker.dataobj).max() == 10.0
+    slab, slab_label = ct_limits.pair(rows["bundled CT (trained on), 12 mm slab on the spleen"])
+    # 4 slices of 3 mm centred on the spleen's 10..19, placed where they lay in the scan.
+    assert slab.shape == (6, 6, 4) and np.allclose(slab.affine[:3, 3], lps[:3, :3] @ [0, 0, 13])
+    assert np.array_equal(slab_label, label[:, :, 13:17])
+    # Each derived dataset labels what its set labels.
+    assert json.loads((rows["ts-ct-slab, -50 HU"] / "dataset.json").read_text())["labels"] == {
+        "0": "background", "6": "liver"}
+    assert ct_limits.main(["--checkpoints", "x.pt", "--data", str(tmp_path / "none"), "--no-write"]) == 2

@@ -186,3 +186,60 @@ def test_warp_prob_is_the_share_of_warped_crops(warp_prob, low, high):
     crops = ds[0]["image"][:, 0].numpy()
     warped = np.mean([not np.allclose(c, image) for c in crops])
     assert low <= warped <= high
+
+
+def test_view_box_holds_the_centre_and_draws_every_allowed_length():
+    from mulmodseg.data.sampling import view_box
+    rng = np.random.default_rng(0)
+    lengths, starts = [], []
+    for _ in range(2000):
+        box = view_box((20, 10, 5), 0.2, rng)
+        for axis, (s, n) in enumerate(zip(box, (20, 10, 5))):
+            assert s.start <= n // 2 < s.stop <= n and s.stop - s.start >= int(np.ceil(0.2 * n))
+        lengths.append(box[0].stop - box[0].start)
+        starts.append(box[0].start)
+    assert set(lengths) == set(range(4, 21)) and set(starts) == set(range(0, 11))  # 4..20 voxels; centre 10 inside
+    assert view_box((8, 8, 8), 1.0, rng) == (slice(0, 8),) * 3
+
+
+def test_limit_view_keeps_the_box_and_fills_the_rest_with_image_0_and_background():
+    from mulmodseg.data.sampling import limit_view
+    image = np.arange(1, 4 * 5 * 6 + 1, dtype=np.float32).reshape(4, 5, 6)
+    label = np.full((4, 5, 6), 2, np.int64)
+    box = (slice(1, 3), slice(0, 5), slice(2, 4))
+    kept_image, kept_label = limit_view(image, label, box)
+    inside = np.zeros((4, 5, 6), bool)
+    inside[box] = True
+    np.testing.assert_array_equal(kept_image[inside], image[inside])
+    assert np.all(kept_image[~inside] == 0) and np.all(kept_label[~inside] == 0) and np.all(kept_label[inside] == 2)
+    assert image.min() == 1 and label.min() == 2  # the inputs are left as they were
+
+
+@pytest.mark.parametrize("fov_prob, low, high", [(0.3, 0.22, 0.38), (1.0, 1.0, 1.0)])
+def test_fov_prob_is_the_share_of_crops_cut_to_a_box_around_their_centre(fov_prob, low, high):
+    # Image 1 everywhere and intensity augmentation off: a limited crop is the one with zeros, inside one box.
+    ds = CropDataset([_block_volume(24, 10, 14)], (24, 24, 24), num_samples=200, aug_prob=0.0, seed=3,
+                     fov_prob=fov_prob, fov_min=0.25)
+    item = ds[0]
+    images, labels = item["image"][:, 0].numpy(), item["label"][:, 0].numpy()
+    limited = np.array([(im == 0).any() for im in images])
+    assert low <= limited.mean() <= high
+    for im, lab in zip(images[limited], labels[limited]):
+        kept = np.argwhere(im == 1)
+        low_corner, high_corner = kept.min(0), kept.max(0) + 1
+        assert len(kept) == np.prod(high_corner - low_corner)  # one box
+        assert np.all(low_corner <= 12) and np.all(high_corner > 12) and np.all(high_corner - low_corner >= 6)
+        assert not lab[im == 0].any()  # no label outside the view
+    again = CropDataset([_block_volume(24, 10, 14)], (24, 24, 24), num_samples=200, aug_prob=0.0, seed=3,
+                        fov_prob=fov_prob, fov_min=0.25)[0]
+    assert torch.equal(again["image"], item["image"]) and torch.equal(again["label"], item["label"])
+
+
+def test_fov_off_draws_nothing_so_runs_before_it_replay_their_crops():
+    volume = _block_volume()
+    before = CropDataset([volume], (16, 16, 16), num_samples=6, rotate_degrees=6, scale_range=0.1, seed=2)[0]
+    off = CropDataset([volume], (16, 16, 16), num_samples=6, rotate_degrees=6, scale_range=0.1, seed=2,
+                      fov_prob=0.0, fov_min=0.5)[0]
+    assert torch.equal(before["image"], off["image"]) and torch.equal(before["label"], off["label"])
+    with pytest.raises(ValueError, match="fov_prob must be in"):
+        CropDataset([volume], (16, 16, 16), fov_prob=1.5)

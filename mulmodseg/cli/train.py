@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modalities that get --rotate_degrees/--scale_range (default: all; the reference: CT)")
     g.add_argument("--warp_prob", type=float, default=d.warp_prob,
                    help="share of crops that get --rotate_degrees/--scale_range (the reference's: 1)")
+    g.add_argument("--fov_prob", type=float, default=d.fov_prob,
+                   help="share of crops cut to a random box around their centre (image 0 and background outside), "
+                   "as a slab or a cropped scan looks once padded to the window; with any --augment. Default: "
+                   "off, as the paper")
+    g.add_argument("--fov_min", type=float, default=d.fov_min,
+                   help="the --fov_prob box's least length per axis, as a share of the crop's (0.2 of 48 voxels of "
+                   "4.5 mm: 45 mm)")
     g.add_argument("--mirror_axes", type=int, nargs="*", default=list(d.mirror_axes), metavar="AXIS",
                    help="mirror crops along these RAS axes (0 left/right, 1 front/back, 2 up/down), each with "
                    "probability 0.5, the labels unchanged (as nnU-Net: a right kidney stays right kidney, told by "

@@ -11,6 +11,11 @@ crops on the largest organ (the liver is half the labelled voxels of an abdomina
 are seldom seen; `"class"` shows each organ equally often.
 
 Augmentation, applied per crop in this order:
+- optional limited field of view (off by default): with probability `fov_prob` the crop keeps only a box
+  around its centre, each axis `fov_min`..1 of its length, and the rest becomes image 0 and background,
+  which is what a slab or a crop of a scan looks like once preprocessing pads it to the window
+  (bench/ct_limits.py: a model trained on whole scans loses the spleen on a 40 mm slab of its own
+  training CT);
 - optional spatial warp (off by default; on when `rotate_degrees` or `scale_range` > 0), with probability
   `warp_prob` (default 1, the reference's RandAffine prob=1.0): rotation by U(-rotate_degrees,
   rotate_degrees) about the S/I axis (in the axial plane, as the reference's RandAffine
@@ -30,6 +35,7 @@ and a resumed run replays them. Call `set_epoch` before iterating each epoch; wi
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -59,14 +65,17 @@ class CropDataset(Dataset):
                  scale_range: float = 0.0, warp_prob: float = 1.0, flip: bool | Sequence[int] = False, seed: int = 0,
                  modality: str | None = None, positive_centres: str = "class",
                  labelled: Sequence[np.ndarray] | None = None,
-                 keys: bool = False):
+                 keys: bool = False, fov_prob: float = 0.0, fov_min: float = 0.2):
         if any(label is None for _, label in volumes):
             raise ValueError("CropDataset needs a label for every volume")
         if not 0.0 <= pos_fraction <= 1.0:
             raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
         if positive_centres not in POSITIVE_CENTRES:
             raise ValueError(f"positive_centres must be one of {POSITIVE_CENTRES}, got {positive_centres!r}")
+        if not 0.0 <= fov_prob <= 1.0 or not 0.0 < fov_min <= 1.0:
+            raise ValueError(f"fov_prob must be in [0, 1] and fov_min in (0, 1], got {fov_prob} and {fov_min}")
         self.positive_centres = positive_centres
+        self.fov_prob, self.fov_min = float(fov_prob), float(fov_min)
         self.volumes = list(volumes)
         self.roi_size = tuple(int(r) for r in roi_size)
         self.num_samples = int(num_samples)
@@ -141,6 +150,8 @@ class CropDataset(Dataset):
         images, labels = [], []
         for centre in centres:
             img, lab = self._crop(image, centre), self._crop(label, centre)
+            if self.fov_prob > 0 and rng.random() < self.fov_prob:  # no draw when off: runs before it replay
+                img, lab = limit_view(np.asarray(img), np.asarray(lab), view_box(img.shape, self.fov_min, rng))
             img, lab = self._augment(np.asarray(img, dtype=np.float32), np.asarray(lab, dtype=np.int64), rng)
             images.append(img)
             labels.append(lab)
@@ -179,6 +190,26 @@ class CropDataset(Dataset):
         if rng.random() < self.aug_prob:
             image = image + np.float32(rng.uniform(-self.intensity_shift, self.intensity_shift))
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
+
+
+def view_box(shape: Sequence[int], min_fraction: float, rng: np.random.Generator) -> tuple[slice, ...]:
+    """A random box of a crop of ``shape`` holding its centre voxel: per axis a length drawn uniformly from
+    ceil(``min_fraction`` * n)..n, then a start among those that keep the centre inside."""
+    box = []
+    for n in shape:
+        size = int(rng.integers(min(n, math.ceil(min_fraction * n)), n + 1))
+        centre = n // 2
+        start = int(rng.integers(max(0, centre - size + 1), min(centre, n - size) + 1))
+        box.append(slice(start, start + size))
+    return tuple(box)
+
+
+def limit_view(image: np.ndarray, label: np.ndarray, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """image, label (X, Y, Z) kept inside ``box`` only: image 0 and label 0 (background) elsewhere, as the
+    padding around a scan smaller than the window (new arrays)."""
+    image_out, label_out = np.zeros_like(image), np.zeros_like(label)
+    image_out[box], label_out[box] = image[box], label[box]
+    return image_out, label_out
 
 
 def warp(image: np.ndarray, label: np.ndarray, angle: float, scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
