@@ -273,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
             "other patients' scans. Each cell: mean ± std over the held-out cases.\n\n"
             f"Dice:\n\n{table(rows, 'dice')}\nNSD at 2 mm:\n\n{table(rows, 'nsd')}")
     settings = ", ".join(f"{k}={v}" for k, v in {**RECIPE, "steps": steps}.items())
+    changes = [f"variant {v}: " + ", ".join(f"{k}={x}" for k, x in AUGMENT[v].items())
+               for v in sorted({run[0] for run in args.runs} & set(AUGMENT))]
     report("Held-out accuracy (bench/heldout.py)", torch.device("cpu"), text,
-           [f"recipe: {settings}", f"inference: infer.py's defaults, sliding-window overlap {args.overlap:g}"],
-           write=not args.no_write)
+           [f"recipe: {settings}", *changes,
+            f"inference: infer.py's defaults, sliding-window overlap {args.overlap:g}"], write=not args.no_write)
     return 0
 
 
