@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                                    labels_dir=folder / "labelsTr", log=lambda m: None)[0]
             cells += [record["dice"][CLASSES.index(o) - 1] for o in ORGANS]
         dice_rows.append([name, *("-" if np.isnan(v) else f"{v:.3f}" for v in cells)])
-    header = ["CT scan"] + [f"{o} ({Path(c).parent.name})" for c in args.checkpoints for o in ORGANS]
+    # A checkpoint is named by its run folder and the folder above (runs of two bench/heldout.py --out side by side).
+    header = ["CT scan"] + [f"{o} ({'/'.join(Path(c).parts[-3:-1])})" for c in args.checkpoints for o in ORGANS]
     text = ("Hounsfield units of the labelled organs:\n\n"
             + format_table(["CT set", "organ", "median HU", "10th .. 90th percentile"], hu_rows)
             + "\n\nDice of infer.py's path (- : not labelled):\n\n" + format_table(header, dice_rows) + "\n")
