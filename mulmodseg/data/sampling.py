@@ -151,7 +151,7 @@ class CropDataset(Dataset):
         for centre in centres:
             img, lab = self._crop(image, centre), self._crop(label, centre)
             if self.fov_prob > 0 and rng.random() < self.fov_prob:  # no draw when off: runs before it replay
-                img, lab = limit_view(np.asarray(img), np.asarray(lab), view_box(img.shape, self.fov_min, rng))
+                img, lab = limit_view(img, lab, view_box(img.shape, self.fov_min, rng))
             img, lab = self._augment(np.asarray(img, dtype=np.float32), np.asarray(lab, dtype=np.int64), rng)
             images.append(img)
             labels.append(lab)
