@@ -67,6 +67,7 @@ class TrainConfig:
     warp_prob: float = 1.0  # share of crops that get them (the reference's RandAffine: prob 1.0)
     fov_prob: float = 0.0  # share of crops cut to a random box around their centre (a slab's or a crop's view)
     fov_min: float = 0.2  # the box's least length per axis, as a share of the crop's
+    remap_prob: float = 0.0  # share of crops whose intensities go through a random curve (shape over brightness)
     mirror_axes: tuple[int, ...] = ()  # RAS axes mirrored with p 0.5, labels unchanged (nnU-Net); none: reference
     epochs: int = 1000
     warmup_epochs: int = 10
@@ -227,6 +228,8 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
         problems.append(f"--fov_prob must be in [0, 1], got {cfg.fov_prob}")
     if not 0 < cfg.fov_min <= 1:
         problems.append(f"--fov_min must be in (0, 1], got {cfg.fov_min}")
+    if not 0 <= cfg.remap_prob <= 1:
+        problems.append(f"--remap_prob must be in [0, 1], got {cfg.remap_prob}")
     if not 0 <= cfg.val_fraction < 1:
         problems.append(f"--val_fraction must be in [0, 1), got {cfg.val_fraction}")
     problems += fold_config_problems(cfg, resuming)
@@ -274,14 +277,15 @@ def check_config(cfg: TrainConfig, resuming: bool = False) -> list[str]:
 def crop_settings(cfg: TrainConfig, modality: str) -> dict[str, Any]:
     """``mulmodseg.data.CropDataset``'s settings for one modality: with ``--augment paper`` its intensity
     augmentation, mirroring and (for ``--warp_modalities``) warp; none of them otherwise (``--augment nnunet``
-    augments on the device, ``augment_settings``). The limited field of view (``--fov_prob``) applies with any."""
+    augments on the device, ``augment_settings``). The limited field of view (``--fov_prob``) and the intensity
+    remapping (``--remap_prob``) apply with any."""
     paper = cfg.augment == "paper"
     warped = paper and (cfg.warp_modalities is None or modality in cfg.warp_modalities)
     return {"num_samples": cfg.num_samples, "aug_prob": 0.5 if paper else 0.0,
             "rotate_degrees": cfg.rotate_degrees if warped else 0.0, "scale_range": cfg.scale_range if warped else 0.0,
             "warp_prob": cfg.warp_prob, "positive_centres": cfg.positive_centres,
             "flip": cfg.mirror_axes if paper else (), "seed": cfg.seed, "fov_prob": cfg.fov_prob,
-            "fov_min": cfg.fov_min}
+            "fov_min": cfg.fov_min, "remap_prob": cfg.remap_prob}
 
 
 def augment_settings(cfg: TrainConfig) -> NnUNetAugment:

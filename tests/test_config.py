@@ -18,20 +18,22 @@ def test_check_config_lists_every_bad_setting_at_once():
     check_config(TrainConfig(data_dirs={"CT": "x"}))
     check_config(TrainConfig(data_dirs={"CT": "x"}, backbone="swinunetr", roi_size=(64, 96, 128)))
     bad = TrainConfig(data_dirs={"CT": "x"}, roi_size=(36, 32, 32), save_every=0, log_every=0, val_every=5,
-                      max_cases={"ct": 3}, fov_prob=-0.1, fov_min=0.0)
+                      max_cases={"ct": 3}, fov_prob=-0.1, fov_min=0.0, remap_prob=1.5)
     with pytest.raises(TrainingError) as err:
         check_config(bad)
     message = str(err.value)
-    assert message.startswith("7 setting problem(s)")
+    assert message.startswith("8 setting problem(s)")
     for part in ("--save_every must be > 0, got 0", "--log_every must be > 0, got 0",
                  "--fov_prob must be in [0, 1], got -0.1", "--fov_min must be in (0, 1], got 0.0",
+                 "--remap_prob must be in [0, 1], got 1.5",
                  "--roi_size 36 32 32: --backbone unet needs multiples of 8, e.g. 32 32 32",
                  "--val_every 5 has nothing to validate on: also pass --val_fraction",
                  "--max_cases ct=3: no modality 'ct' in this run (['CT'])"):
         assert part in message
     with pytest.raises(TrainingError, match="--backbone swinunetr needs multiples of 32, e.g. 64 64 64"):
         check_config(dataclasses.replace(bad, backbone="swinunetr", roi_size=(48, 64, 64), save_every=1,
-                                         log_every=1, val_every=0, max_cases={}, fov_prob=0.3, fov_min=0.2))
+                                         log_every=1, val_every=0, max_cases={}, fov_prob=0.3, fov_min=0.2,
+                                         remap_prob=0.3))
 
 
 def test_resumed_config_applies_resumable_settings_and_refuses_the_rest():
@@ -125,12 +127,13 @@ def test_defaults_have_one_source():
     assert tuple(crops["roi_size"].default) == cfg.roi_size == (96, 96, 96)
 
 
-def test_the_field_of_view_flags_reach_the_crops_with_any_augmentation():
+def test_the_field_of_view_and_remap_flags_reach_the_crops_with_any_augmentation():
     from mulmodseg.cli import train as train_cli
     from mulmodseg.config import crop_settings
     for augment in ("paper", "nnunet", "none"):
         args = train_cli.build_parser().parse_args(["--ct_dir", "x", "--augment", augment, "--fov_prob", "0.3",
-                                                    "--fov_min", "0.15"])
+                                                    "--fov_min", "0.15", "--remap_prob", "0.4"])
         settings = crop_settings(train_cli.config_from_args(args), "CT")
-        assert (settings["fov_prob"], settings["fov_min"]) == (0.3, 0.15)
+        assert (settings["fov_prob"], settings["fov_min"], settings["remap_prob"]) == (0.3, 0.15, 0.4)
     assert (TrainConfig().fov_prob, TrainConfig.from_dict({}).fov_prob) == (0.0, 0.0)  # off, as the paper
+    assert (TrainConfig().remap_prob, TrainConfig.from_dict({}).remap_prob) == (0.0, 0.0)

@@ -235,11 +235,41 @@ def test_fov_prob_is_the_share_of_crops_cut_to_a_box_around_their_centre(fov_pro
     assert torch.equal(again["image"], item["image"]) and torch.equal(again["label"], item["label"])
 
 
+def test_remap_intensity_is_the_piecewise_linear_curve_through_its_levels():
+    from mulmodseg.data.sampling import remap_intensity
+    levels = np.array([0.2, 1.0, 0.0, 0.5, 0.5, 0.9])  # at 0, 0.2, 0.4, 0.6, 0.8, 1
+    image = np.array([0.0, 0.2, 0.3, 0.4, 0.7, 1.0, -0.5, 1.5], np.float32).reshape(2, 2, 2)
+    out = remap_intensity(image, levels)
+    np.testing.assert_allclose(out.ravel(), [0.2, 1.0, 0.5, 0.0, 0.5, 0.9, 0.2, 0.9], atol=1e-6)
+    assert out.dtype == np.float32 and image[0, 0, 0] == 0.0  # a new array; the input as it was
+
+
+@pytest.mark.parametrize("remap_prob, low, high", [(0.3, 0.22, 0.38), (1.0, 1.0, 1.0)])
+def test_remap_prob_is_the_share_of_crops_whose_intensities_go_through_one_curve(remap_prob, low, high):
+    # Crops of a ramp, scale/shift off: a remapped crop differs from the plain one, and equal inputs stay equal.
+    ramp = np.broadcast_to(np.linspace(0, 1, 24, dtype=np.float32)[:, None, None], (24, 24, 24)).copy()
+    volume = (ramp, (ramp > 0.5).astype(np.int64))
+    plain = CropDataset([volume], (16, 16, 16), num_samples=200, aug_prob=0.0, seed=4)[0]
+    item = CropDataset([volume], (16, 16, 16), num_samples=200, aug_prob=0.0, seed=4, remap_prob=remap_prob)[0]
+    assert torch.equal(item["label"], plain["label"])  # centres drawn first: the same crops, labels untouched
+    images, before = item["image"][:, 0].numpy(), plain["image"][:, 0].numpy()
+    remapped = np.array([not np.array_equal(a, b) for a, b in zip(images, before)])
+    assert low <= remapped.mean() <= high
+    for a, b in zip(images[remapped], before[remapped]):
+        for value in np.unique(b):
+            assert np.ptp(a[b == value]) == 0  # one curve for the whole crop
+        assert 0.0 <= a.min() and a.max() <= 1.0
+    again = CropDataset([volume], (16, 16, 16), num_samples=200, aug_prob=0.0, seed=4, remap_prob=remap_prob)[0]
+    assert torch.equal(again["image"], item["image"])
+    with pytest.raises(ValueError, match="remap_prob must be in"):
+        CropDataset([volume], (16, 16, 16), remap_prob=-0.5)
+
+
 def test_fov_off_draws_nothing_so_runs_before_it_replay_their_crops():
     volume = _block_volume()
     before = CropDataset([volume], (16, 16, 16), num_samples=6, rotate_degrees=6, scale_range=0.1, seed=2)[0]
     off = CropDataset([volume], (16, 16, 16), num_samples=6, rotate_degrees=6, scale_range=0.1, seed=2,
-                      fov_prob=0.0, fov_min=0.5)[0]
+                      fov_prob=0.0, fov_min=0.5, remap_prob=0.0)[0]
     assert torch.equal(before["image"], off["image"]) and torch.equal(before["label"], off["label"])
     with pytest.raises(ValueError, match="fov_prob must be in"):
         CropDataset([volume], (16, 16, 16), fov_prob=1.5)

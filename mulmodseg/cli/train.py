@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fov_min", type=float, default=d.fov_min,
                    help="the --fov_prob box's least length per axis, as a share of the crop's (0.2 of 48 voxels of "
                    "4.5 mm: 45 mm)")
+    g.add_argument("--remap_prob", type=float, default=d.remap_prob,
+                   help="share of crops whose [0, 1] intensities go through a random piecewise-linear curve that "
+                   "may reorder the tissues' brightness, so that shape and place, not brightness, tell the organs "
+                   "apart (another MR sequence, a contrast phase); with any --augment. Default: off, as the paper")
     g.add_argument("--mirror_axes", type=int, nargs="*", default=list(d.mirror_axes), metavar="AXIS",
                    help="mirror crops along these RAS axes (0 left/right, 1 front/back, 2 up/down), each with "
                    "probability 0.5, the labels unchanged (as nnU-Net: a right kidney stays right kidney, told by "

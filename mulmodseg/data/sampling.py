@@ -16,6 +16,11 @@ Augmentation, applied per crop in this order:
   which is what a slab or a crop of a scan looks like once preprocessing pads it to the window
   (bench/ct_limits.py: a model trained on whole scans loses the spleen on a 40 mm slab of its own
   training CT);
+- optional intensity remapping (off by default): with probability `remap_prob` the crop's intensities go
+  through a random piecewise-linear curve on [0, 1] (`remap_intensity`), which may reorder the tissues'
+  brightness: what a network learns from such crops is the organs' shape and place, which another sequence,
+  another contrast phase or a patient whose organs are darker than the training patients' keeps
+  (bench/mr_limits.py: a held-out MR patient's T2-dark liver and spleen);
 - optional spatial warp (off by default; on when `rotate_degrees` or `scale_range` > 0), with probability
   `warp_prob` (default 1, the reference's RandAffine prob=1.0): rotation by U(-rotate_degrees,
   rotate_degrees) about the S/I axis (in the axial plane, as the reference's RandAffine
@@ -46,6 +51,8 @@ from .geometry import linear_taps
 from .preprocess import ROI_SIZE
 
 POSITIVE_CENTRES = ("voxel", "class")
+# The intensity curve's levels at 0, 1/5, ..., 1: enough bends to reorder the few tissue classes of a crop.
+REMAP_KNOTS = 6
 
 
 class CropDataset(Dataset):
@@ -65,7 +72,7 @@ class CropDataset(Dataset):
                  scale_range: float = 0.0, warp_prob: float = 1.0, flip: bool | Sequence[int] = False, seed: int = 0,
                  modality: str | None = None, positive_centres: str = "class",
                  labelled: Sequence[np.ndarray] | None = None,
-                 keys: bool = False, fov_prob: float = 0.0, fov_min: float = 0.2):
+                 keys: bool = False, fov_prob: float = 0.0, fov_min: float = 0.2, remap_prob: float = 0.0):
         if any(label is None for _, label in volumes):
             raise ValueError("CropDataset needs a label for every volume")
         if not 0.0 <= pos_fraction <= 1.0:
@@ -74,7 +81,10 @@ class CropDataset(Dataset):
             raise ValueError(f"positive_centres must be one of {POSITIVE_CENTRES}, got {positive_centres!r}")
         if not 0.0 <= fov_prob <= 1.0 or not 0.0 < fov_min <= 1.0:
             raise ValueError(f"fov_prob must be in [0, 1] and fov_min in (0, 1], got {fov_prob} and {fov_min}")
+        if not 0.0 <= remap_prob <= 1.0:
+            raise ValueError(f"remap_prob must be in [0, 1], got {remap_prob}")
         self.positive_centres = positive_centres
+        self.remap_prob = float(remap_prob)
         self.fov_prob, self.fov_min = float(fov_prob), float(fov_min)
         self.volumes = list(volumes)
         self.roi_size = tuple(int(r) for r in roi_size)
@@ -152,6 +162,8 @@ class CropDataset(Dataset):
             img, lab = self._crop(image, centre), self._crop(label, centre)
             if self.fov_prob > 0 and rng.random() < self.fov_prob:  # no draw when off: runs before it replay
                 img, lab = limit_view(img, lab, view_box(img.shape, self.fov_min, rng))
+            if self.remap_prob > 0 and rng.random() < self.remap_prob:  # no draw when off, as the view
+                img = remap_intensity(img, rng.random(REMAP_KNOTS))
             img, lab = self._augment(np.asarray(img, dtype=np.float32), np.asarray(lab, dtype=np.int64), rng)
             images.append(img)
             labels.append(lab)
@@ -202,6 +214,13 @@ def view_box(shape: Sequence[int], min_fraction: float, rng: np.random.Generator
         start = int(rng.integers(max(0, centre - size + 1), min(centre, n - size) + 1))
         box.append(slice(start, start + size))
     return tuple(box)
+
+
+def remap_intensity(image: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """image (X, Y, Z) of [0, 1] intensities through the piecewise-linear curve that takes ``len(levels)`` evenly
+    spaced inputs 0..1 to ``levels`` (values outside [0, 1] take the end levels): float32, a new array."""
+    knots = np.linspace(0.0, 1.0, len(levels))
+    return np.interp(image, knots, levels).astype(np.float32)
 
 
 def limit_view(image: np.ndarray, label: np.ndarray, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
