@@ -18,7 +18,9 @@ dataset: its dataset.json names the four organs it labels), then segments, with 
   At this budget it fitted less than the paper's (bench/RESULTS.md), which made the paper's the recipe;
 - ``m``: ``n`` without mirroring (``--augment nnunet``, no ``--mirror_axes``): nnU-Net's other transforms alone;
 - ``f``: the recipe with a limited field of view on 30 % of the crops (``--fov_prob 0.3 --fov_min 0.15``): the
-  held-out CTs are a 40 mm slab and a 130 mm crop (``bench/ct_limits.py``).
+  held-out CTs are a 40 mm slab and a 130 mm crop (``bench/ct_limits.py``);
+- ``r``: the recipe with 30 % of the crops' intensities through a random curve (``--remap_prob 0.3``): a held-out
+  patient's T2-dark liver and spleen (``bench/mr_limits.py``), the CT's contrast phase.
 
 ``--all`` trains the recipe on everything (bundled pair, all 10 CHAOS patients, ``ts-ct-slab`` and
 ``msd-spleen-ct`` as partially labelled CT) into ``OUT/all/last.pt``: the model a user would train from this data.
@@ -31,6 +33,7 @@ the machine) is printed and appended to ``bench/RESULTS.md``.
     python bench/heldout.py --runs a_fold0 a_fold1             # the recipe alone
     python bench/heldout.py --all --out runs/heldout           # the model of all the data
     python bench/heldout.py --runs a_fold0 a_fold1 --overlap 0.25  # the trained recipe scored with fewer windows
+    python bench/heldout.py --runs a_fold0 a_fold1 --keep_largest  # each organ its largest component
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from common import report  # noqa: E402
 
 from mulmodseg import data as mdata  # noqa: E402
 from mulmodseg.config import TrainConfig  # noqa: E402
-from mulmodseg.outputs import find_inputs  # noqa: E402
+from mulmodseg.outputs import OutputOptions, find_inputs  # noqa: E402
 from mulmodseg.predict import InferenceSettings, segment_files  # noqa: E402
 from mulmodseg.text.prompts import resolve_classes  # noqa: E402
 from mulmodseg.training import train  # noqa: E402
@@ -69,7 +72,7 @@ RECIPE = dict(backbone="unet", base_channels=8, text="onehot", spacing=(4.5, 4.5
               num_samples=4, lr=3e-3, warmup_epochs=2, num_workers=0, positive_centres="class", amp="auto",
               augment="paper", mirror_axes=())
 AUGMENT = {"n": dict(augment="nnunet", mirror_axes=(0, 1, 2)), "m": dict(augment="nnunet", mirror_axes=()),
-           "f": dict(fov_prob=0.3, fov_min=0.15)}
+           "f": dict(fov_prob=0.3, fov_min=0.15), "r": dict(remap_prob=0.3)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="*", default=["a_fold0", "a_fold1", "b_fold0", "c_fold0", "n_fold0"],
                    help="VARIANT_foldK of each run (a: the recipe; b: MR only; c: ALT with unlabelled organs read as "
                    "background; n: the recipe with --augment nnunet --mirror_axes 0 1 2; m: n without mirroring; "
-                   "f: the recipe with --fov_prob 0.3 --fov_min 0.15; "
+                   "f: the recipe with --fov_prob 0.3 --fov_min 0.15; r: the recipe with --remap_prob 0.3; "
                    "folds 0 and 1); a trained "
                    "run is only scored")
     p.add_argument("--all", action="store_true", help="instead: train the recipe on all the data into OUT/all")
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=InferenceSettings.overlap,
                    help="the sliding window's overlap when segmenting the held-out scans (infer.py's --overlap); "
                    "another than the default writes its predictions to heldout_overlap<X> in the run's folder")
+    p.add_argument("--keep_largest", action="store_true", help="every class keeps only its largest connected "
+                   "component (infer.py's --keep_largest with no names: each organ scored here is one connected "
+                   "structure); the predictions go to a folder ending in _largest in the run's folder")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one fold and variant: a smoke test, not a "
@@ -103,9 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags of ``argv``, checked (each run VARIANT_foldK; ``--quick`` runs the first one, writing nothing)."""
     p = build_parser()
     args = p.parse_args(argv)
-    bad = [r for r in args.runs if not re.fullmatch(r"[abcnmf]_fold[01]", r)]
+    bad = [r for r in args.runs if not re.fullmatch(r"[abcnmfr]_fold[01]", r)]
     if bad:
-        p.error(f"--runs {' '.join(bad)}: each run is a, b, c, n, m or f, then _fold0 or _fold1")
+        p.error(f"--runs {' '.join(bad)}: each run is a, b, c, n, m, f or r, then _fold0 or _fold1")
     if args.quick:
         args.no_write, args.runs = True, args.runs[:1]
     return args
@@ -171,14 +177,25 @@ def trained(config: TrainConfig) -> float:
     return time.time() - t0
 
 
+def inference(args: argparse.Namespace) -> tuple[str, InferenceSettings, OutputOptions]:
+    """How the held-out scans are segmented, from the flags: the predictions' folder name in a run's folder
+    (``heldout``, ``heldout_overlap<X>`` for another overlap, ``_largest`` appended with ``--keep_largest``),
+    infer.py's sliding-window settings and its postprocessing."""
+    folder = "heldout" if args.overlap == InferenceSettings.overlap else f"heldout_overlap{args.overlap:g}"
+    if args.keep_largest:
+        folder += "_largest"
+    return (folder, InferenceSettings(overlap=args.overlap),
+            OutputOptions(keep_largest=[] if args.keep_largest else None))
+
+
 def held_out_scores(checkpoint: Path, held_out: dict[str, tuple[str, Path]], out: Path,
-                    settings: InferenceSettings) -> dict[str, list[dict]]:
+                    settings: InferenceSettings, outputs: OutputOptions) -> dict[str, list[dict]]:
     """{set name: infer.py's records} of each held-out set (modality, dataset folder), segmented into
-    ``out/<set>`` with ``settings`` and scored against its labels."""
+    ``out/<set>`` with ``settings``, postprocessed as ``outputs`` asks and scored against its labels."""
     scores = {}
     for name, (modality, folder) in held_out.items():
         inputs = find_inputs(folder / "imagesTr")
-        scores[name] = segment_files(checkpoint, inputs, out / name.replace(" ", "_"), modality, settings,
+        scores[name] = segment_files(checkpoint, inputs, out / name.replace(" ", "_"), modality, settings, outputs,
                                      overwrite=True, labels_dir=folder / "labelsTr", log=lambda m: None)
     return scores
 
@@ -248,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out / 'all' / 'last.pt'}: trained on all the data in {seconds / 60:.1f} min")
         return 0
     folds = chaos_split(chaos, out, args.seed)
+    folder, settings, outputs = inference(args)
     rows: dict[str, dict] = {}
     for run in args.runs:
         variant, k = run[0], int(run[-1])
@@ -261,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run}: {config.epochs} epochs ({config.mode}, --augment {config.augment}), held out: "
               f"{', '.join(test_ids)}", file=sys.stderr, flush=True)
         seconds = trained(config)
-        predictions = out / run / ("heldout" if args.overlap == InferenceSettings.overlap
-                                   else f"heldout_overlap{args.overlap:g}")
-        scores = held_out_scores(out / run / "last.pt", held_out, predictions, InferenceSettings(overlap=args.overlap))
+        scores = held_out_scores(out / run / "last.pt", held_out, out / run / folder, settings, outputs)
         rows[run] = {"scores": scores, "seconds": seconds}
     for variant in sorted({run[0] for run in args.runs}):
         both = pooled(rows, variant)
@@ -272,12 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"Held-out cases: CHAOS MR patients not trained on (fold split in {out / 'splits.json'}); the CT sets are "
             "other patients' scans. Each cell: mean ± std over the held-out cases.\n\n"
             f"Dice:\n\n{table(rows, 'dice')}\nNSD at 2 mm:\n\n{table(rows, 'nsd')}")
-    settings = ", ".join(f"{k}={v}" for k, v in {**RECIPE, "steps": steps}.items())
+    recipe = ", ".join(f"{k}={v}" for k, v in {**RECIPE, "steps": steps}.items())
     changes = [f"variant {v}: " + ", ".join(f"{k}={x}" for k, x in AUGMENT[v].items())
                for v in sorted({run[0] for run in args.runs} & set(AUGMENT))]
     report("Held-out accuracy (bench/heldout.py)", torch.device("cpu"), text,
-           [f"recipe: {settings}", *changes,
-            f"inference: infer.py's defaults, sliding-window overlap {args.overlap:g}"], write=not args.no_write)
+           [f"recipe: {recipe}", *changes,
+            f"inference: infer.py's defaults, sliding-window overlap {args.overlap:g}"
+            + (", --keep_largest (every class its largest component)" if args.keep_largest else "")],
+           write=not args.no_write)
     return 0
 
 

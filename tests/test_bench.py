@@ -205,6 +205,8 @@ def test_heldout_stages_folds_counts_steps_and_tabulates_without_the_shared_data
     assert (unmirrored.augment, unmirrored.mirror_axes, unmirrored.epochs) == ("nnunet", (), 10)
     limited = heldout.run_config("f", dirs, tmp_path / "f", 120, args)
     assert (limited.augment, limited.fov_prob, limited.fov_min, alt.fov_prob) == ("paper", 0.3, 0.15, 0.0)
+    remapped = heldout.run_config("r", dirs, tmp_path / "r", 120, args)
+    assert (remapped.augment, remapped.remap_prob, alt.remap_prob) == ("paper", 0.3, 0.0)
     nan = float("nan")
     records = [{"dice": np.array([0.5, nan, nan, nan, nan, 0.9] + [nan] * 7)},
                {"dice": np.array([0.7, nan, nan, nan, nan, nan] + [nan] * 7)}]
@@ -212,8 +214,55 @@ def test_heldout_stages_folds_counts_steps_and_tabulates_without_the_shared_data
     # Seconds per scan over every held-out set; the overlap defaults to infer.py's.
     assert heldout.inference_seconds({"MR": [{"seconds": 2.0}, {"seconds": 4.0}], "CT": [{"seconds": 6.0}]}) == 4.0
     assert args.overlap == 0.5 and heldout.parse_args(["--overlap", "0.25"]).overlap == 0.25
+    # Predictions go to a folder of their own per inference setting; --keep_largest names no class: all of them.
+    folder, settings, outputs = heldout.inference(args)
+    assert (folder, settings.overlap, outputs.keep_largest) == ("heldout", 0.5, None)
+    folder, settings, outputs = heldout.inference(heldout.parse_args(["--overlap", "0.25", "--keep_largest"]))
+    assert (folder, settings.overlap, outputs.keep_largest) == ("heldout_overlap0.25_largest", 0.25, [])
     with pytest.raises(SystemExit):
         heldout.parse_args(["--runs", "a_fold2"])
+
+
+def test_mr_limits_measures_grid_ceiling_contrast_and_what_the_others_need_without_the_shared_data(tmp_path, capsys):
+    # The CHAOS scans are not in a fresh clone: two patients of blocks, one whose liver and spleen are dark.
+    import mr_limits
+    import nibabel as nib
+
+    chaos = tmp_path / "data" / "chaos-mr-t2"
+    for sub in ("imagesTr", "labelsTr"):
+        (chaos / sub).mkdir(parents=True)
+    label = np.zeros((40, 40, 12), np.uint8)
+    label[4:20, 4:36, 2:10], label[24:32, 8:24, 2:10], label[24:32, 28:36, 4:8] = 6, 1, 2  # liver, spleen, kidney
+    for case, organs in (("p1", 100.0), ("p2", 20.0)):
+        image = np.where(label > 0, organs, 0.0).astype(np.float32)
+        image[label == 2] = 200.0  # the kidney bright in both, so the percentiles span 0..200
+        affine = np.diag([1.5, 1.5, 6.0, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), chaos / "imagesTr" / f"{case}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), chaos / "labelsTr" / f"{case}.nii.gz")
+    ceiling, contrast = mr_limits.grid_and_contrast(chaos / "imagesTr" / "p1.nii.gz", chaos / "labelsTr" / "p1.nii.gz",
+                                                    (3.0, 3.0, 6.0))
+    assert set(ceiling) == set(contrast) == {"liver", "spleen", "right kidney"}  # no left kidney: left out
+    assert ceiling["liver"] > 0.95 and 0.8 < ceiling["right kidney"] <= 1.0  # a coarser grid loses the small one most
+    assert contrast["liver"] == pytest.approx(0.5, abs=0.02) and contrast["right kidney"] == pytest.approx(1.0)
+    _, dark = mr_limits.grid_and_contrast(chaos / "imagesTr" / "p2.nii.gz", chaos / "labelsTr" / "p2.nii.gz",
+                                          (3.0, 3.0, 6.0))
+    assert dark["spleen"] == pytest.approx(0.1, abs=0.02)
+    # Held-out Dice come from each run's metrics.csv; unlabelled organs are left out.
+    run = tmp_path / "runs" / "a_fold0"
+    (run / "heldout" / "CHAOS_MR").mkdir(parents=True)
+    (run / "heldout" / "CHAOS_MR" / "metrics.csv").write_text(
+        "case,spleen,right kidney,left kidney,liver,stomach\np1,0.8,0.9,0.7,0.9,not labelled\n"
+        "p2,0.0,0.9,0.8,0.1,not labelled\n")
+    assert mr_limits.held_out_dice([run]) == {"p1": {"liver": 0.9, "spleen": 0.8, "right kidney": 0.9,
+                                                     "left kidney": 0.7},
+                                              "p2": {"liver": 0.1, "spleen": 0.0, "right kidney": 0.9,
+                                                     "left kidney": 0.8}}
+    # 3 patients, the worst at 0.1: the other two need (0.88 x 3 - 0.1) / 2.
+    assert mr_limits.others_needed([0.1, 0.9, 0.8], 0.88) == pytest.approx(1.27)
+    assert mr_limits.main(["--data", str(tmp_path / "data"), "--runs", str(run), "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| p2 |" in out and "| liver | 0.88 | 0.500 | 0.100 | 1.660 |" in out
+    assert mr_limits.main(["--data", str(tmp_path / "none"), "--no-write"]) == 2
 
 
 def test_ct_limits_derives_its_scans_from_the_sets_without_the_shared_data(tmp_path):
