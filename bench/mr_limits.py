@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, report  # noqa: E402
 
-from mulmodseg.data.preprocess import preprocess, restore_argmax  # noqa: E402
+from mulmodseg.data.preprocess import preprocess, read_label, restore_argmax  # noqa: E402
 from mulmodseg.metrics import dice_per_class  # noqa: E402
 from mulmodseg.text.prompts import resolve_classes  # noqa: E402
 
@@ -59,7 +59,9 @@ def grid_and_contrast(image: Path, label: Path, spacing: tuple[float, float, flo
     """({organ: Dice of the label through the training grid and back}, {organ: median normalised intensity on
     the training grid}) for each of ``ORGANS`` the label holds."""
     data, grid_label, meta = preprocess(image, label, "MR", spacing=spacing)
-    original = np.asarray(nib.load(label).dataobj).astype(np.int64)
+    # The label on the image's voxels (a label stored in another orientation is reoriented), where restore_argmax
+    # puts the scores back.
+    original = read_label(nib.load(label), str(label), nib.load(image), None).astype(np.int64)
     count = int(original.max()) + 1
     back = restore_argmax(np.stack([(grid_label == k).astype(np.float32) for k in range(count)]), meta)
     dice = dice_per_class(back, original, count)
