@@ -206,7 +206,7 @@ class Trainer:
         # --augment nnunet: the loader cuts larger crops, augment.augment_batch turns them into training crops on
         # the device (augmented_batch); paper: CropDataset augments each crop; none: neither does.
         self.augment = augment_settings(cfg) if cfg.augment == "nnunet" else None
-        crop = cfg.roi_size if self.augment is None else input_size(cfg.roi_size, self.augment)
+        cut = cfg.roi_size if self.augment is None else input_size(cfg.roi_size, self.augment)
         for name in self.train_modalities:
             t0 = time.time()
             volumes = mdata.load_training_volumes(self.cases[name], self.settings[name], cache)
@@ -214,7 +214,7 @@ class Trainer:
             self.log(f"{name}: {len(volumes)} training and {len(self.val_volumes[name])} validation volumes "
                      f"ready in {time.time() - t0:.1f}s")
             masks = [mdata.labelled_mask(c.labelled, len(self.classes)) for c in self.cases[name]] if partial else None
-            datasets[name] = mdata.CropDataset(volumes, crop, modality=name, labelled=masks,
+            datasets[name] = mdata.CropDataset(volumes, cfg.roi_size, modality=name, labelled=masks, cut_size=cut,
                                                keys=self.augment is not None, **crop_settings(cfg, name))
 
         def loader(dataset, modality: int) -> EpochLoader:

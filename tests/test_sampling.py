@@ -273,3 +273,36 @@ def test_fov_off_draws_nothing_so_runs_before_it_replay_their_crops():
     assert torch.equal(before["image"], off["image"]) and torch.equal(before["label"], off["label"])
     with pytest.raises(ValueError, match="fov_prob must be in"):
         CropDataset([volume], (16, 16, 16), fov_prob=1.5)
+
+
+@pytest.mark.parametrize("shape", [(40, 40, 40), (20, 13, 30)])
+def test_a_cut_with_a_margin_is_the_roi_crop_grown_with_zeros_beyond_the_volume(shape):
+    """The larger crops cut for `augment.augment_batch` hold, at their centre, the very roi crop a dataset without
+    a margin cuts (a volume's edge, shorter axes), and image 0 / background beyond the volume: they once started
+    inside the volume, so on a volume shorter than the cut every crop sat at its middle whatever its centre."""
+    rng = np.random.default_rng(0)
+    image = rng.random(shape).astype(np.float32) + 0.5
+    label = rng.integers(0, 3, shape).astype(np.uint8)
+    roi, cut = (16, 16, 16), (30, 26, 16)
+    plain = CropDataset([(image, label)], roi, num_samples=8, aug_prob=0.0, seed=3)
+    grown = CropDataset([(image, label)], roi, num_samples=8, aug_prob=0.0, seed=3, cut_size=cut)
+    margin = [(c - r) // 2 for c, r in zip(cut, roi)]
+    centre = (slice(None), slice(None), *(slice(m, m + r) for m, r in zip(margin, roi)))
+    for epoch in range(6):
+        plain.set_epoch(epoch)
+        grown.set_epoch(epoch)
+        a, b = plain[0], grown[0]
+        assert b["image"].shape == (8, 1, *cut)
+        assert torch.equal(b["image"][centre], a["image"]) and torch.equal(b["label"][centre], a["label"])
+    # every value of the cut comes from the volume or is 0; volume voxels keep their place around the roi crop
+    grown.set_epoch(0)
+    centres, _ = grown.draw_centres(0, grown.generator(0))
+    k_start = np.clip(centres[0] - 8, 0, np.maximum(np.array(shape) - 16, 0))
+    k_start = np.where(np.array(shape) < 16, -((16 - np.array(shape)) // 2), k_start) - margin
+    expected = np.zeros(cut, np.float32)
+    src = tuple(slice(max(s, 0), min(s + c, n)) for s, c, n in zip(k_start, cut, shape))
+    dst = tuple(slice(max(s, 0) - s, min(s + c, n) - s) for s, c, n in zip(k_start, cut, shape))
+    expected[dst] = image[src]
+    assert np.array_equal(grown[0]["image"][0, 0].numpy(), expected)
+    with pytest.raises(ValueError, match="even margin"):
+        CropDataset([(image, label)], roi, cut_size=(17, 16, 16))

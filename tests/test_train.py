@@ -20,6 +20,7 @@ import torch
 from mulmodseg import data as mdata
 from mulmodseg import device as mdevice
 from mulmodseg.alt import warmup_cosine
+from mulmodseg.augment import NnUNetAugment
 from mulmodseg.checkpoint import load_checkpoint
 from mulmodseg.cli import train as train_cli  # what train.py runs: its main, and the names main looks up
 from mulmodseg.config import TrainConfig, TrainingError, check_config, saved_config
@@ -817,10 +818,21 @@ def test_augment_nnunet_crops_on_the_device_and_a_resumed_run_equals_a_straight_
     assert trainer.augment.rotation_p == 0.5 and trainer.augment.mirror_axes == (0, 1, 2)
     batch = next(trainer.loaders["CT"].batches(0))
     # The loader cuts larger crops with their keys; the trainer turns them into 32^3 training crops.
-    assert batch["image"].shape[2:] == trainer.loaders["CT"].dataset.roi_size != (32, 32, 32)
+    assert batch["image"].shape[2:] == trainer.loaders["CT"].dataset.cut_size != (32, 32, 32)
     assert batch["key"].tolist() == [[0, 0, 0, 0, 0, 0, k] for k in range(2)]
     augmented = trainer.augmented_batch(batch)
     assert augmented["image"].shape == augmented["label"].shape == (2, 1, 32, 32, 32)
+    # With every transform off, the training crops are exactly --augment none's: the larger crops are centred
+    # where the training crops are (they once sat inside the volume: on a scan shorter than them, always its middle).
+    plain = Trainer(train_cli.config_from_args(train_cli.build_parser().parse_args(
+        small_args(tmp_path / "none", cache, 1) + ["--augment", "none"])), log=lambda m: None)
+    plain.prepare()
+    expected = next(plain.loaders["CT"].batches(0))
+    plain.close()
+    settings, trainer.augment = trainer.augment, NnUNetAugment.off()
+    unaugmented = trainer.augmented_batch(batch)
+    assert torch.equal(unaugmented["image"], expected["image"]) and torch.equal(unaugmented["label"], expected["label"])
+    trainer.augment = settings
     trainer.fit()
     trainer.close()
     first = Trainer(config("resumed", 1), log=lambda m: None)

@@ -59,7 +59,12 @@ class CropDataset(Dataset):
     """volumes: [(image float (X, Y, Z), label int (X, Y, Z))] in the training space (e.g. memmaps from
     `VolumeCache`), ideally padded to >= roi_size (smaller volumes are zero-padded per crop).
 
-    Item i: {"image": float32 (num_samples, 1, *roi), "label": int64 (num_samples, 1, *roi)},
+    cut_size (>= roi_size, the same parity on each axis; default roi_size): the size of the crops cut, for a
+    later step that warps them down to roi_size (``mulmodseg.augment.augment_batch``). Each is the roi_size crop
+    this dataset would cut, grown by the same margin on both sides, reading image 0 and background beyond the
+    volume: its centre slice is exactly the roi_size crop, wherever the drawn centre lies.
+
+    Item i: {"image": float32 (num_samples, 1, *cut_size), "label": int64 (num_samples, 1, *cut_size)},
     "modality": str when `modality` is given, "labelled": bool (num_samples, K) when `labelled` is given:
     one (K,) bool mask per volume of the classes its dataset labels (the loss of partially labelled data), and
     "key": int64 (num_samples, 2 + len(draw) + 1) when `keys`: each crop's (seed, *draw, index, sample), the
@@ -72,7 +77,8 @@ class CropDataset(Dataset):
                  scale_range: float = 0.0, warp_prob: float = 1.0, flip: bool | Sequence[int] = False, seed: int = 0,
                  modality: str | None = None, positive_centres: str = "class",
                  labelled: Sequence[np.ndarray] | None = None,
-                 keys: bool = False, fov_prob: float = 0.0, fov_min: float = 0.2, remap_prob: float = 0.0):
+                 keys: bool = False, fov_prob: float = 0.0, fov_min: float = 0.2, remap_prob: float = 0.0,
+                 cut_size: Sequence[int] | None = None):
         if any(label is None for _, label in volumes):
             raise ValueError("CropDataset needs a label for every volume")
         if not 0.0 <= pos_fraction <= 1.0:
@@ -88,6 +94,10 @@ class CropDataset(Dataset):
         self.fov_prob, self.fov_min = float(fov_prob), float(fov_min)
         self.volumes = list(volumes)
         self.roi_size = tuple(int(r) for r in roi_size)
+        self.cut_size = self.roi_size if cut_size is None else tuple(int(c) for c in cut_size)
+        if len(self.cut_size) != len(self.roi_size) or any(
+                c < r or (c - r) % 2 for c, r in zip(self.cut_size, self.roi_size)):
+            raise ValueError(f"cut_size {self.cut_size} must be >= roi_size {self.roi_size} by an even margin per axis")
         self.num_samples = int(num_samples)
         self.pos_fraction = float(pos_fraction)
         self.intensity_shift = float(intensity_shift)
@@ -161,7 +171,11 @@ class CropDataset(Dataset):
         for centre in centres:
             img, lab = self._crop(image, centre), self._crop(label, centre)
             if self.fov_prob > 0 and rng.random() < self.fov_prob:  # no draw when off: runs before it replay
-                img, lab = limit_view(img, lab, view_box(img.shape, self.fov_min, rng))
+                # the box is drawn on the roi_size crop (the cut's centre), so a margin cut for a warp changes
+                # neither the draws nor the view's size
+                box = view_box(self.roi_size, self.fov_min, rng)
+                margin = [(c - r) // 2 for c, r in zip(self.cut_size, self.roi_size)]
+                img, lab = limit_view(img, lab, tuple(slice(b.start + m, b.stop + m) for b, m in zip(box, margin)))
             if self.remap_prob > 0 and rng.random() < self.remap_prob:  # no draw when off, as the view
                 img = remap_intensity(img, rng.random(REMAP_KNOTS))
             img, lab = self._augment(np.asarray(img, dtype=np.float32), np.asarray(lab, dtype=np.int64), rng)
@@ -180,13 +194,18 @@ class CropDataset(Dataset):
         return item
 
     def _crop(self, volume: np.ndarray, centre: np.ndarray) -> np.ndarray:
-        roi = np.array(self.roi_size)
-        shape = np.array(volume.shape)
-        start = np.clip(centre - roi // 2, 0, np.maximum(shape - roi, 0))
-        crop = np.array(volume[tuple(slice(int(s), int(s + r)) for s, r in zip(start, roi))])
-        short = roi - np.array(crop.shape)
-        if short.any():
-            crop = np.pad(crop, [(int(s) // 2, int(s) - int(s) // 2) for s in short])
+        """The cut_size crop around the roi_size crop centred on `centre`: that crop is shifted to stay inside the
+        volume (on an axis shorter than roi_size, the volume is centred in it); beyond the volume reads 0."""
+        roi, shape = np.array(self.roi_size), np.array(volume.shape)
+        start = np.where(shape < roi, -((roi - shape) // 2), np.clip(centre - roi // 2, 0, np.maximum(shape - roi, 0)))
+        start = start - (np.array(self.cut_size) - roi) // 2
+        stop = start + np.array(self.cut_size)
+        low, high = np.maximum(start, 0), np.minimum(stop, shape)
+        inside = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
+        if (low == start).all() and (high == stop).all():
+            return np.array(volume[inside])
+        crop = np.zeros(self.cut_size, dtype=volume.dtype)
+        crop[tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(low, high, start))] = volume[inside]
         return crop
 
     def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
