@@ -8,7 +8,9 @@ Cross-validation over CHAOS: 2 folds of 5 + 5 patients (``OUT/splits.json``, wri
 trains **one** model on the bundled CT + MR and the fold's 5 training CHAOS patients (a partially labelled
 dataset: its dataset.json names the four organs it labels), then segments, with infer.py's own code path
 (``mulmodseg.predict.segment_files``, default inference settings), the fold's 5 held-out CHAOS patients (MR) and
-``ts-ct-slab`` and ``msd-spleen-ct`` (CT), scoring each organ its labels label. The variants, same budget:
+``ts-ct-slab`` and ``msd-spleen-ct`` (CT), scoring each organ its labels label, and, not held out, the fold's 5
+training CHAOS patients (``CHAOS MR fit``: a model that scores low there fails to fit, not to transfer). The
+variants, same budget:
 
 - ``a``: the recipe: ALT, CHAOS partially labelled (marginal loss), the paper's augmentation;
 - ``b``: MR only (the paper's MR->MR row), the same MR scans, as many optimizer steps as ``a``;
@@ -66,6 +68,9 @@ HELD_OUT = [
     ("ts-ct-slab", "CT", "ts-ct-slab", ("liver", "spleen", "stomach", "aorta", "inferior vena cava", "pancreas")),
     ("msd-spleen-ct", "CT", "msd-spleen-ct", ("spleen",)),
 ]
+# Not held out: the fold's own training CHAOS patients through the same path, the check that a model fits what it
+# trained on (it showed --augment nnunet's crops missing what inference sees: issue 27, bench/RESULTS.md).
+FIT = ("CHAOS MR fit", "MR", None, ("liver", "spleen", "right kidney", "left kidney"))
 # The recipe's settings (chosen by the runs written in bench/RESULTS.md, "Held-out accuracy"); the variants n, m and
 # f train with their AUGMENT settings changed.
 RECIPE = dict(backbone="unet", base_channels=8, text="onehot", spacing=(4.5, 4.5, 4.5), roi_size=(48, 48, 48),
@@ -223,7 +228,7 @@ def table(rows: dict[str, dict], metric: str) -> str:
     lines.append("| | training minutes | " + " | ".join(f"{rows[r]['seconds'] / 60:.1f}" for r in runs) + " |")
     lines.append("| | inference s per scan | " + " | ".join(f"{inference_seconds(rows[r]['scores']):.2f}" for r in runs)
                  + " |")
-    for name, _, _, organs in HELD_OUT:
+    for name, _, _, organs in (*HELD_OUT, FIT):
         columns = [organ_cells(rows[r]["scores"].get(name, []), organs, metric) for r in runs]
         for i, organ in enumerate([*organs, "mean"]):
             lines.append(f"| {name} | {organ} | " + " | ".join(c[i] for c in columns) + " |")
@@ -240,7 +245,7 @@ def pooled(rows: dict[str, dict], variant: str) -> dict | None:
     folds = [row for run, row in rows.items() if run.startswith(f"{variant}_fold")]
     if len(folds) < 2:
         return None
-    scores = {name: [r for row in folds for r in row["scores"].get(name, [])] for name, _, _, _ in HELD_OUT}
+    scores = {name: [r for row in folds for r in row["scores"].get(name, [])] for name, _, _, _ in (*HELD_OUT, FIT)}
     # The CT sets are the same scans for every fold: their mean is over the folds' models.
     return {"scores": scores, "seconds": sum(row["seconds"] for row in folds)}
 
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         stage = out / "data" / f"fold{k}"
         chaos_train = staged(chaos, train_ids, stage / "chaos_train")
         held_out = {"CHAOS MR": ("MR", staged(chaos, test_ids, stage / "chaos_test")),
-                    "ts-ct-slab": ("CT", data / "ts-ct-slab"), "msd-spleen-ct": ("CT", data / "msd-spleen-ct")}
+                    "ts-ct-slab": ("CT", data / "ts-ct-slab"), "msd-spleen-ct": ("CT", data / "msd-spleen-ct"),
+                    FIT[0]: ("MR", chaos_train)}
         dirs = {"CT": [str(sample / "ct")], "MR": [str(sample / "mr"), str(chaos_train)]}
         config = run_config(variant, dirs, out / run, steps, args)
         print(f"{run}: {config.epochs} epochs ({config.mode}, --augment {config.augment}), held out: "
@@ -286,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         if both is not None:
             rows[f"{variant}, both folds"] = both
     text = (f"Held-out cases: CHAOS MR patients not trained on (fold split in {out / 'splits.json'}); the CT sets are "
-            "other patients' scans. Each cell: mean ± std over the held-out cases.\n\n"
+            f"other patients' scans; {FIT[0]}: the fold's training CHAOS patients, not held out (does the model fit "
+            "what it trained on?). Each cell: mean ± std over the cases.\n\n"
             f"Dice:\n\n{table(rows, 'dice')}\nNSD at 2 mm:\n\n{table(rows, 'nsd')}")
     recipe = ", ".join(f"{k}={v}" for k, v in {**RECIPE, "steps": steps}.items())
     changes = [f"variant {v}: " + ", ".join(f"{k}={x}" for k, x in AUGMENT[v].items())

@@ -213,6 +213,12 @@ def test_heldout_stages_folds_counts_steps_and_tabulates_without_the_shared_data
     assert heldout.organ_cells(records, ("liver", "spleen"), "dice") == ["0.900", "0.600 ± 0.100", "0.750"]
     # Seconds per scan over every held-out set; the overlap defaults to infer.py's.
     assert heldout.inference_seconds({"MR": [{"seconds": 2.0}, {"seconds": 4.0}], "CT": [{"seconds": 6.0}]}) == 4.0
+    # The fold's training patients get rows of their own ("-" for a run scored before they were).
+    timed = [{**r, "seconds": 1.0} for r in records]
+    row = {"seconds": 60.0, "scores": {"CHAOS MR": timed[:1], "CHAOS MR fit": timed[1:]}}
+    text = heldout.table({"a_fold0": row, "b_fold0": {**row, "scores": {"CHAOS MR": timed[:1]}}}, "dice")
+    assert "| CHAOS MR fit | spleen | 0.700 | - |" in text and "| CHAOS MR fit | mean | 0.700 | - |" in text
+    assert "| CHAOS MR | liver | 0.900 | 0.900 |" in text
     assert args.overlap == 0.5 and heldout.parse_args(["--overlap", "0.25"]).overlap == 0.25
     # Predictions go to a folder of their own per inference setting; --keep_largest names no class: all of them.
     folder, settings, outputs = heldout.inference(args)
