@@ -17,8 +17,9 @@ variants, same budget:
 - ``c``: ALT with CHAOS's unlabelled organs read as background (``--labelled`` all classes: the library before
   partial labels);
 - ``n``: the recipe with nnU-Net's augmentation (``--augment nnunet --mirror_axes 0 1 2``) instead of the paper's.
-  At this budget it fitted less than the paper's (bench/RESULTS.md), which made the paper's the recipe;
-- ``m``: ``n`` without mirroring (``--augment nnunet``, no ``--mirror_axes``): nnU-Net's other transforms alone;
+  Its runs before 2026-12-08 trained on crops stuck at each scan's middle (a loader bug, bench/RESULTS.md);
+- ``m``: ``n`` without mirroring (``--augment nnunet``, no ``--mirror_axes``): nnU-Net's other transforms alone.
+  Against ``a`` at 400 steps on both folds: less on the held-out MR, more on every held-out CT organ;
 - ``f``: the recipe with a limited field of view on 30 % of the crops (``--fov_prob 0.3 --fov_min 0.15``): the
   held-out CTs are a 40 mm slab and a 130 mm crop (``bench/ct_limits.py``);
 - ``r``: the recipe with 30 % of the crops' intensities through a random curve (``--remap_prob 0.3``): a held-out
