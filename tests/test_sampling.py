@@ -306,3 +306,16 @@ def test_a_cut_with_a_margin_is_the_roi_crop_grown_with_zeros_beyond_the_volume(
     assert np.array_equal(grown[0]["image"][0, 0].numpy(), expected)
     with pytest.raises(ValueError, match="even margin"):
         CropDataset([(image, label)], roi, cut_size=(17, 16, 16))
+
+
+def test_a_limited_view_of_a_cut_with_a_margin_is_drawn_on_its_centre_roi_crop():
+    """With fov_prob 1, what a margin-cut crop keeps lies inside its centre roi window, and it is the very view a
+    dataset without a margin keeps (same draws)."""
+    image, label = _block_volume()
+    plain = CropDataset([(image, label)], (16, 16, 16), num_samples=6, aug_prob=0.0, fov_prob=1.0, fov_min=0.3, seed=2)
+    grown = CropDataset([(image, label)], (16, 16, 16), num_samples=6, aug_prob=0.0, fov_prob=1.0, fov_min=0.3, seed=2,
+                        cut_size=(24, 20, 16))
+    a, b = plain[0], grown[0]
+    centre = (slice(None), slice(None), slice(4, 20), slice(2, 18), slice(0, 16))
+    assert torch.equal(b["image"][centre], a["image"]) and torch.equal(b["label"][centre], a["label"])
+    assert b["image"].sum() == a["image"].sum() < a["image"].numel()  # nothing kept outside the centre window
