@@ -72,6 +72,7 @@ HELD_OUT = [
 # Not held out: the fold's own training CHAOS patients through the same path, the check that a model fits what it
 # trained on (it showed --augment nnunet's crops missing what inference sees: issue 27, bench/RESULTS.md).
 FIT = ("CHAOS MR fit", "MR", None, ("liver", "spleen", "right kidney", "left kidney"))
+SETS = (*HELD_OUT, FIT)  # the table's rows
 # The recipe's settings (chosen by the runs written in bench/RESULTS.md, "Held-out accuracy"); the variants n, m and
 # f train with their AUGMENT settings changed.
 RECIPE = dict(backbone="unet", base_channels=8, text="onehot", spacing=(4.5, 4.5, 4.5), roi_size=(48, 48, 48),
@@ -229,7 +230,7 @@ def table(rows: dict[str, dict], metric: str) -> str:
     lines.append("| | training minutes | " + " | ".join(f"{rows[r]['seconds'] / 60:.1f}" for r in runs) + " |")
     lines.append("| | inference s per scan | " + " | ".join(f"{inference_seconds(rows[r]['scores']):.2f}" for r in runs)
                  + " |")
-    for name, _, _, organs in (*HELD_OUT, FIT):
+    for name, _, _, organs in SETS:
         columns = [organ_cells(rows[r]["scores"].get(name, []), organs, metric) for r in runs]
         for i, organ in enumerate([*organs, "mean"]):
             lines.append(f"| {name} | {organ} | " + " | ".join(c[i] for c in columns) + " |")
@@ -246,7 +247,7 @@ def pooled(rows: dict[str, dict], variant: str) -> dict | None:
     folds = [row for run, row in rows.items() if run.startswith(f"{variant}_fold")]
     if len(folds) < 2:
         return None
-    scores = {name: [r for row in folds for r in row["scores"].get(name, [])] for name, _, _, _ in (*HELD_OUT, FIT)}
+    scores = {name: [r for row in folds for r in row["scores"].get(name, [])] for name, _, _, _ in SETS}
     # The CT sets are the same scans for every fold: their mean is over the folds' models.
     return {"scores": scores, "seconds": sum(row["seconds"] for row in folds)}
 

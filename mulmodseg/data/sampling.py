@@ -98,6 +98,7 @@ class CropDataset(Dataset):
         if len(self.cut_size) != len(self.roi_size) or any(
                 c < r or (c - r) % 2 for c, r in zip(self.cut_size, self.roi_size)):
             raise ValueError(f"cut_size {self.cut_size} must be >= roi_size {self.roi_size} by an even margin per axis")
+        self.margin = tuple((c - r) // 2 for c, r in zip(self.cut_size, self.roi_size))  # per side, per axis
         self.num_samples = int(num_samples)
         self.pos_fraction = float(pos_fraction)
         self.intensity_shift = float(intensity_shift)
@@ -174,8 +175,7 @@ class CropDataset(Dataset):
                 # the box is drawn on the roi_size crop (the cut's centre), so a margin cut for a warp changes
                 # neither the draws nor the view's size
                 box = view_box(self.roi_size, self.fov_min, rng)
-                margin = [(c - r) // 2 for c, r in zip(self.cut_size, self.roi_size)]
-                img, lab = limit_view(img, lab, tuple(slice(b.start + m, b.stop + m) for b, m in zip(box, margin)))
+                img, lab = limit_view(img, lab, tuple(slice(b.start + m, b.stop + m) for b, m in zip(box, self.margin)))
             if self.remap_prob > 0 and rng.random() < self.remap_prob:  # no draw when off, as the view
                 img = remap_intensity(img, rng.random(REMAP_KNOTS))
             img, lab = self._augment(np.asarray(img, dtype=np.float32), np.asarray(lab, dtype=np.int64), rng)
@@ -198,7 +198,7 @@ class CropDataset(Dataset):
         volume (on an axis shorter than roi_size, the volume is centred in it); beyond the volume reads 0."""
         roi, shape = np.array(self.roi_size), np.array(volume.shape)
         start = np.where(shape < roi, -((roi - shape) // 2), np.clip(centre - roi // 2, 0, np.maximum(shape - roi, 0)))
-        start = start - (np.array(self.cut_size) - roi) // 2
+        start = start - np.array(self.margin)
         stop = start + np.array(self.cut_size)
         low, high = np.maximum(start, 0), np.minimum(stop, shape)
         inside = tuple(slice(int(a), int(b)) for a, b in zip(low, high))
